@@ -1,0 +1,82 @@
+"""``finch-train SUB ...`` / ``python -m train SUB ...``: a thin dispatcher over importable modules.
+
+Each subcommand names a ``module:function`` that takes ``argv`` (the arguments after the subcommand) and returns an
+exit code. Modules are imported only when their subcommand runs, so ``finch-train --help`` is instant and one
+missing optional module never breaks the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["SUBCOMMANDS", "main"]
+
+# subcommand -> ("module:function", one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "finetune": ("train.finetune:main", "fine-tune a model on text/JSONL with FINCH or a baseline"),
+    "generate": ("train.generate:main", "greedy / sampled text generation from a model or checkpoint"),
+    "demo": ("train.demo:main", "SmolLM2-135M learns new facts with finch_adamw (make demo)"),
+    "prepare": ("train.datasets:main", "download and cache the built-in datasets"),
+    "eval": ("train.evaluate:main", "evaluate a model: perplexity, quiz accuracy, fact recall"),
+    "compare": ("train.compare:main", "side-by-side FINCH vs baselines forgetting comparison"),
+    "bench": ("train.bench:main", "step-time / throughput benchmarks"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: finch-train SUBCOMMAND [args...]   (or: python -m train SUBCOMMAND ...)", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Run `finch-train SUBCOMMAND --help` for the subcommand's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatches ``argv[0]`` to its subcommand's ``main(argv[1:])``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"finch-train: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = SUBCOMMANDS[name][0]
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            print(f"finch-train: subcommand {name!r} is not available ({module_name} is not installed)", file=sys.stderr)
+            return 2
+        raise
+    try:
+        code = getattr(module, func_name)(rest)
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"finch-train {name}: error: {e}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+# Errors that describe bad input (config, data, mesh, checkpoint, model files): one clear line, no traceback.
+_USER_ERRORS = (
+    ("train.config", "ConfigError"),
+    ("train.data", "DataError"),
+    ("train.mesh", "ShardingError"),
+    ("train.checkpoint", "CheckpointError"),
+    ("models.config", "ConfigError"),
+    ("models.weights", "WeightError"),
+    ("models.gguf_loader", "GGUFError"),
+)
+
+
+def _is_user_error(error: BaseException) -> bool:
+    for module_name, class_name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and isinstance(error, cls):
+            return True
+    return False
