@@ -1,0 +1,150 @@
+"""Tiny-model end-to-end compare: results.json, table and plots; resume after an interrupt; bad input; eval CLI."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from train import compare, datasets as ds, evaluate
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lab"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lab-compare")
+    spec = importlib.util.spec_from_file_location("lab_builders", FIXTURES / "builders.py")
+    builders = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builders)
+    builders.write_austen_package(tmp / "austen-pkg")
+    for name, root in {"austen": tmp / "austen-pkg", "brown": FIXTURES / "brown", "quiz": FIXTURES / "quiz"}.items():
+        ds.prepare(name, tmp / "cache", package_root=root, log=lambda _: None)
+    return tmp / "cache"
+
+
+def _config(cache, **kw):
+    values = dict(
+        model="preset:tiny", task="facts", facts_entities=2, steps=4, seeds=(0,), lr_max=3e-3, batch_size=8,
+        seq_len=32, cache_dir=str(cache),
+        methods=("sft", "finch", "sweep:lrs=3e-4", "warmup_matched:replay=same", "stm:threshold=6.3"),
+        eval=evaluate.EvalConfig(seq_len=48, batch_size=8, retain_sequences=4, quiz_items=8),
+        train_overrides=("progress=false",),
+    )
+    values.update(kw)
+    return compare.CompareConfig(**values)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_and_resume(cache, tmp_path):
+    from train.finetune import run
+
+    cfg = _config(cache)
+    calls = []
+
+    def interrupted_run(train_cfg, **kw):
+        if len(calls) == 2:
+            raise _Interrupt  # like Ctrl-C during the third run
+        calls.append(train_cfg.optimizer.name)
+        return run(train_cfg, **kw)
+
+    with pytest.raises(_Interrupt):
+        compare.run_compare(cfg, tmp_path, finetune_run=interrupted_run, log=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.json")) == ["finch__seed0.json", "sft@3e-3__seed0.json"]
+    assert not (tmp_path / "results.json").exists()
+
+    resumed = []
+
+    def counting_run(train_cfg, **kw):
+        resumed.append(train_cfg.optimizer.learning_rate)
+        return run(train_cfg, **kw)
+
+    results = compare.run_compare(cfg, tmp_path, finetune_run=counting_run, log=lambda _: None)
+    assert len(resumed) == 3  # sft and finch were not trained again
+
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["summary"] == json.loads(json.dumps(results["summary"]))
+    labels = [r["run"]["label"] for r in on_disk["runs"]]
+    assert labels == ["sft@3e-3", "finch", "const@3e-4", "stm(t=6.3)", "warmup_matched"]
+    by_label = {r["run"]["label"]: r for r in on_disk["runs"]}
+    for r in on_disk["runs"]:
+        assert len(r["lr_trace"]) == len(r["loss_curve"]) == cfg.steps
+        assert r["metrics"]["retain_kl"] > 0 and "mc_acc" in r["metrics"] and "recall_em" in r["metrics"]
+    # Replaying FINCH's own trace (same seed) with AdamW reproduces the FINCH run: FINCH acts only through its lr.
+    assert by_label["warmup_matched"]["lr_trace"] == pytest.approx(by_label["finch"]["lr_trace"], rel=1e-6)
+    assert by_label["warmup_matched"]["metrics"]["task_loss"] == pytest.approx(
+        by_label["finch"]["metrics"]["task_loss"], rel=1e-4)
+    assert by_label["sft@3e-3"]["lr_trace"] == pytest.approx([3e-3] * cfg.steps)
+    assert 0 < by_label["stm(t=6.3)"]["stm_dropped_fraction"] < 1
+    base = on_disk["base_metrics"]
+    assert by_label["sft@3e-3"]["forgetting"]["retain_loss"] == pytest.approx(
+        by_label["sft@3e-3"]["metrics"]["retain_loss"] - base["retain_loss"])
+    summary = on_disk["summary"]["methods"]
+    assert summary["sft@3e-3"]["reduction_vs_sft"]["n"] == 0
+    f_sft, f_finch = by_label["sft@3e-3"]["forgetting"]["retain_kl"], by_label["finch"]["forgetting"]["retain_kl"]
+    assert summary["finch"]["reduction_vs_sft"]["mean"] == pytest.approx(1 - f_finch / f_sft)
+
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("| method |") and "| finch |" in table and "| base |" in table
+    for name in ("forgetting_vs_task.png", "lr_traces.png", "loss_curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A third start finds everything finished and trains nothing.
+    compare.run_compare(cfg, tmp_path, finetune_run=lambda *a, **k: pytest.fail("retrained"), log=lambda _: None)
+
+
+def test_front_interpolation_and_reductions():
+    assert compare.front_at([(2.0, 0.4), (1.0, 0.1), (3.0, 0.5)], 1.5) == pytest.approx(0.25)
+    assert compare.front_at([(1.0, 0.1)], 1.0) == pytest.approx(0.1)
+    assert compare.front_at([], 1.0) is None
+
+
+def test_bad_methods_fail_before_any_run(cache, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'adagrad'"):
+        compare.parse_method("adagrad")
+    with pytest.raises(ValueError, match="threshold is an option of stm"):
+        compare.parse_method("l2sp:threshold=3")
+    with pytest.raises(ValueError, match="not a valid float"):
+        compare.parse_method("finch:base=fast")
+    with pytest.raises(ValueError, match="duplicate runs"):
+        compare.expand_runs(_config(cache, methods=("sft", "sweep:lrs=3e-3")))
+    with pytest.raises(ValueError, match="not among the methods"):
+        compare.expand_runs(_config(cache, methods=("sft", "warmup_matched")))
+    never = lambda *a, **k: pytest.fail("trained despite bad input")  # noqa: E731
+    with pytest.raises(ValueError, match="asked for 999 multiple-choice items"):
+        compare.run_compare(_config(cache, eval=evaluate.EvalConfig(quiz_items=999)), tmp_path, finetune_run=never)
+    with pytest.raises(ds.MissingDatasetError, match="python -m train prepare pydocs"):
+        compare.run_compare(_config(cache, task="science"), tmp_path, finetune_run=never)
+    assert compare.main(["--method", "stm:weight=1", "--out", str(tmp_path)]) == 2
+    assert compare.main(["--task-metric", "accuracy", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_config_yaml_and_flags(tmp_path):
+    yaml_path = tmp_path / "grid.yaml"
+    yaml_path.write_text("steps: 7\nmethods: [sft, {kind: sweep, lrs: [1.0e-5, 2.0e-5]}]\neval: {quiz_items: 4}\n")
+    cfg, out = compare.config_from_args(["--config", str(yaml_path), "--seeds", "0,1", "--lr-max", "2e-4",
+                                         "--set", "data.grad_accum=2"], compare.CompareConfig(), "compare")
+    assert cfg.steps == 7 and cfg.seeds == (0, 1) and cfg.lr_max == 2e-4 and cfg.eval.quiz_items == 4
+    assert [r.label for r in compare.expand_runs(cfg)] == ["sft@2e-4", "const@1e-5", "const@2e-5"] * 2
+    yaml_path.write_text("stepz: 7\n")
+    with pytest.raises(ValueError, match="unknown key 'stepz'"):
+        compare.config_from_args(["--config", str(yaml_path)], compare.CompareConfig(), "compare")
+    with pytest.raises(Exception, match="unknown config key 'optimizer.lr'"):
+        compare.config_from_args(["--set", "optimizer.lr=1"], compare.CompareConfig(), "compare")
+
+
+def test_eval_cli(cache, tmp_path):
+    out = tmp_path / "m.json"
+    code = evaluate.main(["--model", "preset:tiny", "--base", "preset:tiny", "--task", "facts", "--facts-entities",
+                          "2", "--cache-dir", str(cache), "--seq-len", "48", "--retain-sequences", "2",
+                          "--quiz-items", "4", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["sizes"] == {"task_rows": 12, "retain_rows": 2, "quiz_items": 4}
+    assert report["metrics"]["retain_kl"] == pytest.approx(0.0, abs=1e-6)  # the same model as its base
+    assert set(report["forgetting"]) >= {"retain_loss", "retain_kl", "mc_acc"}
+    assert evaluate.main(["--model", "preset:tiny", "--task", "facts", "--cache-dir", str(tmp_path / "none")]) == 2

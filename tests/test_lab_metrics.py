@@ -1,0 +1,101 @@
+"""Metrics of the forgetting lab against hand-computed values, plus invariants (hypothesis)."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from train import eval_metrics as em
+
+
+def test_token_sums_hand_computed():
+    # Row 0: uniform over 4 tokens -> NLL ln 4 at each of 2 positions; row 1 masked out entirely.
+    logits = jnp.zeros((2, 2, 4))
+    targets = jnp.array([[1, 3], [0, 0]])
+    mask = jnp.array([[1.0, 1.0], [0.0, 0.0]])
+    sums = em.token_sums(logits, targets, mask)
+    assert float(sums.count) == 2.0
+    assert float(sums.total) == pytest.approx(2 * math.log(4), rel=1e-6)
+    assert em.perplexity(float(sums.total / sums.count)) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_kl_hand_computed_and_masked():
+    base = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+    tuned = jnp.log(jnp.array([[[0.25, 0.75], [0.1, 0.9]]]))
+    # KL(p||q) at position 0 = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln(4/3); position 1 is masked.
+    sums = em.kl_sums(base, tuned, jnp.array([[1.0, 0.0]]))
+    assert float(sums.total) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
+    assert float(sums.count) == 1.0
+    forward = float(em.kl_sums(base, tuned, jnp.array([[0.0, 1.0]])).total)
+    assert forward == pytest.approx(0.9 * math.log(9) + 0.1 * math.log(1 / 9), rel=1e-5)
+    # Direction matters: KL(base||tuned) weights by the base distribution.
+    asym = float(em.kl_sums(jnp.log(jnp.array([[[0.5, 0.5]]])), jnp.log(jnp.array([[[0.9, 0.1]]])),
+                            jnp.ones((1, 1))).total)
+    assert asym == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-5)
+    reverse = float(em.kl_sums(jnp.log(jnp.array([[[0.9, 0.1]]])), jnp.log(jnp.array([[[0.5, 0.5]]])),
+                               jnp.ones((1, 1))).total)
+    assert reverse == pytest.approx(0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5), rel=1e-5)
+    assert abs(asym - reverse) > 0.1
+
+
+def test_multiple_choice_length_normalisation():
+    ll = np.array([[-6.0, -4.0, -9.0, -8.0]])
+    lengths = np.array([[3, 1, 6, 2]])
+    norm = em.score_multiple_choice(ll, lengths, np.array([2]))
+    np.testing.assert_allclose(norm.scores, [[-2.0, -4.0, -1.5, -4.0]])
+    assert norm.predictions.tolist() == [2] and norm.accuracy == 1.0
+    expected = np.exp([-2.0, -4.0, -1.5, -4.0]) / np.exp([-2.0, -4.0, -1.5, -4.0]).sum()
+    np.testing.assert_allclose(norm.probs[0], expected, rtol=1e-12)
+    raw = em.score_multiple_choice(ll, lengths, np.array([2]), length_normalize=False)
+    assert raw.predictions.tolist() == [1] and raw.accuracy == 0.0
+
+
+def test_multiple_choice_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="shapes"):
+        em.score_multiple_choice(np.zeros((2, 4)), np.ones((2, 3)), np.zeros(2, int))
+    with pytest.raises(ValueError, match="positive"):
+        em.score_multiple_choice(np.zeros((1, 2)), np.array([[1, 0]]), np.zeros(1, int))
+
+
+def test_ece_hand_computed():
+    # One item per bin: ECE = mean |correct - confidence| = (0.05 + 0.85 + 0.38 + 0.7) / 4.
+    conf = np.array([0.95, 0.85, 0.62, 0.3])
+    correct = np.array([True, False, True, True])
+    assert em.expected_calibration_error(conf, correct, 10) == pytest.approx(1.98 / 4)
+    # Two items in one bin: |acc 0.5 - conf 0.95| = 0.45.
+    assert em.expected_calibration_error(np.array([0.91, 0.99]), np.array([1, 0]), 10) == pytest.approx(0.45)
+    # Bin edges: 0.3 belongs to (0.2, 0.3]; with 1 bin ECE is |mean acc - mean conf|.
+    assert em.expected_calibration_error(conf, correct, 1) == pytest.approx(abs(0.75 - conf.mean()))
+
+
+def test_brier_hand_computed():
+    probs = np.array([[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    # item 0: 0.3² + 0.2² + 0.1² = 0.14; item 1: 0.75² + 3 · 0.25² = 0.75.
+    assert em.brier_score(probs, np.array([0, 1])) == pytest.approx((0.14 + 0.75) / 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hnp.arrays(np.float64, st.tuples(st.integers(1, 6), st.just(4)), elements=st.floats(-30, 0)),
+    st.integers(0, 3),
+)
+def test_mc_probabilities_and_calibration_bounds(ll, label):
+    labels = np.full(ll.shape[0], label)
+    mc = em.score_multiple_choice(ll, np.ones_like(ll), labels)
+    np.testing.assert_allclose(mc.probs.sum(axis=1), 1.0, rtol=1e-9)
+    conf = mc.probs[np.arange(len(labels)), mc.predictions]
+    assert 0.0 <= em.expected_calibration_error(conf, mc.correct) <= 1.0
+    assert 0.0 <= em.brier_score(mc.probs, labels) <= 2.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(hnp.arrays(np.float32, (2, 3, 5), elements=st.floats(-8, 8, width=32)),
+       hnp.arrays(np.float32, (2, 3, 5), elements=st.floats(-8, 8, width=32)))
+def test_kl_nonnegative_and_zero_on_itself(a, b):
+    mask = jnp.ones((2, 3))
+    assert float(em.kl_sums(jnp.asarray(a), jnp.asarray(b), mask).total) >= -1e-5
+    assert abs(float(em.kl_sums(jnp.asarray(a), jnp.asarray(a), mask).total)) < 1e-5
