@@ -43,7 +43,7 @@ class _Interrupt(Exception):
 def test_compare_end_to_end_and_resume(cache, tmp_path):
     from train.finetune import run
 
-    cfg = _config(cache)
+    cfg = _config(cache, show_answers=2)
     calls = []
 
     def interrupted_run(train_cfg, **kw):
@@ -93,14 +93,56 @@ def test_compare_end_to_end_and_resume(cache, tmp_path):
     for name in ("forgetting_vs_task.png", "lr_traces.png", "loss_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Greedy answers of base and every run to the first held-out questions: one table row per question.
+    assert all(len(r["answers"]) == 2 for r in on_disk["runs"])
+    rows = on_disk["answers"].splitlines()
+    assert len(rows) == 2 + 2 and rows[0].startswith("| question | truth | base | sft@3e-3__seed0 |")
+
     # A third start finds everything finished and trains nothing.
     compare.run_compare(cfg, tmp_path, finetune_run=lambda *a, **k: pytest.fail("retrained"), log=lambda _: None)
+
+
+def test_answers_table_marks_answers_that_contain_the_truth():
+    questions = [("Question: Where was A born?\nAnswer: A was born in", "Kaindskai"), ("A invented the", "loom")]
+    runs = [{"run_id": "sft", "answers": ["the town of Kaindskai", "steam engine"]}, {"run_id": "finch"}]
+    table = compare.answers_table(questions, ["London", "Loom of light"], runs)
+    assert table.splitlines() == [
+        "| question | truth | base | sft | finch |",
+        "|---|---|---|---|---|",
+        "| Question: Where was A born? Answer: A was born in | Kaindskai | London ✗ | the town of Kaindskai ✓ | ? ✗ |",
+        "| A invented the | loom | Loom of light ✓ | steam engine ✗ | ? ✗ |",
+    ]
 
 
 def test_front_interpolation_and_reductions():
     assert compare.front_at([(2.0, 0.4), (1.0, 0.1), (3.0, 0.5)], 1.5) == pytest.approx(0.25)
     assert compare.front_at([(1.0, 0.1)], 1.0) == pytest.approx(0.1)
     assert compare.front_at([], 1.0) is None
+
+
+def _record(label, kind, seed, task_loss, kl, on_front):
+    return {"run": {"label": label, "kind": kind, "seed": seed, "on_front": on_front},
+            "metrics": {"task_loss": task_loss}, "forgetting": {"retain_kl": kl}}
+
+
+def test_summary_uses_the_pareto_front_and_reports_domination():
+    # The demo's real outcome: the lower constant lr beats SFT *and* FINCH on both axes, so the chord from SFT to it
+    # is no trade-off curve and must not flatter FINCH.
+    cfg = compare.CompareConfig(methods=("sft", "finch", "sweep:lrs=1e-4"), lr_max=3e-4)
+    records = [_record("sft@3e-4", "sft", 0, 0.352, 2.81, True), _record("finch", "finch", 0, 0.339, 2.00, False),
+               _record("const@1e-4", "sweep", 0, 0.297, 1.21, True)]
+    summary = compare.summarize(cfg, {"task_loss": 6.4}, records)["methods"]
+    assert summary["finch"]["dominated_by"] == [["const@1e-4"]]
+    assert summary["sft@3e-4"]["dominated_by"] == [["const@1e-4"]]
+    assert summary["const@1e-4"]["dominated_by"] == [[]]
+    assert summary["finch"]["reduction_vs_front"]["mean"] is None  # one efficient point: nothing to interpolate
+    assert summary["finch"]["reduction_vs_sft"]["mean"] == pytest.approx(1 - 2.00 / 2.81)
+    # A real trade-off: FINCH below the chord between two efficient constant-lr points.
+    records = [_record("sft@3e-4", "sft", 0, 1.0, 0.8, True), _record("finch", "finch", 0, 2.0, 0.3, False),
+               _record("const@1e-4", "sweep", 0, 3.0, 0.2, True)]
+    summary = compare.summarize(cfg, {"task_loss": 6.4}, records)["methods"]
+    assert summary["finch"]["dominated_by"] == [[]]
+    assert summary["finch"]["reduction_vs_front"]["mean"] == pytest.approx(1 - 0.3 / 0.5)
 
 
 def test_bad_methods_fail_before_any_run(cache, tmp_path):

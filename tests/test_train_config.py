@@ -195,7 +195,8 @@ def test_cli_dispatch_table_matches_the_interface():
     assert {k: v[0] for k, v in cli.SUBCOMMANDS.items()} == {
         "finetune": "train.finetune:main",
         "generate": "train.generate:main",
-        "demo": "train.demo:main",
+        "demo": "train.compare:demo_main",
+        "finetune-demo": "train.demo:main",
         "prepare": "train.datasets:main",
         "eval": "train.evaluate:main",
         "compare": "train.compare:main",

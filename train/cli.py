@@ -17,7 +17,8 @@ __all__ = ["SUBCOMMANDS", "main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("train.finetune:main", "fine-tune a model on text/JSONL with FINCH or a baseline"),
     "generate": ("train.generate:main", "greedy / sampled text generation from a model or checkpoint"),
-    "demo": ("train.demo:main", "SmolLM2-135M learns new facts with finch_adamw (make demo)"),
+    "demo": ("train.compare:demo_main", "SmolLM2-135M learns new facts: adamw vs finch_adamw vs a lower lr (make demo)"),
+    "finetune-demo": ("train.demo:main", "SmolLM2-135M learns new facts with finch_adamw alone, answers before/after"),
     "prepare": ("train.datasets:main", "download and cache the built-in datasets"),
     "eval": ("train.evaluate:main", "evaluate a model: perplexity, quiz accuracy, fact recall"),
     "compare": ("train.compare:main", "side-by-side FINCH vs baselines forgetting comparison"),

