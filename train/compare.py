@@ -34,7 +34,6 @@ range), and a method that some constant-lr run beats on both axes is reported as
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,7 +41,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,21 +342,12 @@ def _task_documents(task: datasets_lib.TaskData) -> list:
     return [Document(text=t) for t in task.train_texts]
 
 
-@contextlib.contextmanager
 def _suppress_high_loss_tokens(score_tokens: Callable[[Any], np.ndarray], threshold: float,
-                               stats: dict[str, float]) -> Iterator[None]:
-    """STM-style token suppression for the runs inside the block: zero the loss weight of every training token
-    whose base-model loss exceeds ``threshold``.
+                               stats: dict[str, float]) -> Callable[[Any], Any]:
+    """STM-style token suppression as a ``finetune.run(transform_rows=...)`` hook: zero the loss weight of every
+    training token whose base-model loss exceeds ``threshold`` (the dropped fraction goes to ``stats``)."""
 
-    ``train.finetune.run`` builds its rows internally, so this wraps ``train.data.build_rows`` for the duration
-    (the one place rows are made). A ``rows=`` / ``loss_mask_fn=`` hook in ``finetune.run`` would replace this.
-    """
-    from train import data as data_lib
-
-    original = data_lib.build_rows
-
-    def build_rows(*args: Any, **kwargs: Any):
-        rows = original(*args, **kwargs)
+    def transform(rows: Any) -> Any:
         nll = score_tokens(rows)
         keep = (nll <= threshold).astype(np.float32)
         before = float(rows.loss_mask.sum())
@@ -365,11 +355,7 @@ def _suppress_high_loss_tokens(score_tokens: Callable[[Any], np.ndarray], thresh
         stats["dropped_fraction"] = 1.0 - float(mask.sum()) / max(before, 1.0)
         return dataclasses.replace(rows, loss_mask=mask)
 
-    data_lib.build_rows = build_rows
-    try:
-        yield
-    finally:
-        data_lib.build_rows = original
+    return transform
 
 
 def _token_nll_fn(apply_fn: Callable, params: Any, batch_size: int) -> Callable[[Any], np.ndarray]:
@@ -475,11 +461,12 @@ def run_compare(
         log(f"[{i}/{len(runs)}] {run.run_id}: training ...")
         stm_stats: dict[str, float] = {}
         t0 = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            if run.stm_threshold is not None:
-                stack.enter_context(_suppress_high_loss_tokens(
-                    _token_nll_fn(apply_fn, base_params, cfg.eval.batch_size), run.stm_threshold, stm_stats))
-            result = finetune_run(train_cfg, model=model, tokenizer=tokenizer, documents=documents)
+        transform_rows = None
+        if run.stm_threshold is not None:
+            transform_rows = _suppress_high_loss_tokens(
+                _token_nll_fn(apply_fn, base_params, cfg.eval.batch_size), run.stm_threshold, stm_stats)
+        result = finetune_run(train_cfg, model=model, tokenizer=tokenizer, documents=documents,
+                              transform_rows=transform_rows)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         metrics = eval_lib.evaluate(scorer, result.params, eval_set, base_params=base_params)
