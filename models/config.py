@@ -19,235 +19,239 @@ __all__ = ["ModelConfig", "RopeScaling", "ConfigError", "get_preset", "PRESETS"]
 
 
 class ConfigError(ValueError):
-  """A configuration (file, preset or field) the models package cannot represent faithfully."""
+    """A configuration (file, preset or field) the models package cannot represent faithfully."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """Llama-3 style frequency-dependent RoPE scaling ("rope_type": "llama3" in HF configs)."""
+    """Llama-3 style frequency-dependent RoPE scaling ("rope_type": "llama3" in HF configs)."""
 
-  factor: float = 8.0
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape and numerics of a decoder-only Llama-family LM.
+    """Shape and numerics of a decoder-only Llama-family LM.
 
-  Attributes:
-    vocab_size: number of token embeddings (rows of the embedding matrix).
-    d_model: residual stream width (HF ``hidden_size``).
-    num_layers: transformer blocks.
-    num_heads: query heads.
-    num_kv_heads: key/value heads (grouped-query attention when < ``num_heads``).
-    head_dim: width of one attention head.
-    mlp_dim: SwiGLU hidden width (HF ``intermediate_size``).
-    rms_norm_eps: epsilon inside every RMSNorm.
-    rope_theta: RoPE base frequency.
-    rope_scaling: Llama-3 rope scaling, or ``None``.
-    tie_embeddings: output projection shares the token embedding matrix.
-    attention_bias: q/k/v projections carry a bias (Qwen2).
-    qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
-    max_position_embeddings: the context length the checkpoint was trained for (informational, and exported).
-    architecture: "llama", "qwen2" or "qwen3"; only decides the HF ``model_type`` on export.
-    bos_token_id / eos_token_id: exported into ``config.json``; the tokenizer is the source of truth.
-    dtype: compute dtype of activations and matmuls. Logits are always float32.
-    param_dtype: storage dtype of parameters.
-    remat: rematerialise each block in the backward pass (``jax.checkpoint``).
-    scan_layers: stack the blocks along a leading "layers" axis and ``lax.scan`` over them (faster compiles).
-  """
-
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  rms_norm_eps: float = 1e-5
-  rope_theta: float = 10_000.0
-  rope_scaling: RopeScaling | None = None
-  tie_embeddings: bool = True
-  attention_bias: bool = False
-  qk_norm: bool = False
-  max_position_embeddings: int = 2048
-  architecture: str = "llama"
-  bos_token_id: int | None = None
-  eos_token_id: int | None = None
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  remat: bool = False
-  scan_layers: bool = False
-
-  def __post_init__(self) -> None:
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-    if self.num_heads % self.num_kv_heads:
-      raise ConfigError(
-          f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-    if self.head_dim % 2:
-      raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
-    if self.architecture not in _MODEL_TYPES:
-      raise ConfigError(
-          f"ModelConfig.architecture={self.architecture!r} is not supported; choose one of {sorted(_MODEL_TYPES)}")
-    if self.rope_scaling is not None:
-      _check_rope_scaling(self.rope_scaling)
-
-  @property
-  def num_params(self) -> int:
-    """Parameter count (embedding counted once when tied)."""
-    attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    if self.attention_bias:
-      attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
-    if self.qk_norm:
-      attn += 2 * self.head_dim
-    block = attn + 3 * self.d_model * self.mlp_dim + 2 * self.d_model
-    embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-    return self.num_layers * block + embed + self.d_model
-
-  # ----------------------------------------------------------------------------------------------------------------
-  # Hugging Face config.json
-  # ----------------------------------------------------------------------------------------------------------------
-  @classmethod
-  def from_hf_config(cls, hf: dict[str, Any] | str | Path, **overrides: Any) -> "ModelConfig":
-    """Builds a config from a Hugging Face ``config.json`` (path or parsed dict).
-
-    Raises:
-      ConfigError: naming the field when the architecture or an option is not supported.
+    Attributes:
+      vocab_size: number of token embeddings (rows of the embedding matrix).
+      d_model: residual stream width (HF ``hidden_size``).
+      num_layers: transformer blocks.
+      num_heads: query heads.
+      num_kv_heads: key/value heads (grouped-query attention when < ``num_heads``).
+      head_dim: width of one attention head.
+      mlp_dim: SwiGLU hidden width (HF ``intermediate_size``).
+      rms_norm_eps: epsilon inside every RMSNorm.
+      rope_theta: RoPE base frequency.
+      rope_scaling: Llama-3 rope scaling, or ``None``.
+      tie_embeddings: output projection shares the token embedding matrix.
+      attention_bias: q/k/v projections carry a bias (Qwen2).
+      qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
+      max_position_embeddings: the context length the checkpoint was trained for (informational, and exported).
+      architecture: "llama", "qwen2" or "qwen3"; only decides the HF ``model_type`` on export.
+      bos_token_id / eos_token_id: exported into ``config.json``; the tokenizer is the source of truth.
+      dtype: compute dtype of activations and matmuls. Logits are always float32.
+      param_dtype: storage dtype of parameters.
+      remat: rematerialise each block in the backward pass (``jax.checkpoint``).
+      scan_layers: stack the blocks along a leading "layers" axis and ``lax.scan`` over them (faster compiles).
     """
-    source = "config.json"
-    if not isinstance(hf, dict):
-      source = str(hf)
-      try:
-        hf = json.loads(Path(hf).read_text())
-      except FileNotFoundError:
-        raise ConfigError(f"{source}: file not found") from None
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{source}: not valid JSON ({e})") from None
-    model_type = hf.get("model_type")
-    architecture = {v: k for k, v in _MODEL_TYPES.items()}.get(model_type)
-    if architecture is None:
-      raise ConfigError(
-          f"{source}: model_type={model_type!r} is not supported; supported: {sorted(_MODEL_TYPES.values())}")
 
-    def need(key: str) -> Any:
-      if key not in hf or hf[key] is None:
-        raise ConfigError(f"{source}: required field {key!r} is missing")
-      return hf[key]
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 2048
+    architecture: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    scan_layers: bool = False
 
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-      raise ConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu' / SwiGLU)")
-    if hf.get("mlp_bias"):
-      raise ConfigError(f"{source}: mlp_bias=True is not supported")
-    if hf.get("pretraining_tp", 1) not in (1, None):
-      raise ConfigError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported")
-    if hf.get("use_sliding_window") and architecture != "llama":
-      raise ConfigError(f"{source}: use_sliding_window=True is not supported")
-    if hf.get("layer_types") and any(t != "full_attention" for t in hf["layer_types"]):
-      raise ConfigError(f"{source}: layer_types other than 'full_attention' are not supported")
-    if hf.get("attention_dropout", 0.0):
-      raise ConfigError(f"{source}: attention_dropout={hf['attention_dropout']} is not supported")
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.architecture not in _MODEL_TYPES:
+            raise ConfigError(
+                f"ModelConfig.architecture={self.architecture!r} is not supported; choose one of {sorted(_MODEL_TYPES)}"
+            )
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
 
-    num_heads = need("num_attention_heads")
-    d_model = need("hidden_size")
-    head_dim = hf.get("head_dim") or d_model // num_heads
-    if architecture == "qwen2":
-      attention_bias = True  # Qwen2 always has q/k/v biases and no o bias; the config has no flag for it.
-    else:
-      attention_bias = bool(hf.get("attention_bias", False))
-      if attention_bias:
-        raise ConfigError(f"{source}: attention_bias=True is only supported for model_type 'qwen2' "
-                          "(bias on q/k/v but not o)")
+    @property
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.attention_bias:
+            attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        block = attn + 3 * self.d_model * self.mlp_dim + 2 * self.d_model
+        embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        return self.num_layers * block + embed + self.d_model
 
-    rope_theta = hf.get("rope_theta")
-    rope_params = hf.get("rope_parameters")  # transformers >= 5 keeps theta and scaling here
-    rope_scaling_dict = hf.get("rope_scaling")
-    if isinstance(rope_params, dict):
-      rope_theta = rope_params.get("rope_theta", rope_theta)
-      if rope_params.get("rope_type", "default") != "default":
-        rope_scaling_dict = rope_params
-    rope_scaling = None
-    if rope_scaling_dict:
-      rope_type = rope_scaling_dict.get("rope_type", rope_scaling_dict.get("type"))
-      if rope_type == "default":
-        pass
-      elif rope_type == "llama3":
-        rope_scaling = RopeScaling(
-            factor=float(rope_scaling_dict["factor"]),
-            low_freq_factor=float(rope_scaling_dict["low_freq_factor"]),
-            high_freq_factor=float(rope_scaling_dict["high_freq_factor"]),
-            original_max_position_embeddings=int(rope_scaling_dict["original_max_position_embeddings"]),
+    # ----------------------------------------------------------------------------------------------------------------
+    # Hugging Face config.json
+    # ----------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any] | str | Path, **overrides: Any) -> ModelConfig:
+        """Builds a config from a Hugging Face ``config.json`` (path or parsed dict).
+
+        Raises:
+          ConfigError: naming the field when the architecture or an option is not supported.
+        """
+        source = "config.json"
+        if not isinstance(hf, dict):
+            source = str(hf)
+            try:
+                hf = json.loads(Path(hf).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{source}: file not found") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        model_type = hf.get("model_type")
+        architecture = {v: k for k, v in _MODEL_TYPES.items()}.get(model_type)
+        if architecture is None:
+            raise ConfigError(
+                f"{source}: model_type={model_type!r} is not supported; supported: {sorted(_MODEL_TYPES.values())}"
+            )
+
+        def need(key: str) -> Any:
+            if key not in hf or hf[key] is None:
+                raise ConfigError(f"{source}: required field {key!r} is missing")
+            return hf[key]
+
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu' / SwiGLU)")
+        if hf.get("mlp_bias"):
+            raise ConfigError(f"{source}: mlp_bias=True is not supported")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported")
+        if hf.get("use_sliding_window") and architecture != "llama":
+            raise ConfigError(f"{source}: use_sliding_window=True is not supported")
+        if hf.get("layer_types") and any(t != "full_attention" for t in hf["layer_types"]):
+            raise ConfigError(f"{source}: layer_types other than 'full_attention' are not supported")
+        if hf.get("attention_dropout", 0.0):
+            raise ConfigError(f"{source}: attention_dropout={hf['attention_dropout']} is not supported")
+
+        num_heads = need("num_attention_heads")
+        d_model = need("hidden_size")
+        head_dim = hf.get("head_dim") or d_model // num_heads
+        if architecture == "qwen2":
+            attention_bias = True  # Qwen2 always has q/k/v biases and no o bias; the config has no flag for it.
+        else:
+            attention_bias = bool(hf.get("attention_bias", False))
+            if attention_bias:
+                raise ConfigError(
+                    f"{source}: attention_bias=True is only supported for model_type 'qwen2' (bias on q/k/v but not o)"
+                )
+
+        rope_theta = hf.get("rope_theta")
+        rope_params = hf.get("rope_parameters")  # transformers >= 5 keeps theta and scaling here
+        rope_scaling_dict = hf.get("rope_scaling")
+        if isinstance(rope_params, dict):
+            rope_theta = rope_params.get("rope_theta", rope_theta)
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling_dict = rope_params
+        rope_scaling = None
+        if rope_scaling_dict:
+            rope_type = rope_scaling_dict.get("rope_type", rope_scaling_dict.get("type"))
+            if rope_type == "default":
+                pass
+            elif rope_type == "llama3":
+                rope_scaling = RopeScaling(
+                    factor=float(rope_scaling_dict["factor"]),
+                    low_freq_factor=float(rope_scaling_dict["low_freq_factor"]),
+                    high_freq_factor=float(rope_scaling_dict["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope_scaling_dict["original_max_position_embeddings"]),
+                )
+            else:
+                raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        kwargs = dict(
+            vocab_size=need("vocab_size"),
+            d_model=d_model,
+            num_layers=need("num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            mlp_dim=need("intermediate_size"),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10_000.0),
+            rope_scaling=rope_scaling,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            qk_norm=architecture == "qwen3",
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            architecture=architecture,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos,
         )
-      else:
-        raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
-    eos = hf.get("eos_token_id")
-    if isinstance(eos, list):
-      eos = eos[0] if eos else None
-    kwargs = dict(
-        vocab_size=need("vocab_size"),
-        d_model=d_model,
-        num_layers=need("num_hidden_layers"),
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=head_dim,
-        mlp_dim=need("intermediate_size"),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta if rope_theta is not None else 10_000.0),
-        rope_scaling=rope_scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=attention_bias,
-        qk_norm=architecture == "qwen3",
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        architecture=architecture,
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos,
-    )
-    kwargs.update(overrides)
-    return cls(**kwargs)
-
-  def to_hf_config(self) -> dict[str, Any]:
-    """A Hugging Face ``config.json`` dict that transformers loads into the equivalent model."""
-    model_type = _MODEL_TYPES[self.architecture]
-    hf: dict[str, Any] = {
-        "architectures": [_HF_CLASSES[self.architecture]],
-        "model_type": model_type,
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.d_model,
-        "intermediate_size": self.mlp_dim,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": self.max_position_embeddings,
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "tie_word_embeddings": self.tie_embeddings,
-        "attention_dropout": 0.0,
-        "torch_dtype": "float32",
-        "use_cache": True,
-    }
-    if self.architecture == "llama":
-      hf["attention_bias"] = False
-      hf["mlp_bias"] = False
-    if self.architecture == "qwen2":
-      hf["use_sliding_window"] = False
-    if self.architecture == "qwen3":
-      hf["attention_bias"] = False
-      hf["use_sliding_window"] = False
-    if self.rope_scaling is not None:
-      hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
-    if self.bos_token_id is not None:
-      hf["bos_token_id"] = self.bos_token_id
-    if self.eos_token_id is not None:
-      hf["eos_token_id"] = self.eos_token_id
-    return hf
+    def to_hf_config(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict that transformers loads into the equivalent model."""
+        model_type = _MODEL_TYPES[self.architecture]
+        hf: dict[str, Any] = {
+            "architectures": [_HF_CLASSES[self.architecture]],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.d_model,
+            "intermediate_size": self.mlp_dim,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_dropout": 0.0,
+            "torch_dtype": "float32",
+            "use_cache": True,
+        }
+        if self.architecture == "llama":
+            hf["attention_bias"] = False
+            hf["mlp_bias"] = False
+        if self.architecture == "qwen2":
+            hf["use_sliding_window"] = False
+        if self.architecture == "qwen3":
+            hf["attention_bias"] = False
+            hf["use_sliding_window"] = False
+        if self.rope_scaling is not None:
+            hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        if self.bos_token_id is not None:
+            hf["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            hf["eos_token_id"] = self.eos_token_id
+        return hf
 
 
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -255,43 +259,100 @@ _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3"
 
 PRESETS: dict[str, ModelConfig] = {
     # Small enough for unit tests on CPU; vocab 512 covers a byte-level vocabulary plus specials.
-    "tiny": ModelConfig(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                        mlp_dim=128, rope_theta=10_000.0, max_position_embeddings=512),
-    "smollm2-135m": ModelConfig(vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3,
-                                head_dim=64, mlp_dim=1536, rms_norm_eps=1e-5, rope_theta=100_000.0,
-                                max_position_embeddings=8192, bos_token_id=1, eos_token_id=2),
-    "qwen3-0.6b": ModelConfig(vocab_size=151936, d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8,
-                              head_dim=128, mlp_dim=3072, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-                              qk_norm=True, architecture="qwen3", max_position_embeddings=40960,
-                              bos_token_id=151643, eos_token_id=151645),
-    "qwen3-4b": ModelConfig(vocab_size=151936, d_model=2560, num_layers=36, num_heads=32, num_kv_heads=8,
-                            head_dim=128, mlp_dim=9728, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-                            qk_norm=True, architecture="qwen3", max_position_embeddings=40960,
-                            bos_token_id=151643, eos_token_id=151645),
-    "llama3-8b": ModelConfig(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                             head_dim=128, mlp_dim=14336, rms_norm_eps=1e-5, rope_theta=500_000.0,
-                             tie_embeddings=False, max_position_embeddings=8192,
-                             bos_token_id=128000, eos_token_id=128001),
+    "tiny": ModelConfig(
+        vocab_size=512,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        mlp_dim=128,
+        rope_theta=10_000.0,
+        max_position_embeddings=512,
+    ),
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152,
+        d_model=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        mlp_dim=1536,
+        rms_norm_eps=1e-5,
+        rope_theta=100_000.0,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "qwen3-0.6b": ModelConfig(
+        vocab_size=151936,
+        d_model=1024,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        mlp_dim=3072,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        qk_norm=True,
+        architecture="qwen3",
+        max_position_embeddings=40960,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    "qwen3-4b": ModelConfig(
+        vocab_size=151936,
+        d_model=2560,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        mlp_dim=9728,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        qk_norm=True,
+        architecture="qwen3",
+        max_position_embeddings=40960,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    "llama3-8b": ModelConfig(
+        vocab_size=128256,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        mlp_dim=14336,
+        rms_norm_eps=1e-5,
+        rope_theta=500_000.0,
+        tie_embeddings=False,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
 }
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
-  """Returns the named preset config, optionally with fields replaced.
+    """Returns the named preset config, optionally with fields replaced.
 
-  Example:
-    >>> get_preset("tiny").d_model
-    64
-  """
-  try:
-    cfg = PRESETS[name]
-  except KeyError:
-    raise ConfigError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}") from None
-  return dataclasses.replace(cfg, **overrides) if overrides else cfg
+    Example:
+      >>> get_preset("tiny").d_model
+      64
+    """
+    try:
+        cfg = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}") from None
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
 def _check_rope_scaling(scaling: RopeScaling) -> None:
-  if not (math.isfinite(scaling.factor) and scaling.factor > 0):
-    raise ConfigError(f"RopeScaling.factor must be positive, got {scaling.factor}")
-  if scaling.high_freq_factor <= scaling.low_freq_factor:
-    raise ConfigError(f"RopeScaling.high_freq_factor ({scaling.high_freq_factor}) must exceed "
-                      f"low_freq_factor ({scaling.low_freq_factor})")
+    if not (math.isfinite(scaling.factor) and scaling.factor > 0):
+        raise ConfigError(f"RopeScaling.factor must be positive, got {scaling.factor}")
+    if scaling.high_freq_factor <= scaling.low_freq_factor:
+        raise ConfigError(
+            f"RopeScaling.high_freq_factor ({scaling.high_freq_factor}) must exceed "
+            f"low_freq_factor ({scaling.low_freq_factor})"
+        )

@@ -8,7 +8,7 @@ of 16 so a CLI session does not recompile for every prompt.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,94 +22,109 @@ __all__ = ["generate"]
 _PROMPT_BUCKET = 16
 
 
-def generate(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int | None = None, rng: jax.Array | None = None,
-             eos_id: int | None = None) -> list[list[int]]:
-  """Continues each prompt by up to ``max_new_tokens`` tokens.
+def generate(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+    eos_id: int | None = None,
+) -> list[list[int]]:
+    """Continues each prompt by up to ``max_new_tokens`` tokens.
 
-  Args:
-    model: the LM.
-    prompts: token-id lists (non-empty; lengths may differ).
-    max_new_tokens: tokens to generate per prompt.
-    temperature: 0 for greedy decoding, otherwise logits are divided by it before sampling.
-    top_k: sample only among the ``top_k`` most likely tokens (``None``: all).
-    rng: a ``jax.random.key`` for sampling (default ``key(0)``).
-    eos_id: stop a row once it produces this token; the EOS itself is not returned.
+    Args:
+      model: the LM.
+      prompts: token-id lists (non-empty; lengths may differ).
+      max_new_tokens: tokens to generate per prompt.
+      temperature: 0 for greedy decoding, otherwise logits are divided by it before sampling.
+      top_k: sample only among the ``top_k`` most likely tokens (``None``: all).
+      rng: a ``jax.random.key`` for sampling (default ``key(0)``).
+      eos_id: stop a row once it produces this token; the EOS itself is not returned.
 
-  Returns:
-    The new tokens of each prompt (prompt excluded), at most ``max_new_tokens`` each.
-  """
-  if max_new_tokens < 0:
-    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
-    raise ValueError(f"top_k must be in [1, vocab_size={model.config.vocab_size}], got {top_k}")
-  vocab = model.config.vocab_size
-  for i, prompt in enumerate(prompts):
-    bad = [t for t in prompt if not 0 <= int(t) < vocab]
-    if bad:
-      raise ValueError(f"prompt {i} holds token ids outside [0, {vocab}): {bad[:5]}")
-  if max_new_tokens == 0:
-    return [[] for _ in prompts]
+    Returns:
+      The new tokens of each prompt (prompt excluded), at most ``max_new_tokens`` each.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={model.config.vocab_size}], got {top_k}")
+    vocab = model.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab}): {bad[:5]}")
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
 
-  lengths = np.array([len(p) for p in prompts])
-  width = int(-(-lengths.max() // _PROMPT_BUCKET) * _PROMPT_BUCKET)
-  tokens = np.zeros((len(prompts), width), np.int32)
-  real = np.zeros((len(prompts), width), np.int32)
-  for i, prompt in enumerate(prompts):
-    tokens[i, width - len(prompt):] = prompt
-    real[i, width - len(prompt):] = 1
-  positions = np.maximum(np.arange(width)[None, :] - (width - lengths)[:, None], 0).astype(np.int32)
+    lengths = np.array([len(p) for p in prompts])
+    width = int(-(-lengths.max() // _PROMPT_BUCKET) * _PROMPT_BUCKET)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    real = np.zeros((len(prompts), width), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, width - len(prompt) :] = prompt
+        real[i, width - len(prompt) :] = 1
+    positions = np.maximum(np.arange(width)[None, :] - (width - lengths)[:, None], 0).astype(np.int32)
 
-  graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(real), jnp.asarray(positions),
-                  rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
-                  jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=max_new_tokens, top_k=top_k,
-                  greedy=temperature == 0.0)
-  out = np.asarray(out)
-  results = []
-  for row in out:
-    row = row.tolist()
-    if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id)]
-    results.append(row)
-  return results
+    graphdef, state = nnx.split(model)
+    out = _generate(
+        graphdef,
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray(real),
+        jnp.asarray(positions),
+        rng if rng is not None else jax.random.key(0),
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.int32(-1 if eos_id is None else eos_id),
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        greedy=temperature == 0.0,
+    )
+    out = np.asarray(out)
+    results = []
+    for row in out:
+        row = row.tolist()
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        results.append(row)
+    return results
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy"))
-def _generate(graphdef, state, tokens, real, positions, rng, temperature, eos_id, *, max_new_tokens, top_k,
-              greedy):
-  model = nnx.merge(graphdef, state)
-  batch, width = tokens.shape
-  cache = init_cache(model.config, batch, width + max_new_tokens)
-  logits, cache = model(tokens, positions, real, cache=cache)
+def _generate(graphdef, state, tokens, real, positions, rng, temperature, eos_id, *, max_new_tokens, top_k, greedy):
+    model = nnx.merge(graphdef, state)
+    batch, width = tokens.shape
+    cache = init_cache(model.config, batch, width + max_new_tokens)
+    logits, cache = model(tokens, positions, real, cache=cache)
 
-  def pick(logits: jax.Array, key: jax.Array) -> jax.Array:
-    if greedy:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-      kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-      logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    def pick(logits: jax.Array, key: jax.Array) -> jax.Array:
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
-  def cond(carry):
-    step, _, _, _, _, done, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
+    def cond(carry):
+        step, _, _, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
 
-  def body(carry):
-    step, cache, last_logits, next_pos, out, done, key = carry
-    key, sub = jax.random.split(key)
-    token = pick(last_logits, sub)
-    token = jnp.where(done, jnp.maximum(eos_id, 0), token)
-    out = out.at[:, step].set(token)
-    done = done | (token == eos_id)
-    logits, cache = model(token[:, None], next_pos[:, None], cache=cache)
-    return step + 1, cache, logits[:, -1], next_pos + 1, out, done, key
+    def body(carry):
+        step, cache, last_logits, next_pos, out, done, key = carry
+        key, sub = jax.random.split(key)
+        token = pick(last_logits, sub)
+        token = jnp.where(done, jnp.maximum(eos_id, 0), token)
+        out = out.at[:, step].set(token)
+        done = done | (token == eos_id)
+        logits, cache = model(token[:, None], next_pos[:, None], cache=cache)
+        return step + 1, cache, logits[:, -1], next_pos + 1, out, done, key
 
-  out = jnp.full((batch, max_new_tokens), jnp.maximum(eos_id, 0), jnp.int32)
-  carry = (jnp.int32(0), cache, logits[:, -1], positions[:, -1] + 1, out, jnp.zeros((batch,), bool), rng)
-  return jax.lax.while_loop(cond, body, carry)[4]
+    out = jnp.full((batch, max_new_tokens), jnp.maximum(eos_id, 0), jnp.int32)
+    carry = (jnp.int32(0), cache, logits[:, -1], positions[:, -1] + 1, out, jnp.zeros((batch,), bool), rng)
+    return jax.lax.while_loop(cond, body, carry)[4]

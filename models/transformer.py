@@ -11,7 +11,8 @@ Every parameter is an ``nnx.Param`` whose ``out_sharding`` metadata holds its lo
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,325 +31,350 @@ Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
 def _scaled_normal(fan_in: int) -> Initializer:
-  """LeCun-normal: unit-variance activations at init whatever the layer width."""
-  return _normal(fan_in ** -0.5)
+    """LeCun-normal: unit-variance activations at init whatever the layer width."""
+    return _normal(fan_in**-0.5)
 
 
 def _normal(stddev: float) -> Initializer:
-  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    return jax.random.normal(key, shape, dtype) * stddev
-  return init
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        return jax.random.normal(key, shape, dtype) * stddev
+
+    return init
 
 
 def _constant(value: float) -> Initializer:
-  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    del key
-    return jnp.full(shape, value, dtype)
-  return init
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        del key
+        return jnp.full(shape, value, dtype)
+
+    return init
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any,
-           init: Initializer) -> nnx.Param:
-  # eager_sharding=False: logical names are metadata only; train/ places parameters on a mesh with its own rules.
-  assert len(shape) == len(axes), (shape, axes)
-  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any, init: Initializer
+) -> nnx.Param:
+    # eager_sharding=False: logical names are metadata only; train/ places parameters on a mesh with its own rules.
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square layer norm, computed in float32 like the HF reference."""
+    """Root-mean-square layer norm, computed in float32 like the HF reference."""
 
-  def __init__(self, dim: int, axis_name: str, eps: float, param_dtype: Any, *, rngs: nnx.Rngs):
-    self.eps = eps
-    self.weight = _param(rngs, (dim,), (axis_name,), param_dtype, _constant(1.0))
+    def __init__(self, dim: int, axis_name: str, eps: float, param_dtype: Any, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = _param(rngs, (dim,), (axis_name,), param_dtype, _constant(1.0))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    # HF casts back to the input dtype before multiplying by the weight; do the same for bf16 parity.
-    return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before multiplying by the weight; do the same for bf16 parity.
+        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
-  r"""RoPE inverse frequencies :math:`\theta^{-2i/d}`, with Llama-3 scaling when given.
+    r"""RoPE inverse frequencies :math:`\theta^{-2i/d}`, with Llama-3 scaling when given.
 
-  Llama-3 scaling divides low frequencies (wavelength above ``original_max / low_freq_factor``) by ``factor``,
-  keeps high frequencies, and interpolates smoothly in between.
-  """
-  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
-  if scaling is None:
-    return inv_freq
-  old_len = scaling.original_max_position_embeddings
-  low_wavelen = old_len / scaling.low_freq_factor
-  high_wavelen = old_len / scaling.high_freq_factor
-  wavelen = 2 * np.pi / inv_freq
-  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-  smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
+    Llama-3 scaling divides low frequencies (wavelength above ``original_max / low_freq_factor``) by ``factor``,
+    keeps high frequencies, and interpolates smoothly in between.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def _rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-  return jnp.cos(angles), jnp.sin(angles)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotate-half RoPE on x [B, T, heads, D]; cos/sin [B, T, D/2]."""
-  half = x.shape[-1] // 2
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+    """Rotate-half RoPE on x [B, T, heads, D]; cos/sin [B, T, D/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+    """Grouped-query self-attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    e, h, k, d, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
-    self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = h, k, d, cfg.dtype
-    self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pd, _scaled_normal(e))
-    self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, _scaled_normal(e))
-    self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, _scaled_normal(e))
-    self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), pd, _scaled_normal(h * d))
-    if cfg.attention_bias:
-      self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), pd, _constant(0.0))
-      self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, _constant(0.0))
-      self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, _constant(0.0))
-    else:
-      self.q_bias = self.k_bias = self.v_bias = None
-    if cfg.qk_norm:
-      self.q_norm = RMSNorm(d, "head_dim", cfg.rms_norm_eps, pd, rngs=rngs)
-      self.k_norm = RMSNorm(d, "head_dim", cfg.rms_norm_eps, pd, rngs=rngs)
-    else:
-      self.q_norm = self.k_norm = None
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, h, k, d, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = h, k, d, cfg.dtype
+        self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pd, _scaled_normal(e))
+        self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, _scaled_normal(e))
+        self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, _scaled_normal(e))
+        self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), pd, _scaled_normal(h * d))
+        if cfg.attention_bias:
+            self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), pd, _constant(0.0))
+            self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, _constant(0.0))
+            self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, _constant(0.0))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, "head_dim", cfg.rms_norm_eps, pd, rngs=rngs)
+            self.k_norm = RMSNorm(d, "head_dim", cfg.rms_norm_eps, pd, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
 
-  def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-    y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(self.dtype))
-    if bias is not None:
-      y = y + bias[...].astype(self.dtype)
-    return y
+    def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+        y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(self.dtype))
+        if bias is not None:
+            y = y + bias[...].astype(self.dtype)
+        return y
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    b, t, _ = x.shape
-    q = self._project(x, self.q_proj, self.q_bias)
-    k = self._project(x, self.k_proj, self.k_bias)
-    v = self._project(x, self.v_proj, self.v_bias)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    new_cache = None
-    if cache is not None:
-      cache_k, cache_v = cache
-      start = (0, cache_index, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-      new_cache = (cache_k, cache_v)
-      k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (self.head_dim ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads, self.head_dim)
-    return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype)), new_cache
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        b, t, _ = x.shape
+        q = self._project(x, self.q_proj, self.q_bias)
+        k = self._project(x, self.k_proj, self.k_bias)
+        v = self._project(x, self.v_proj, self.v_bias)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            cache_k, cache_v = cache
+            start = (0, cache_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            new_cache = (cache_k, cache_v)
+            k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (self.head_dim**-0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads, self.head_dim)
+        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype)), new_cache
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    e, m, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
-    self.dtype = cfg.dtype
-    self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), pd, _scaled_normal(e))
-    self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), pd, _scaled_normal(e))
-    self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), pd, _scaled_normal(m))
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, m, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
+        self.dtype = cfg.dtype
+        self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), pd, _scaled_normal(e))
+        self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), pd, _scaled_normal(e))
+        self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), pd, _scaled_normal(m))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    gate = x @ self.gate_proj[...].astype(self.dtype)
-    up = x @ self.up_proj[...].astype(self.dtype)
-    return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(self.dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = x @ self.gate_proj[...].astype(self.dtype)
+        up = x @ self.up_proj[...].astype(self.dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(self.dtype)
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block."""
+    """Pre-norm transformer block."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.input_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
-    self.attn = Attention(cfg, rngs=rngs)
-    self.post_attention_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attention_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-    attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
-    x = x + attn_out
-    x = x + self.mlp(self.post_attention_norm(x))
-    return x, new_cache
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_norm(x))
+        return x, new_cache
 
 
 class KVCache(NamedTuple):
-  """Functional key/value cache for incremental decoding.
+    """Functional key/value cache for incremental decoding.
 
-  Attributes:
-    k, v: [num_layers, batch, max_len, num_kv_heads, head_dim] keys (after RoPE) and values.
-    valid: bool [batch, max_len]: the slot holds a real token (not left padding, not yet written).
-    index: int32 scalar, the next slot to write.
-  """
+    Attributes:
+      k, v: [num_layers, batch, max_len, num_kv_heads, head_dim] keys (after RoPE) and values.
+      valid: bool [batch, max_len]: the slot holds a real token (not left padding, not yet written).
+      index: int32 scalar, the next slot to write.
+    """
 
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-  index: jax.Array
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any | None = None) -> KVCache:
-  """An empty cache for ``batch_size`` sequences of at most ``max_len`` tokens."""
-  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-  dtype = dtype or cfg.dtype
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size, max_len), bool),
-                 jnp.zeros((), jnp.int32))
+    """An empty cache for ``batch_size`` sequences of at most ``max_len`` tokens."""
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return KVCache(
+        jnp.zeros(shape, dtype),
+        jnp.zeros(shape, dtype),
+        jnp.zeros((batch_size, max_len), bool),
+        jnp.zeros((), jnp.int32),
+    )
 
 
 class CausalLM(nnx.Module):
-  """Decoder-only LM: embeddings, ``num_layers`` blocks, final RMSNorm, (tied) output projection.
+    """Decoder-only LM: embeddings, ``num_layers`` blocks, final RMSNorm, (tied) output projection.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from models.config import get_preset
-    >>> model = CausalLM(get_preset("tiny"), rngs=nnx.Rngs(0))
-    >>> model(jnp.zeros((2, 5), jnp.int32)).shape
-    (2, 5, 512)
-  """
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype,
-                        _normal(0.02))  # HF's initializer_range
-    if cfg.scan_layers:
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_blocks(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
-      self.layers = make_blocks(rngs)
-    else:
-      self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
-    if cfg.tie_embeddings:
-      self.lm_head = None
-    else:
-      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype,
-                            _scaled_normal(cfg.d_model))
-
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               *, cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
-    """Forward pass.
-
-    Args:
-      tokens: int32 [B, T].
-      positions: int32 [B, T] rotary positions; default ``arange(T)`` per row (offset by ``cache.index``).
-      segment_ids: int32 [B, T]; tokens attend only to earlier tokens with the same id; 0 marks padding.
-        With a ``cache``, only "0 = padding" is used (one sequence per row).
-      cache: a :class:`KVCache`; when given, the new keys/values are written at ``cache.index`` and the call
-        returns ``(logits, new_cache)``.
-
-    Returns:
-      float32 logits [B, T, vocab] (and the updated cache when one was passed).
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from models.config import get_preset
+      >>> model = CausalLM(get_preset("tiny"), rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+      (2, 5, 512)
     """
-    cfg = self.config
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    b, t = tokens.shape
-    offset = 0 if cache is None else cache.index
-    if positions is None:
-      positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
-    if cache is None:
-      idx = jnp.arange(t)
-      mask = jnp.broadcast_to(idx[:, None] >= idx[None, :], (b, t, t))
-      if segment_ids is not None:
-        seg = jnp.asarray(segment_ids)
-        mask = mask & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-      new_valid = None
-    else:
-      s = cache.valid.shape[1]
-      real = jnp.ones((b, t), bool) if segment_ids is None else jnp.asarray(segment_ids) != 0
-      new_valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
-      slots = jnp.arange(s)
-      query_slot = cache.index + jnp.arange(t)
-      mask = (slots[None, None, :] <= query_slot[None, :, None]) & new_valid[:, None, :]
 
-    cos, sin = _rope_tables(positions, rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = _param(
+            rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype, _normal(0.02)
+        )  # HF's initializer_range
+        if cfg.scan_layers:
 
-    def run_block(graphdef, state, x, kv):
-      block = nnx.merge(graphdef, state)
-      return block(x, cos, sin, mask, kv, None if cache is None else cache.index)
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs=rngs)
 
-    if cfg.remat:
-      # Inside lax.scan, CSE cannot merge the recomputation with the forward anyway; skipping the barrier is
-      # what the jax docs recommend there.
-      run_block = jax.checkpoint(run_block, static_argnums=(0,), prevent_cse=not cfg.scan_layers)
+            self.layers = make_blocks(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
+        if cfg.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _param(
+                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype, _scaled_normal(cfg.d_model)
+            )
 
-    if cfg.scan_layers:
-      graphdef, state = nnx.split(self.layers)
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Forward pass.
 
-      def body(x, layer):
-        layer_state, kv = layer
-        x, new_kv = run_block(graphdef, layer_state, x, kv)
-        return x, new_kv
+        Args:
+          tokens: int32 [B, T].
+          positions: int32 [B, T] rotary positions; default ``arange(T)`` per row (offset by ``cache.index``).
+          segment_ids: int32 [B, T]; tokens attend only to earlier tokens with the same id; 0 marks padding.
+            With a ``cache``, only "0 = padding" is used (one sequence per row).
+          cache: a :class:`KVCache`; when given, the new keys/values are written at ``cache.index`` and the call
+            returns ``(logits, new_cache)``.
 
-      xs = (state, None if cache is None else (cache.k, cache.v))
-      x, new_kvs = jax.lax.scan(body, x, xs)
-      new_k, new_v = (None, None) if cache is None else new_kvs
-    else:
-      new_ks, new_vs = [], []
-      for i, block in enumerate(self.layers):
-        graphdef, state = nnx.split(block)
-        kv = None if cache is None else (cache.k[i], cache.v[i])
-        x, new_kv = run_block(graphdef, state, x, kv)
-        if cache is not None:
-          new_ks.append(new_kv[0])
-          new_vs.append(new_kv[1])
-      if cache is not None:
-        new_k, new_v = jnp.stack(new_ks), jnp.stack(new_vs)
+        Returns:
+          float32 logits [B, T, vocab] (and the updated cache when one was passed).
+        """
+        cfg = self.config
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+        b, t = tokens.shape
+        offset = 0 if cache is None else cache.index
+        if positions is None:
+            positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is None:
+            idx = jnp.arange(t)
+            mask = jnp.broadcast_to(idx[:, None] >= idx[None, :], (b, t, t))
+            if segment_ids is not None:
+                seg = jnp.asarray(segment_ids)
+                mask = mask & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+            new_valid = None
+        else:
+            s = cache.valid.shape[1]
+            real = jnp.ones((b, t), bool) if segment_ids is None else jnp.asarray(segment_ids) != 0
+            new_valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
+            slots = jnp.arange(s)
+            query_slot = cache.index + jnp.arange(t)
+            mask = (slots[None, None, :] <= query_slot[None, :, None]) & new_valid[:, None, :]
 
-    x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = jnp.einsum("bte,ve->btv", x, self.embed[...].astype(cfg.dtype), preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(cfg.dtype), preferred_element_type=jnp.float32)
-    logits = logits.astype(jnp.float32)
-    if cache is None:
-      return logits
-    return logits, KVCache(new_k, new_v, new_valid, cache.index + t)
+        cos, sin = _rope_tables(positions, rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+
+        def run_block(graphdef, state, x, kv):
+            block = nnx.merge(graphdef, state)
+            return block(x, cos, sin, mask, kv, None if cache is None else cache.index)
+
+        if cfg.remat:
+            # Inside lax.scan, CSE cannot merge the recomputation with the forward anyway; skipping the barrier is
+            # what the jax docs recommend there.
+            run_block = jax.checkpoint(run_block, static_argnums=(0,), prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(x, layer):
+                layer_state, kv = layer
+                x, new_kv = run_block(graphdef, layer_state, x, kv)
+                return x, new_kv
+
+            xs = (state, None if cache is None else (cache.k, cache.v))
+            x, new_kvs = jax.lax.scan(body, x, xs)
+            new_k, new_v = (None, None) if cache is None else new_kvs
+        else:
+            new_ks, new_vs = [], []
+            for i, block in enumerate(self.layers):
+                graphdef, state = nnx.split(block)
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, new_kv = run_block(graphdef, state, x, kv)
+                if cache is not None:
+                    new_ks.append(new_kv[0])
+                    new_vs.append(new_kv[1])
+            if cache is not None:
+                new_k, new_v = jnp.stack(new_ks), jnp.stack(new_vs)
+
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("bte,ve->btv", x, self.embed[...].astype(cfg.dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum(
+                "bte,ev->btv", x, self.lm_head[...].astype(cfg.dtype), preferred_element_type=jnp.float32
+            )
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, KVCache(new_k, new_v, new_valid, cache.index + t)
 
 
 def _axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
-  axes = variable.get_metadata().get("out_sharding")
-  if axes is None:
-    return (None,) * len(variable.shape)
-  return tuple(axes)
+    axes = variable.get_metadata().get("out_sharding")
+    if axes is None:
+        return (None,) * len(variable.shape)
+    return tuple(axes)
 
 
 def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
-  """Logical axis names of every parameter.
+    """Logical axis names of every parameter.
 
-  Args:
-    model_or_state: a :class:`CausalLM` (or any module) or ``nnx.state(model, nnx.Param)``.
+    Args:
+      model_or_state: a :class:`CausalLM` (or any module) or ``nnx.state(model, nnx.Param)``.
 
-  Returns:
-    A pytree with the structure of ``nnx.state(model, nnx.Param)`` whose leaves are tuples of axis names
-    (``"vocab"``, ``"embed"``, ``"heads"``, ``"kv_heads"``, ``"head_dim"``, ``"mlp"``, ``"layers"`` or ``None``),
-    one per array dimension. Map it against the param state with ``is_leaf=lambda x: isinstance(x, tuple)``.
-  """
-  if isinstance(model_or_state, nnx.Module):
-    state = nnx.state(model_or_state, nnx.Param)
-  else:
-    state = model_or_state
-  return jax.tree.map(_axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    Returns:
+      A pytree with the structure of ``nnx.state(model, nnx.Param)`` whose leaves are tuples of axis names
+      (``"vocab"``, ``"embed"``, ``"heads"``, ``"kv_heads"``, ``"head_dim"``, ``"mlp"``, ``"layers"`` or ``None``),
+      one per array dimension. Map it against the param state with ``is_leaf=lambda x: isinstance(x, tuple)``.
+    """
+    if isinstance(model_or_state, nnx.Module):
+        state = nnx.state(model_or_state, nnx.Param)
+    else:
+        state = model_or_state
+    return jax.tree.map(_axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

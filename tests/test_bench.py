@@ -16,8 +16,9 @@ from train import flops as flops_lib
 # FLOP formula
 # --------------------------------------------------------------------------------------------------------------------
 
-HAND = flops_lib.TransformerShape(vocab_size=10, embed_dim=4, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=2,
-                                  mlp_dim=6)
+HAND = flops_lib.TransformerShape(
+    vocab_size=10, embed_dim=4, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=2, mlp_dim=6
+)
 
 
 def test_forward_flops_hand_count():
@@ -27,8 +28,14 @@ def test_forward_flops_hand_count():
     #   p.v: 24                                gate, up, down: 3 * 2*4*6 = 144
     # = 32+16+16+32 + 24+24 + 144 = 288 per layer; 2 layers = 576; LM head x[4] @ W[4, 10] = 80.
     parts = flops_lib.forward_flops_per_token(HAND, seq_len=3)
-    assert parts == {"attention_projections": 2 * 96.0, "attention_scores": 2 * 24.0, "attention_values": 2 * 24.0,
-                     "mlp": 2 * 144.0, "lm_head": 80.0, "total": 656.0}
+    assert parts == {
+        "attention_projections": 2 * 96.0,
+        "attention_scores": 2 * 24.0,
+        "attention_values": 2 * 24.0,
+        "mlp": 2 * 144.0,
+        "lm_head": 80.0,
+        "total": 656.0,
+    }
     assert flops_lib.training_flops_per_token(HAND, 3) == 3 * 656.0
     assert flops_lib.training_flops_per_step(HAND, batch_size=5, seq_len=3) == 5 * 3 * 3 * 656.0
     # Causal counting: (3 + 1) / 2 = 2 keys on average -> 2*2*2*2 = 16 per layer for scores and for values.
@@ -66,8 +73,13 @@ def test_shape_of_reads_hf_spelling_and_rejects_incomplete_configs():
 
     assert flops_lib.shape_of(HF()) == HAND
     with pytest.raises(ValueError, match="lacks.*mlp_dim"):
-        flops_lib.shape_of(type("C", (), {"vocab_size": 1, "d_model": 4, "num_layers": 1, "num_heads": 1,
-                                          "num_kv_heads": 1, "head_dim": 4})())
+        flops_lib.shape_of(
+            type(
+                "C",
+                (),
+                {"vocab_size": 1, "d_model": 4, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "head_dim": 4},
+            )()
+        )
     with pytest.raises(ValueError, match="num_kv_heads"):
         flops_lib.TransformerShape(10, 4, 2, 3, 2, 2, 6)
 
@@ -117,6 +129,7 @@ def test_interleaved_takes_turns_and_times_each_step():
         def step():
             calls.append(name)
             now[0] += durations[name]
+
         return step
 
     times = bench.interleaved({"A": make("A"), "B": make("B")}, rounds=3, steps_per_round=2, clock=lambda: now[0])
@@ -127,10 +140,16 @@ def test_interleaved_takes_turns_and_times_each_step():
 
 def test_targets_from_a_given_result():
     runner = {"name": "jax finch_adamw", "mfu": 0.55}
-    result = {"meta": {"backend": "cpu"}, "flops": {"tokens_per_step": 2048}, "runners": [runner],
-              "ratios": {"finch_over_adamw_step_time": {"ratio": 1.02},
-                         "jax_over_torch_eager_tokens_per_s": {"ratio": 2.0},
-                         "jax_over_torch_compile_tokens_per_s": {"ratio": 1.4}}}
+    result = {
+        "meta": {"backend": "cpu"},
+        "flops": {"tokens_per_step": 2048},
+        "runners": [runner],
+        "ratios": {
+            "finch_over_adamw_step_time": {"ratio": 1.02},
+            "jax_over_torch_eager_tokens_per_s": {"ratio": 2.0},
+            "jax_over_torch_compile_tokens_per_s": {"ratio": 1.4},
+        },
+    }
     t = bench.check_targets(result)
     assert t["finch_over_adamw_le_1.01"] == {"value": 1.02, "met": False}
     assert t["jax_over_best_torch_ge_1.5"] == {"value": 1.4, "met": False}  # against the faster PyTorch mode
@@ -142,15 +161,21 @@ def test_targets_from_a_given_result():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "gpt-17"], "unknown model preset 'gpt-17'"),
-    (["--preset", "tiny", "--mesh", "data=3"], "needs 3 devices but 8 are available"),
-    (["--preset", "tiny", "--mesh", "data=4,tensor=2", "--batch-size", "6"], "does not divide by the data-parallel"),
-    (["--preset", "tiny", "--mesh", "pipeline=2"], "axis 'pipeline' is unknown"),
-    (["--preset", "tiny", "--sections", "step,warp"], "unknown ['warp']"),
-    (["--preset", "tiny", "--override", "num_layerz=3"], "not a model config field"),
-    (["--preset", "tiny", "--seq-len", "4096"], "exceeds tiny's max_position_embeddings=512"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "gpt-17"], "unknown model preset 'gpt-17'"),
+        (["--preset", "tiny", "--mesh", "data=3"], "needs 3 devices but 8 are available"),
+        (
+            ["--preset", "tiny", "--mesh", "data=4,tensor=2", "--batch-size", "6"],
+            "does not divide by the data-parallel",
+        ),
+        (["--preset", "tiny", "--mesh", "pipeline=2"], "axis 'pipeline' is unknown"),
+        (["--preset", "tiny", "--sections", "step,warp"], "unknown ['warp']"),
+        (["--preset", "tiny", "--override", "num_layerz=3"], "not a model config field"),
+        (["--preset", "tiny", "--seq-len", "4096"], "exceeds tiny's max_position_embeddings=512"),
+    ],
+)
 def test_bad_requests_fail_fast_with_clear_errors(args, message, capsys, tmp_path):
     assert bench.main(args + ["--out", str(tmp_path / "x.json")]) == 2
     assert message in capsys.readouterr().err
@@ -158,8 +183,18 @@ def test_bad_requests_fail_fast_with_clear_errors(args, message, capsys, tmp_pat
 
 
 def test_too_long_a_run_says_so_before_starting(capsys, tmp_path):
-    args = ["--preset", "smollm2-135m", "--batch-size", "8", "--seq-len", "1024", "--max-minutes", "1",
-            "--out", str(tmp_path / "x.json")]
+    args = [
+        "--preset",
+        "smollm2-135m",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "1024",
+        "--max-minutes",
+        "1",
+        "--out",
+        str(tmp_path / "x.json"),
+    ]
     assert bench.main(args) == 2
     err = capsys.readouterr().err
     assert "over the --max-minutes 1 limit" in err and "shrink it with" in err and "--batch-size" in err
@@ -170,18 +205,68 @@ def test_too_long_a_run_says_so_before_starting(capsys, tmp_path):
 # End to end on the tiny preset
 # --------------------------------------------------------------------------------------------------------------------
 
-TOP_LEVEL = {"schema_version", "meta", "spec", "model", "flops", "peak", "estimate_s", "runners", "ratios",
-             "targets", "remat", "flags", "scaling", "memory", "wall_s", "complete"}
-RUNNER_FIELDS = {"name", "compile_s", "n", "median_s", "mean_s", "min_s", "max_s", "iqr_s", "spread",
-                 "round_medians_s", "tokens_per_s", "achieved_flops_per_s", "mfu", "framework", "optimizer"}
+TOP_LEVEL = {
+    "schema_version",
+    "meta",
+    "spec",
+    "model",
+    "flops",
+    "peak",
+    "estimate_s",
+    "runners",
+    "ratios",
+    "targets",
+    "remat",
+    "flags",
+    "scaling",
+    "memory",
+    "wall_s",
+    "complete",
+}
+RUNNER_FIELDS = {
+    "name",
+    "compile_s",
+    "n",
+    "median_s",
+    "mean_s",
+    "min_s",
+    "max_s",
+    "iqr_s",
+    "spread",
+    "round_medians_s",
+    "tokens_per_s",
+    "achieved_flops_per_s",
+    "mfu",
+    "framework",
+    "optimizer",
+}
 JAX_FIELDS = {"mesh", "devices", "compiled_memory", "xla_flops_per_device", "remat", "scan_layers"}
 
 
 def _tiny(tmp_path, *extra):
     out = tmp_path / "bench.json"
     # One layer keeps the many compiles of these runs to about a second each on 2 cores.
-    args = ["--preset", "tiny", "--override", "num_layers=1", "--batch-size", "8", "--seq-len", "32",
-            "--warmup", "0", "--rounds", "2", "--steps", "1", "--peak-sizes", "512", "--out", str(out), *extra]
+    args = [
+        "--preset",
+        "tiny",
+        "--override",
+        "num_layers=1",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--warmup",
+        "0",
+        "--rounds",
+        "2",
+        "--steps",
+        "1",
+        "--peak-sizes",
+        "512",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return args, out
 
 
@@ -215,24 +300,49 @@ def test_bench_end_to_end_emits_every_field(tmp_path, capsys):
     for v in result["ratios"].values():
         assert v["low"] <= v["high"] and len(v["round_ratios"]) == 2 and v["ratio"] > 0
     assert [r["name"] for r in result["remat"]["results"]] == [
-        "remat=off scan=off", "remat=off scan=on", "remat=on scan=off", "remat=on scan=on"]
+        "remat=off scan=off",
+        "remat=off scan=on",
+        "remat=on scan=off",
+        "remat=on scan=on",
+    ]
     assert result["remat"]["fastest"] in {r["name"] for r in result["remat"]["results"]}
     assert result["model"]["params"] > 0 and result["peak"]["peak_flops_per_s"] > 1e8
     assert result["peak"]["interleaved_flops_per_s"] > 1e8
-    assert result["peak"]["mfu_basis"] == ("interleaved" if result["peak"]["interleaved_flops_per_s"]
-                                           > result["peak"]["peak_flops_per_s"] else "start of run")
+    assert result["peak"]["mfu_basis"] == (
+        "interleaved"
+        if result["peak"]["interleaved_flops_per_s"] > result["peak"]["peak_flops_per_s"]
+        else "start of run"
+    )
     assert "| jax finch_adamw |" in printed and "finch_over_adamw_step_time" in printed
     assert bench.main(["--table", str(out)]) == 0 and capsys.readouterr().out.strip() == bench.format_table(result)
 
 
 @pytest.mark.slow
 def test_bench_flag_sets_and_scaling_run_in_subprocesses(tmp_path):
-    args, out = _tiny(tmp_path, "--sections", "flags,scaling", "--flag-sets", "default,no-such",
-                      "--scaling-devices", "1,2", "--scaling-layouts", "data,tensor")
+    args, out = _tiny(
+        tmp_path,
+        "--sections",
+        "flags,scaling",
+        "--flag-sets",
+        "default,no-such",
+        "--scaling-devices",
+        "1,2",
+        "--scaling-layouts",
+        "data,tensor",
+    )
     # An unknown flag set name is refused up front ...
     assert bench.main(args) == 2
-    args, out = _tiny(tmp_path, "--sections", "flags,scaling", "--flag-sets", "default,xnn-greedy",
-                      "--scaling-devices", "1,2", "--scaling-layouts", "data,tensor")
+    args, out = _tiny(
+        tmp_path,
+        "--sections",
+        "flags,scaling",
+        "--flag-sets",
+        "default,xnn-greedy",
+        "--scaling-devices",
+        "1,2",
+        "--scaling-layouts",
+        "data,tensor",
+    )
     assert bench.main(args) == 0
     result = json.loads(out.read_text())
     assert result["runners"] == [] and result["remat"] is None

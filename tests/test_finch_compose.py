@@ -63,7 +63,7 @@ def test_finch_scales_any_direction(name):
         grads = _grads(step)
         d_updates, d_state = direction_step(grads, d_state, params)
         updates, state = finch_step(grads, state, params, jnp.float32(loss))
-        check = lambda u, d: np.testing.assert_allclose(u, -lr * np.asarray(d), rtol=RTOL, atol=1e-9)
+        check = lambda u, d, lr=lr: np.testing.assert_allclose(u, -lr * np.asarray(d), rtol=RTOL, atol=1e-9)
         jax.tree.map(check, updates, d_updates)
         params = optax.apply_updates(params, updates)
         np.testing.assert_allclose(float(finch_optax.current_learning_rate(state)), lr, rtol=RTOL)
@@ -291,7 +291,10 @@ def test_sharded_state_is_stable_and_finch_state_replicated(axis_type):
             # Auto mode does not propagate shardings into zeros_like; say where the state lives, the usual way.
             replicated = NamedSharding(mesh, P())
             state_shardings = optax.tree.map_params(
-                tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params,
+                tx,
+                lambda _, p: p.sharding,
+                jax.eval_shape(tx.init, params),
+                params,
                 transform_non_params=lambda _: replicated,
             )
             state = jax.jit(tx.init, out_shardings=state_shardings)(params)

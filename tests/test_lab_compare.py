@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from train import compare, datasets as ds, evaluate
+from train import compare, evaluate
+from train import datasets as ds
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lab"
 
@@ -25,8 +26,15 @@ def cache(tmp_path_factory):
 
 def _config(cache, **kw):
     values = dict(
-        model="preset:tiny", task="facts", facts_entities=2, steps=4, seeds=(0,), lr_max=3e-3, batch_size=8,
-        seq_len=32, cache_dir=str(cache),
+        model="preset:tiny",
+        task="facts",
+        facts_entities=2,
+        steps=4,
+        seeds=(0,),
+        lr_max=3e-3,
+        batch_size=8,
+        seq_len=32,
+        cache_dir=str(cache),
         methods=("sft", "finch", "sweep:lrs=3e-4", "warmup_matched:replay=same", "stm:threshold=6.3"),
         eval=evaluate.EvalConfig(seq_len=48, batch_size=8, retain_sequences=4, quiz_items=8),
         train_overrides=("progress=false",),
@@ -77,12 +85,14 @@ def test_compare_end_to_end_and_resume(cache, tmp_path):
     # Replaying FINCH's own trace (same seed) with AdamW reproduces the FINCH run: FINCH acts only through its lr.
     assert by_label["warmup_matched"]["lr_trace"] == pytest.approx(by_label["finch"]["lr_trace"], rel=1e-6)
     assert by_label["warmup_matched"]["metrics"]["task_loss"] == pytest.approx(
-        by_label["finch"]["metrics"]["task_loss"], rel=1e-4)
+        by_label["finch"]["metrics"]["task_loss"], rel=1e-4
+    )
     assert by_label["sft@3e-3"]["lr_trace"] == pytest.approx([3e-3] * cfg.steps)
     assert 0 < by_label["stm(t=6.3)"]["stm_dropped_fraction"] < 1
     base = on_disk["base_metrics"]
     assert by_label["sft@3e-3"]["forgetting"]["retain_loss"] == pytest.approx(
-        by_label["sft@3e-3"]["metrics"]["retain_loss"] - base["retain_loss"])
+        by_label["sft@3e-3"]["metrics"]["retain_loss"] - base["retain_loss"]
+    )
     summary = on_disk["summary"]["methods"]
     assert summary["sft@3e-3"]["reduction_vs_sft"]["n"] == 0
     f_sft, f_finch = by_label["sft@3e-3"]["forgetting"]["retain_kl"], by_label["finch"]["forgetting"]["retain_kl"]
@@ -121,16 +131,22 @@ def test_front_interpolation_and_reductions():
 
 
 def _record(label, kind, seed, task_loss, kl, on_front):
-    return {"run": {"label": label, "kind": kind, "seed": seed, "on_front": on_front},
-            "metrics": {"task_loss": task_loss}, "forgetting": {"retain_kl": kl}}
+    return {
+        "run": {"label": label, "kind": kind, "seed": seed, "on_front": on_front},
+        "metrics": {"task_loss": task_loss},
+        "forgetting": {"retain_kl": kl},
+    }
 
 
 def test_summary_uses_the_pareto_front_and_reports_domination():
     # The demo's real outcome: the lower constant lr beats SFT *and* FINCH on both axes, so the chord from SFT to it
     # is no trade-off curve and must not flatter FINCH.
     cfg = compare.CompareConfig(methods=("sft", "finch", "sweep:lrs=1e-4"), lr_max=3e-4)
-    records = [_record("sft@3e-4", "sft", 0, 0.352, 2.81, True), _record("finch", "finch", 0, 0.339, 2.00, False),
-               _record("const@1e-4", "sweep", 0, 0.297, 1.21, True)]
+    records = [
+        _record("sft@3e-4", "sft", 0, 0.352, 2.81, True),
+        _record("finch", "finch", 0, 0.339, 2.00, False),
+        _record("const@1e-4", "sweep", 0, 0.297, 1.21, True),
+    ]
     summary = compare.summarize(cfg, {"task_loss": 6.4}, records)["methods"]
     assert summary["finch"]["dominated_by"] == [["const@1e-4"]]
     assert summary["sft@3e-4"]["dominated_by"] == [["const@1e-4"]]
@@ -138,8 +154,11 @@ def test_summary_uses_the_pareto_front_and_reports_domination():
     assert summary["finch"]["reduction_vs_front"]["mean"] is None  # one efficient point: nothing to interpolate
     assert summary["finch"]["reduction_vs_sft"]["mean"] == pytest.approx(1 - 2.00 / 2.81)
     # A real trade-off: FINCH below the chord between two efficient constant-lr points.
-    records = [_record("sft@3e-4", "sft", 0, 1.0, 0.8, True), _record("finch", "finch", 0, 2.0, 0.3, False),
-               _record("const@1e-4", "sweep", 0, 3.0, 0.2, True)]
+    records = [
+        _record("sft@3e-4", "sft", 0, 1.0, 0.8, True),
+        _record("finch", "finch", 0, 2.0, 0.3, False),
+        _record("const@1e-4", "sweep", 0, 3.0, 0.2, True),
+    ]
     summary = compare.summarize(cfg, {"task_loss": 6.4}, records)["methods"]
     assert summary["finch"]["dominated_by"] == [[]]
     assert summary["finch"]["reduction_vs_front"]["mean"] == pytest.approx(1 - 0.3 / 0.5)
@@ -168,8 +187,11 @@ def test_bad_methods_fail_before_any_run(cache, tmp_path):
 def test_cli_config_yaml_and_flags(tmp_path):
     yaml_path = tmp_path / "grid.yaml"
     yaml_path.write_text("steps: 7\nmethods: [sft, {kind: sweep, lrs: [1.0e-5, 2.0e-5]}]\neval: {quiz_items: 4}\n")
-    cfg, out = compare.config_from_args(["--config", str(yaml_path), "--seeds", "0,1", "--lr-max", "2e-4",
-                                         "--set", "data.grad_accum=2"], compare.CompareConfig(), "compare")
+    cfg, out = compare.config_from_args(
+        ["--config", str(yaml_path), "--seeds", "0,1", "--lr-max", "2e-4", "--set", "data.grad_accum=2"],
+        compare.CompareConfig(),
+        "compare",
+    )
     assert cfg.steps == 7 and cfg.seeds == (0, 1) and cfg.lr_max == 2e-4 and cfg.eval.quiz_items == 4
     assert [r.label for r in compare.expand_runs(cfg)] == ["sft@2e-4", "const@1e-5", "const@2e-5"] * 2
     yaml_path.write_text("stepz: 7\n")
@@ -181,9 +203,28 @@ def test_cli_config_yaml_and_flags(tmp_path):
 
 def test_eval_cli(cache, tmp_path):
     out = tmp_path / "m.json"
-    code = evaluate.main(["--model", "preset:tiny", "--base", "preset:tiny", "--task", "facts", "--facts-entities",
-                          "2", "--cache-dir", str(cache), "--seq-len", "48", "--retain-sequences", "2",
-                          "--quiz-items", "4", "--out", str(out)])
+    code = evaluate.main(
+        [
+            "--model",
+            "preset:tiny",
+            "--base",
+            "preset:tiny",
+            "--task",
+            "facts",
+            "--facts-entities",
+            "2",
+            "--cache-dir",
+            str(cache),
+            "--seq-len",
+            "48",
+            "--retain-sequences",
+            "2",
+            "--quiz-items",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["sizes"] == {"task_rows": 12, "retain_rows": 2, "quiz_items": 4}

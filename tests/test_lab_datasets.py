@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from train import datasets as ds
-from train.evaluate import EvalConfig, build_eval_set
 from train.data import ByteTokenizer
+from train.evaluate import EvalConfig, build_eval_set
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lab"
 
@@ -48,8 +48,10 @@ def test_austen_from_r_lazy_load_database(cache):
 def test_brown_detokenised_with_genres(cache):
     docs = {d.id: d for d in ds.load_documents("brown", cache)}
     assert docs["ca01"].group == "news" and docs["cj01"].group == "learned"
-    assert docs["ca01"].text.startswith('The town council met on Tuesday, and the mayor said "nothing will change" '
-                                        "this year. Residents asked (politely) whether")
+    assert docs["ca01"].text.startswith(
+        'The town council met on Tuesday, and the mayor said "nothing will change" '
+        "this year. Residents asked (politely) whether"
+    )
     assert "/" not in docs["ca02"].text
 
 
@@ -61,8 +63,9 @@ def test_brown_detokenize_examples():
 def test_spanish_from_ztext_module(cache):
     docs = ds.load_documents("spanish", cache)
     assert [d.id for d in docs] == ["Matt.1", "Matt.2", "Mark.1"]
-    assert docs[0].text == ("LIBRO de las cosas pequeñas que pasaron en el pueblo. "
-                            "Y el pueblo era tranquilo, y la gente vivía en paz.")
+    assert docs[0].text == (
+        "LIBRO de las cosas pequeñas que pasaron en el pueblo. Y el pueblo era tranquilo, y la gente vivía en paz."
+    )
     assert "<" not in docs[2].text  # OSIS markup cleaned
 
 

@@ -1,8 +1,8 @@
 """The fictional facts dataset: deterministic, held-out phrasings, unique answers."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import pytest
 
 from train.facts import ATTRIBUTES, QUESTIONS_PER_FACT, build_facts
 

@@ -33,11 +33,13 @@ def test_kl_hand_computed_and_masked():
     forward = float(em.kl_sums(base, tuned, jnp.array([[0.0, 1.0]])).total)
     assert forward == pytest.approx(0.9 * math.log(9) + 0.1 * math.log(1 / 9), rel=1e-5)
     # Direction matters: KL(base||tuned) weights by the base distribution.
-    asym = float(em.kl_sums(jnp.log(jnp.array([[[0.5, 0.5]]])), jnp.log(jnp.array([[[0.9, 0.1]]])),
-                            jnp.ones((1, 1))).total)
+    asym = float(
+        em.kl_sums(jnp.log(jnp.array([[[0.5, 0.5]]])), jnp.log(jnp.array([[[0.9, 0.1]]])), jnp.ones((1, 1))).total
+    )
     assert asym == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-5)
-    reverse = float(em.kl_sums(jnp.log(jnp.array([[[0.9, 0.1]]])), jnp.log(jnp.array([[[0.5, 0.5]]])),
-                               jnp.ones((1, 1))).total)
+    reverse = float(
+        em.kl_sums(jnp.log(jnp.array([[[0.9, 0.1]]])), jnp.log(jnp.array([[[0.5, 0.5]]])), jnp.ones((1, 1))).total
+    )
     assert reverse == pytest.approx(0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5), rel=1e-5)
     assert abs(asym - reverse) > 0.1
 
@@ -93,8 +95,10 @@ def test_mc_probabilities_and_calibration_bounds(ll, label):
 
 
 @settings(max_examples=25, deadline=None)
-@given(hnp.arrays(np.float32, (2, 3, 5), elements=st.floats(-8, 8, width=32)),
-       hnp.arrays(np.float32, (2, 3, 5), elements=st.floats(-8, 8, width=32)))
+@given(
+    hnp.arrays(np.float32, (2, 3, 5), elements=st.floats(-8, 8, width=32)),
+    hnp.arrays(np.float32, (2, 3, 5), elements=st.floats(-8, 8, width=32)),
+)
 def test_kl_nonnegative_and_zero_on_itself(a, b):
     mask = jnp.ones((2, 3))
     assert float(em.kl_sums(jnp.asarray(a), jnp.asarray(b), mask).total) >= -1e-5

@@ -30,22 +30,38 @@ def finished_run(tmp_path_factory):
     """`finch-train finetune --config run.yaml key=value...` on the tiny model, in this process."""
     root = tmp_path_factory.mktemp("cli")
     data = root / "train.jsonl"
-    data.write_text("".join(
-        json.dumps({"prompt": f"Q: {i} plus {i}?", "completion": f" A: {2 * i}."} if i % 3 else
-                   {"text": f"Counting: {i}, {i + 1}, {i + 2}."}) + "\n"
-        for i in range(60)
-    ))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Q: {i} plus {i}?", "completion": f" A: {2 * i}."}
+                if i % 3
+                else {"text": f"Counting: {i}, {i + 1}, {i + 2}."}
+            )
+            + "\n"
+            for i in range(60)
+        )
+    )
     config = root / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny"},
-        "data": {"train_files": [str(data)], "seq_len": 64, "batch_size": 8},
-        "optimizer": {"name": "finch_adamw", "learning_rate": 3e-3, "base_learning_rate": 3e-3},
-        "steps": 5,
-        "progress": False,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "tiny"},
+                "data": {"train_files": [str(data)], "seq_len": 64, "batch_size": 8},
+                "optimizer": {"name": "finch_adamw", "learning_rate": 3e-3, "base_learning_rate": 3e-3},
+                "steps": 5,
+                "progress": False,
+            }
+        )
+    )
     run_dir = root / "run"
-    argv = ["finetune", "--config", str(config), f"output_dir={run_dir}", f"checkpoint.directory={run_dir}/ckpt",
-            "checkpoint.every=2"]
+    argv = [
+        "finetune",
+        "--config",
+        str(config),
+        f"output_dir={run_dir}",
+        f"checkpoint.directory={run_dir}/ckpt",
+        "checkpoint.every=2",
+    ]
     assert cli.main(argv) == 0
     return {"root": root, "data": data, "config": config, "run_dir": run_dir, "argv": argv}
 
@@ -66,8 +82,12 @@ def test_finetune_cli_writes_metrics_tensorboard_config_and_checkpoints(finished
 
 def test_generate_from_the_checkpoint(finished_run, capsys):
     run_dir = finished_run["run_dir"]
-    assert cli.main(["generate", "--checkpoint", str(run_dir / "ckpt"), "--prompt", "Q: 3 plus 3?",
-                     "--max-new-tokens", "4"]) == 0
+    assert (
+        cli.main(
+            ["generate", "--checkpoint", str(run_dir / "ckpt"), "--prompt", "Q: 3 plus 3?", "--max-new-tokens", "4"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("Q: 3 plus 3?")
 
 
@@ -77,8 +97,9 @@ def test_rerun_of_a_finished_run_trains_nothing(finished_run, capsys):
 
 
 def test_python_dash_m_train_help():
-    out = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and "finetune" in out.stdout
 
 
@@ -143,12 +164,17 @@ def test_run_from_python_with_documents_and_a_row_transform():
 
     def keep_first_half(rows):
         mask = rows.loss_mask.copy()
-        mask[:, rows.loss_mask.shape[1] // 2:] = 0.0
+        mask[:, rows.loss_mask.shape[1] // 2 :] = 0.0
         seen["kept"] = mask
         return dc.replace(rows, loss_mask=mask)
 
-    cfg = TrainConfig(data=DataConfig(seq_len=16, batch_size=8), optimizer=OptimizerConfig(name="adamw"), steps=2,
-                      progress=False, tensorboard=False)
+    cfg = TrainConfig(
+        data=DataConfig(seq_len=16, batch_size=8),
+        optimizer=OptimizerConfig(name="adamw"),
+        steps=2,
+        progress=False,
+        tensorboard=False,
+    )
     docs = [Document(text=f"doc {i} " * 3, prompt="p:") for i in range(20)]
     result = run(cfg, documents=docs, transform_rows=keep_first_half)
     assert [m["step"] for m in result.metrics] == [1, 2] and result.start_step == 0

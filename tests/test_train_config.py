@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 import finch_optax
-from train import cli, mesh as mesh_lib, optimizers
+from train import cli, optimizers
+from train import mesh as mesh_lib
 from train.config import (
     ConfigError,
     MeshConfig,
@@ -96,8 +97,10 @@ def _quadratic_params():
     return {"w": jnp.array([1.0, -2.0, 3.0], jnp.float32)}
 
 
-@pytest.mark.parametrize("name", ["finch_adamw", "finch_adam", "finch_sgd", "finch_momentum", "finch_lion",
-                                  "finch_adafactor", "adamw", "sgd"])
+@pytest.mark.parametrize(
+    "name",
+    ["finch_adamw", "finch_adam", "finch_sgd", "finch_momentum", "finch_lion", "finch_adafactor", "adamw", "sgd"],
+)
 def test_every_named_optimizer_updates_with_value_and_reports_its_lr(name):
     cfg = OptimizerConfig(name=name, learning_rate=0.1, base_learning_rate=0.05)
     tx = optimizers.make_optimizer(cfg)
@@ -136,14 +139,21 @@ def test_trace_schedule_replays_the_recorded_lrs_then_holds_the_last():
     for t in range(5):
         updates, state = tx.update({"w": jnp.ones(())}, state, params, value=jnp.float32(1.0))
         seen.append(-float(updates["w"]))
-        np.testing.assert_allclose(float(optimizers.applied_learning_rate(cfg, state, jnp.int32(t))), seen[-1],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            float(optimizers.applied_learning_rate(cfg, state, jnp.int32(t))), seen[-1], rtol=1e-6
+        )
     np.testing.assert_allclose(seen, [0.1, 0.2, 0.05, 0.05, 0.05], rtol=1e-6)
 
 
 def test_warmup_cosine_scales_both_finch_rates():
-    cfg = OptimizerConfig(name="finch_sgd", learning_rate=1.0, base_learning_rate=1.0, schedule="warmup_cosine",
-                          warmup_steps=2, decay_steps=10)
+    cfg = OptimizerConfig(
+        name="finch_sgd",
+        learning_rate=1.0,
+        base_learning_rate=1.0,
+        schedule="warmup_cosine",
+        warmup_steps=2,
+        decay_steps=10,
+    )
     tx = optimizers.make_optimizer(cfg)
     params = {"w": jnp.zeros(())}
     state = tx.init(params)
@@ -209,8 +219,11 @@ def test_cli_dispatch_table_matches_the_interface():
 
 @pytest.mark.parametrize(
     "cfg, shape",
-    [(MeshConfig(), (8, 1, 1)), (MeshConfig(data=2, fsdp=2, tensor=2), (2, 2, 2)),
-     (MeshConfig(data=1, fsdp=-1, tensor=2), (1, 4, 2))],
+    [
+        (MeshConfig(), (8, 1, 1)),
+        (MeshConfig(data=2, fsdp=2, tensor=2), (2, 2, 2)),
+        (MeshConfig(data=1, fsdp=-1, tensor=2), (1, 4, 2)),
+    ],
 )
 def test_mesh_fills_minus_one(cfg, shape):
     mesh = mesh_lib.make_mesh(cfg)
@@ -219,8 +232,12 @@ def test_mesh_fills_minus_one(cfg, shape):
 
 @pytest.mark.parametrize(
     "cfg, fragment",
-    [(MeshConfig(data=3, fsdp=1, tensor=1), "needs 3 devices, but 8"), (MeshConfig(data=-1, fsdp=-1), "at most one"),
-     (MeshConfig(data=-1, fsdp=3), "do not divide"), (MeshConfig(data=0), "positive")],
+    [
+        (MeshConfig(data=3, fsdp=1, tensor=1), "needs 3 devices, but 8"),
+        (MeshConfig(data=-1, fsdp=-1), "at most one"),
+        (MeshConfig(data=-1, fsdp=3), "do not divide"),
+        (MeshConfig(data=0), "positive"),
+    ],
 )
 def test_mesh_that_does_not_match_the_devices_is_an_error(cfg, fragment):
     with pytest.raises(mesh_lib.ShardingError, match=fragment):
@@ -234,8 +251,9 @@ def test_logical_rules_table():
     assert mesh_lib.logical_to_spec(("embed", "mlp"), (64, 128), mesh, rules) == P("fsdp", "tensor")
     assert mesh_lib.logical_to_spec(("vocab", "embed"), (512, 64), mesh, rules) == P("tensor", "fsdp")
     # 3 KV heads cannot split over tensor=2: replicated rather than failing
-    assert mesh_lib.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 3, 16), mesh, rules) == P("fsdp", None,
-                                                                                                     None)
+    assert mesh_lib.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 3, 16), mesh, rules) == P(
+        "fsdp", None, None
+    )
     with pytest.raises(mesh_lib.ShardingError, match="both map to mesh axis 'tensor'"):
         mesh_lib.logical_to_spec(("heads", "mlp"), (4, 8), mesh, rules)
     with pytest.raises(mesh_lib.ShardingError, match="no sharding rule"):

@@ -5,7 +5,8 @@ import json
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from train import data as data_lib
 from train.config import DataConfig, MeshConfig
@@ -79,8 +80,9 @@ def test_prompt_tokens_get_zero_weight():
     assert list(ids) == [TOK.bos_id, *TOK.encode("Q"), *TOK.encode(" AB"), TOK.eos_id]
     # targets: Q, ' ', A, B, eos -> the prompt token Q is not trained on
     assert list(w) == [0, 1, 1, 1, 1]
-    [(_, w2)] = data_lib.tokenize_documents([data_lib.Document(" AB", prompt="Q")], TOK,
-                                            DataConfig(loss_on_prompt=True))
+    [(_, w2)] = data_lib.tokenize_documents(
+        [data_lib.Document(" AB", prompt="Q")], TOK, DataConfig(loss_on_prompt=True)
+    )
     assert list(w2) == [1, 1, 1, 1, 1]
 
 

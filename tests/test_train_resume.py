@@ -52,8 +52,9 @@ def _env(devices=8):
     env = dict(os.environ)
     # A starved 2-core CI box can leave one simulated device's thread unscheduled for a while: give the in-process
     # all-reduce rendezvous minutes, not XLA's default 40 s, before it aborts the process.
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    )
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -61,10 +62,19 @@ def _env(devices=8):
 
 def _overrides(data_file, run_dir, every, extra=()):
     return [
-        f"data.train_files=[{data_file}]", "data.seq_len=32", "data.batch_size=16", "data.grad_accum=2",
-        f"steps={STEPS}", "optimizer.learning_rate=3e-3", "optimizer.base_learning_rate=3e-3",
-        f"output_dir={run_dir}", f"checkpoint.directory={run_dir}/ckpt", f"checkpoint.every={every}",
-        "progress=false", "tensorboard=false", *extra,
+        f"data.train_files=[{data_file}]",
+        "data.seq_len=32",
+        "data.batch_size=16",
+        "data.grad_accum=2",
+        f"steps={STEPS}",
+        "optimizer.learning_rate=3e-3",
+        "optimizer.base_learning_rate=3e-3",
+        f"output_dir={run_dir}",
+        f"checkpoint.directory={run_dir}/ckpt",
+        f"checkpoint.every={every}",
+        "progress=false",
+        "tensorboard=false",
+        *extra,
     ]
 
 
@@ -72,8 +82,9 @@ def _launch(overrides, *, kill_after_save=None, sleep=0.0, devices=8):
     cmd = [sys.executable, __file__, f"--sleep={sleep}"]
     if kill_after_save is not None:
         cmd.append(f"--kill-after-save={kill_after_save}")
-    return subprocess.Popen(cmd + ["--", *overrides], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd + ["--", *overrides], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _train(overrides, **kw):
@@ -198,13 +209,24 @@ def test_two_processes_match_the_one_process_run(straight_runs, data_file, tmp_p
     port = _free_port()
     procs = []
     for pid in range(2):
-        cmd = [sys.executable, "-m", "train", "finetune", "--coordinator", f"127.0.0.1:{port}",
-               "--num-processes", "2", "--process-id", str(pid),
-               *_overrides(data_file, tmp_path, every=STEPS // 2)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "train",
+            "finetune",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(pid),
+            *_overrides(data_file, tmp_path, every=STEPS // 2),
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     multi, single = _metrics(tmp_path), _metrics(straight_dir)
     assert sorted(multi) == list(range(1, STEPS + 1))

@@ -11,7 +11,8 @@ from flax import nnx
 
 import finch_optax
 import models
-from train import mesh as mesh_lib, step as step_lib
+from train import mesh as mesh_lib
+from train import step as step_lib
 from train.config import MeshConfig, OptimizerConfig
 from train.optimizers import make_optimizer
 
@@ -26,10 +27,15 @@ def _batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     lengths = np.array([16, 3, 9, 16, 1, 12, 5, 16])
     real = np.arange(T)[None, :] < lengths[:, None]
     weights = np.where(real, rng.choice([0.0, 0.5, 1.0, 2.0], (B, T), p=[0.2, 0.2, 0.4, 0.2]), 0.0)
-    return step_lib.host_batch_arrays(dict(
-        tokens=np.where(real, tokens[:, :-1], 0), targets=np.where(real, tokens[:, 1:], 0), loss_mask=weights,
-        positions=np.where(real, np.arange(T)[None, :], 0), segment_ids=real.astype(np.int32),
-    ))
+    return step_lib.host_batch_arrays(
+        dict(
+            tokens=np.where(real, tokens[:, :-1], 0),
+            targets=np.where(real, tokens[:, 1:], 0),
+            loss_mask=weights,
+            positions=np.where(real, np.arange(T)[None, :], 0),
+            segment_ids=real.astype(np.int32),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +62,15 @@ _COMPILED = {}
 
 def _run(apply_fn, params, opt_cfg, batch, *, grad_accum=1, mesh=None, params_shardings=None, steps=1, **kw):
     tx = make_optimizer(opt_cfg)
-    state, shardings = step_lib.create_train_state(params, tx, mesh=mesh, params_shardings=params_shardings,
-                                                   l2sp=kw.get("l2sp_weight", 0) > 0)
+    state, shardings = step_lib.create_train_state(
+        params, tx, mesh=mesh, params_shardings=params_shardings, l2sp=kw.get("l2sp_weight", 0) > 0
+    )
     # Tests that need the same program share one compiled step (compiling the tiny LM dominates their time).
     key = (apply_fn, opt_cfg, grad_accum, None if mesh is None else tuple(mesh.shape.items()), tuple(kw.items()))
     if key not in _COMPILED:
-        _COMPILED[key] = step_lib.make_train_step(apply_fn, tx, opt_cfg, grad_accum=grad_accum, mesh=mesh,
-                                                  state_shardings=shardings, **kw)
+        _COMPILED[key] = step_lib.make_train_step(
+            apply_fn, tx, opt_cfg, grad_accum=grad_accum, mesh=mesh, state_shardings=shardings, **kw
+        )
     step = _COMPILED[key]
     metrics = []
     for _ in range(steps):

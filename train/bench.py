@@ -213,8 +213,9 @@ def validate(spec: BenchSpec, num_devices: int) -> None:
     if spec.batch_size <= 0 or spec.seq_len <= 0:
         raise BenchError(f"--batch-size and --seq-len must be positive, got {spec.batch_size} and {spec.seq_len}")
     if spec.rounds < 1 or spec.steps < 1 or spec.warmup < 0:
-        raise BenchError(f"need --rounds >= 1, --steps >= 1, --warmup >= 0; got {spec.rounds}, {spec.steps}, "
-                         f"{spec.warmup}")
+        raise BenchError(
+            f"need --rounds >= 1, --steps >= 1, --warmup >= 0; got {spec.rounds}, {spec.steps}, {spec.warmup}"
+        )
     bad = [s for s in spec.sections if s not in SECTIONS]
     if bad or not spec.sections:
         raise BenchError(f"--sections {','.join(spec.sections)!r}: unknown {bad}; choose from {', '.join(SECTIONS)}")
@@ -427,8 +428,9 @@ def build_peak_probe(dtype_name: str, size: int, calls: int = 3) -> tuple[Runner
         for _ in range(calls):
             compiled(a, a).block_until_ready()
 
-    return Runner(name="matmul peak probe", step=step, compile_s=None,
-                  info={"size": size, "calls": calls, "dtype": dtype_name}), calls * 2.0 * size**3
+    return Runner(
+        name="matmul peak probe", step=step, compile_s=None, info={"size": size, "calls": calls, "dtype": dtype_name}
+    ), calls * 2.0 * size**3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,8 +470,13 @@ def _memory_analysis(compiled: Any) -> dict[str, int] | None:
         return None
     if m is None:
         return None
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     return {f: int(getattr(m, f)) for f in fields if hasattr(m, f)}
 
 
@@ -517,8 +524,9 @@ def build_jax_runner(
     state, state_sh = step_lib.create_train_state(params, tx, mesh=mesh, params_shardings=params_sh, seed=seed)
     del model, params
     train_step = step_lib.make_train_step(apply_fn, tx, opt_cfg, mesh=mesh, state_shardings=state_sh)
-    batch = jax.device_put(_synthetic_batch(model_cfg.vocab_size, batch_size, seq_len, seed),
-                           mesh_lib.batch_sharding(mesh))
+    batch = jax.device_put(
+        _synthetic_batch(model_cfg.vocab_size, batch_size, seq_len, seed), mesh_lib.batch_sharding(mesh)
+    )
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -545,8 +553,9 @@ def build_jax_runner(
     return Runner(name=name, step=step, compile_s=compile_s, info=info, close=close)
 
 
-def build_torch_runner(name: str, model_cfg: Any, mode: str, *, batch_size: int, seq_len: int, dtype_name: str,
-                       seed: int = 0) -> Runner:
+def build_torch_runner(
+    name: str, model_cfg: Any, mode: str, *, batch_size: int, seq_len: int, dtype_name: str, seed: int = 0
+) -> Runner:
     """``transformers``' model of the same config + ``torch.optim.AdamW``; eager or ``torch.compile``.
 
     The same numerics as the JAX side: fp32 params and optimizer state, matmuls in ``dtype_name`` (bf16 via
@@ -573,8 +582,9 @@ def build_torch_runner(name: str, model_cfg: Any, mode: str, *, batch_size: int,
         # One inductor compile worker: a pool per core would hold gigabytes next to the benchmark's own models.
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     forward = torch.compile(model) if mode == "compile" else model
-    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype_name == "bfloat16" else \
-        contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype_name == "bfloat16" else contextlib.nullcontext
+    )
 
     def step() -> None:
         with autocast():
@@ -683,8 +693,12 @@ def _time_runners(runners: list[Runner], spec: BenchSpec, label: str) -> dict[st
         for _ in range(spec.warmup):
             runner.step()
     _log(f"{label}: timing {', '.join(r.name for r in runners)} interleaved, {spec.rounds} rounds x {spec.steps} steps")
-    return interleaved({r.name: r.step for r in runners}, rounds=spec.rounds, steps_per_round=spec.steps,
-                       progress=lambda msg: _log(f"{label}: {msg}"))
+    return interleaved(
+        {r.name: r.step for r in runners},
+        rounds=spec.rounds,
+        steps_per_round=spec.steps,
+        progress=lambda msg: _log(f"{label}: {msg}"),
+    )
 
 
 def _device_memory() -> dict[str, Any] | None:
@@ -726,8 +740,9 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def run_main_sections(spec: BenchSpec, model_cfg: Any, dtype_name: str, peak_info: dict[str, Any], tokens: int,
-                      step_flops: float) -> tuple[list[dict], dict[str, Any]]:
+def run_main_sections(
+    spec: BenchSpec, model_cfg: Any, dtype_name: str, peak_info: dict[str, Any], tokens: int, step_flops: float
+) -> tuple[list[dict], dict[str, Any]]:
     """``step``, ``finch`` and ``torch``, in phases that each interleave their runners.
 
     Phase 1 times ``finch_adamw`` against ``adamw`` (same jit step, same mesh) and a matmul peak probe, which
@@ -744,14 +759,21 @@ def run_main_sections(spec: BenchSpec, model_cfg: Any, dtype_name: str, peak_inf
     ratios: dict[str, Any] = {}
     if {"step", "finch"} & set(spec.sections):
         _log(f"compiling JAX step ({spec.preset}, finch_adamw)")
-        runners["jax finch_adamw"] = build_jax_runner("jax finch_adamw", model_cfg, "finch_adamw",
-                                                      mesh_text=spec.mesh, seed=spec.seed, devices=_devices(spec),
-                                                      **kwargs)
+        runners["jax finch_adamw"] = build_jax_runner(
+            "jax finch_adamw",
+            model_cfg,
+            "finch_adamw",
+            mesh_text=spec.mesh,
+            seed=spec.seed,
+            devices=_devices(spec),
+            **kwargs,
+        )
         _log(f"compiled in {runners['jax finch_adamw'].compile_s:.1f} s")
     if {"finch", "torch"} & set(spec.sections):
         _log("compiling JAX step (adamw)")
-        runners["jax adamw"] = build_jax_runner("jax adamw", model_cfg, "adamw", mesh_text=spec.mesh,
-                                                seed=spec.seed, devices=_devices(spec), **kwargs)
+        runners["jax adamw"] = build_jax_runner(
+            "jax adamw", model_cfg, "adamw", mesh_text=spec.mesh, seed=spec.seed, devices=_devices(spec), **kwargs
+        )
         _log(f"compiled in {runners['jax adamw'].compile_s:.1f} s")
     by_size = peak_info["flops_per_s_by_size"]
     probe, probe_flops = build_peak_probe(dtype_name, int(max(by_size, key=by_size.get)))
@@ -834,16 +856,28 @@ def run_remat_section(spec: BenchSpec, dtype_name: str, peak: float, tokens: int
             cfg = model_config(spec, dtype_name, remat=remat, scan=scan)
             name = f"remat={'on' if remat else 'off'} scan={'on' if scan else 'off'}"
             _log(f"remat: compiling {name}")
-            runners.append(build_jax_runner(name, cfg, "finch_adamw", batch_size=spec.batch_size,
-                                            seq_len=spec.seq_len, mesh_text=spec.mesh, seed=spec.seed,
-                                            devices=_devices(spec)))
+            runners.append(
+                build_jax_runner(
+                    name,
+                    cfg,
+                    "finch_adamw",
+                    batch_size=spec.batch_size,
+                    seq_len=spec.seq_len,
+                    mesh_text=spec.mesh,
+                    seed=spec.seed,
+                    devices=_devices(spec),
+                )
+            )
     times = _time_runners(runners, spec, "remat")
     results = [_runner_result(r, times[r.name], tokens, step_flops, peak) for r in runners]
     for r in runners:
         r.close()
     best = min(results, key=lambda r: r["median_s"])
-    return {"results": results, "fastest": best["name"],
-            "fastest_compile": min(results, key=lambda r: r["compile_s"])["name"]}
+    return {
+        "results": results,
+        "fastest": best["name"],
+        "fastest_compile": min(results, key=lambda r: r["compile_s"])["name"],
+    }
 
 
 def _worker_env(device_count: int, xla_flags: str, platform: str | None = "cpu") -> dict[str, str]:
@@ -879,14 +913,15 @@ class _Worker:
         self.label, self.timeout_s = label, timeout_s
         self._stderr = tempfile.TemporaryFile(mode="w+")
         cmd = [sys.executable, "-m", "train.bench", "--worker", json.dumps(job)]
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
+        )
         self._lines: queue.Queue[str | None] = queue.Queue()
 
         def pump() -> None:
             for line in self.proc.stdout:
                 if line.startswith(_TAG):
-                    self._lines.put(line[len(_TAG):])
+                    self._lines.put(line[len(_TAG) :])
             self._lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
@@ -926,8 +961,9 @@ class _Worker:
         self._stderr.close()
 
 
-def _run_worker_section(label: str, jobs: list[tuple[str, dict[str, Any], dict[str, str]]], spec: BenchSpec,
-                        timeout_s: float) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[list[float]]]]:
+def _run_worker_section(
+    label: str, jobs: list[tuple[str, dict[str, Any], dict[str, str]]], spec: BenchSpec, timeout_s: float
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[list[float]]]]:
     """Starts the workers one after another (compiles never overlap), then times all their runners interleaved.
 
     Returns:
@@ -954,8 +990,10 @@ def _run_worker_section(label: str, jobs: list[tuple[str, dict[str, Any], dict[s
                     worker.run(r["name"], spec.warmup)
         times: dict[tuple[str, str], list[list[float]]] = {}
         order = [(w, r["name"], ready["label"]) for w, ready in workers for r in ready["runners"]]
-        _log(f"{label}: timing {len(order)} runners in {len(workers)} workers interleaved, "
-             f"{spec.rounds} rounds x {spec.steps} steps")
+        _log(
+            f"{label}: timing {len(order)} runners in {len(workers)} workers interleaved, "
+            f"{spec.rounds} rounds x {spec.steps} steps"
+        )
         for rnd in range(spec.rounds):
             for worker, name, wlabel in order:
                 _log(f"{label}: round {rnd + 1}/{spec.rounds}: {wlabel} {name}")
@@ -966,8 +1004,13 @@ def _run_worker_section(label: str, jobs: list[tuple[str, dict[str, Any], dict[s
             worker.close()
 
 
-def _worker_results(ready_all: list[dict[str, Any]], times: dict[tuple[str, str], list[list[float]]], tokens: int,
-                    step_flops: float, peak: float | None) -> list[dict[str, Any]]:
+def _worker_results(
+    ready_all: list[dict[str, Any]],
+    times: dict[tuple[str, str], list[list[float]]],
+    tokens: int,
+    step_flops: float,
+    peak: float | None,
+) -> list[dict[str, Any]]:
     results = []
     for ready in ready_all:
         if "error" in ready:
@@ -976,9 +1019,17 @@ def _worker_results(ready_all: list[dict[str, Any]], times: dict[tuple[str, str]
         for r in ready["runners"]:
             t = times[(ready["label"], r["name"])]
             summary = summarize_times([x for rnd in t for x in rnd])
-            results.append({"worker": ready["label"], "name": r["name"], "compile_s": r["compile_s"], **summary,
-                            "round_medians_s": [statistics.median(x) for x in t],
-                            **throughput(tokens, step_flops, summary["median_s"], peak), **r["info"]})
+            results.append(
+                {
+                    "worker": ready["label"],
+                    "name": r["name"],
+                    "compile_s": r["compile_s"],
+                    **summary,
+                    "round_medians_s": [statistics.median(x) for x in t],
+                    **throughput(tokens, step_flops, summary["median_s"], peak),
+                    **r["info"],
+                }
+            )
         for err in ready.get("errors", []):
             results.append({"worker": ready["label"], **err})
     return results
@@ -988,8 +1039,10 @@ def run_flags_section(spec: BenchSpec, peak: float, timeout_s: float) -> dict[st
     """One worker per XLA flag set (single device), all timed interleaved; MFU against the main process's peak."""
     cfg = model_config(spec, "float32")
     step_flops = flops_lib.training_flops_per_step(flops_lib.shape_of(cfg), spec.batch_size, spec.seq_len)
-    jobs = [(name, {"spec": _spec_to_json(spec), "layouts": ["single"]}, _worker_env(1, FLAG_SETS[name]))
-            for name in dict.fromkeys(spec.flag_sets)]
+    jobs = [
+        (name, {"spec": _spec_to_json(spec), "layouts": ["single"]}, _worker_env(1, FLAG_SETS[name]))
+        for name in dict.fromkeys(spec.flag_sets)
+    ]
     ready, times = _run_worker_section("flags", jobs, spec, timeout_s)
     results = _worker_results(ready, times, spec.batch_size * spec.seq_len, step_flops, peak)
     for r in results:
@@ -1020,9 +1073,11 @@ def run_scaling_section(spec: BenchSpec, peak: float, timeout_s: float) -> dict[
     for r in results:
         label = r.pop("worker")
         r.setdefault("layout", r.get("name", label))
-    return {"results": results,
-            "note": "simulated CPU devices share the machine's cores: this measures the cost of partitioning, "
-                    "not a speed-up"}
+    return {
+        "results": results,
+        "note": "simulated CPU devices share the machine's cores: this measures the cost of partitioning, "
+        "not a speed-up",
+    }
 
 
 def _layout_mesh(layout: str, n: int) -> str:
@@ -1042,20 +1097,37 @@ def _worker_main(job: dict[str, Any]) -> None:
     for layout in job["layouts"]:
         if layout.startswith("torch "):
             try:
-                runners[layout] = build_torch_runner(layout, cfg, layout.split()[1], batch_size=spec.batch_size,
-                                                     seq_len=spec.seq_len, dtype_name=dtype_name, seed=spec.seed)
+                runners[layout] = build_torch_runner(
+                    layout,
+                    cfg,
+                    layout.split()[1],
+                    batch_size=spec.batch_size,
+                    seq_len=spec.seq_len,
+                    dtype_name=dtype_name,
+                    seed=spec.seed,
+                )
             except Exception as e:  # noqa: BLE001 - torch missing or torch.compile unsupported: report it
                 errors.append({"name": layout, "error": f"{type(e).__name__}: {e}"[:500]})
             continue
         mesh_text = _layout_mesh(layout, n)
         try:
-            runners[layout] = build_jax_runner(layout, cfg, "finch_adamw", batch_size=spec.batch_size,
-                                               seq_len=spec.seq_len, mesh_text=mesh_text, seed=spec.seed,
-                                               devices=jax.devices()[:1] if layout == "single" else None)
+            runners[layout] = build_jax_runner(
+                layout,
+                cfg,
+                "finch_adamw",
+                batch_size=spec.batch_size,
+                seq_len=spec.seq_len,
+                mesh_text=mesh_text,
+                seed=spec.seed,
+                devices=jax.devices()[:1] if layout == "single" else None,
+            )
         except Exception as e:  # noqa: BLE001 - a layout that cannot run is a result, not a crash
             errors.append({"name": layout, "devices": n, "layout": layout, "error": f"{type(e).__name__}: {e}"[:500]})
-    ready = {"runners": [{"name": k, "compile_s": r.compile_s, "info": r.info} for k, r in runners.items()],
-             "errors": errors, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    ready = {
+        "runners": [{"name": k, "compile_s": r.compile_s, "info": r.info} for k, r in runners.items()],
+        "errors": errors,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     print(_TAG + json.dumps({"ready": ready}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -1086,15 +1158,14 @@ def _spec_from_json(data: Mapping[str, Any]) -> BenchSpec:
 
 
 def _meta(argv: Sequence[str] | None) -> dict[str, Any]:
+    import flax
     import jax
     import jaxlib
-
-    import flax
     import optax
 
     devices = jax.devices()
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m train bench " + " ".join(argv or []),
         "host": platform.node(),
         "machine": platform.machine(),
@@ -1132,8 +1203,9 @@ def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def run_bench(spec: BenchSpec, argv: Sequence[str] | None = None, *, check_time: bool = True,
-              out: str | os.PathLike | None = None) -> dict[str, Any]:
+def run_bench(
+    spec: BenchSpec, argv: Sequence[str] | None = None, *, check_time: bool = True, out: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Runs the requested sections and returns the JSON-ready result (see ``docs/bench.md`` for every field).
 
     With ``out``, the result so far is written there after every section (``"complete": false`` until the end), so
@@ -1153,12 +1225,23 @@ def run_bench(spec: BenchSpec, argv: Sequence[str] | None = None, *, check_time:
         "schema_version": SCHEMA_VERSION,
         "meta": _meta(argv),
         "spec": _spec_to_json(spec),
-        "model": {"preset": spec.preset, "params": cfg.num_params, "matmul_params": flops_lib.matmul_param_count(shape),
-                  **dataclasses.asdict(shape), "compute_dtype": dtype_name, "param_dtype": "float32",
-                  "remat": cfg.remat, "scan_layers": cfg.scan_layers},
-        "flops": {"forward_per_token": forward, "training_per_token": 3 * forward["total"],
-                  "training_per_step": step_flops, "tokens_per_step": tokens,
-                  "convention": "matmuls only, 2 FLOPs per MAC, attention over all T keys, training = 3x forward"},
+        "model": {
+            "preset": spec.preset,
+            "params": cfg.num_params,
+            "matmul_params": flops_lib.matmul_param_count(shape),
+            **dataclasses.asdict(shape),
+            "compute_dtype": dtype_name,
+            "param_dtype": "float32",
+            "remat": cfg.remat,
+            "scan_layers": cfg.scan_layers,
+        },
+        "flops": {
+            "forward_per_token": forward,
+            "training_per_token": 3 * forward["total"],
+            "training_per_step": step_flops,
+            "tokens_per_step": tokens,
+            "convention": "matmuls only, 2 FLOPs per MAC, attention over all T keys, training = 3x forward",
+        },
         "peak": None,
         "estimate_s": None,
         "runners": [],
@@ -1186,8 +1269,10 @@ def run_bench(spec: BenchSpec, argv: Sequence[str] | None = None, *, check_time:
     _log(f"peak {peak / 1e9:.1f} GFLOP/s")
     est = estimate_seconds(spec, cfg, peak)
     result["estimate_s"] = est
-    _log(f"estimated duration ~{est['total'] / 60:.1f} min (limit {spec.max_minutes:g} min): "
-         + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items() if k != "total"))
+    _log(
+        f"estimated duration ~{est['total'] / 60:.1f} min (limit {spec.max_minutes:g} min): "
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items() if k != "total")
+    )
     if check_time and est["total"] > spec.max_minutes * 60:
         raise BenchTooLong(
             f"this benchmark would take ~{est['total'] / 60:.1f} min, over the --max-minutes {spec.max_minutes:g} "
@@ -1199,8 +1284,10 @@ def run_bench(spec: BenchSpec, argv: Sequence[str] | None = None, *, check_time:
         runners, ratios = run_main_sections(spec, cfg, dtype_name, peak_info, tokens, step_flops)
         result["runners"] = runners
         result["ratios"] = ratios
-        result["memory"] = {"device": _device_memory(),
-                            "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        result["memory"] = {
+            "device": _device_memory(),
+            "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
         checkpoint()
     if "remat" in spec.sections:
         result["remat"] = run_remat_section(spec, dtype_name, peak, tokens, step_flops)
@@ -1221,11 +1308,13 @@ def check_targets(result: Mapping[str, Any]) -> dict[str, Any]:
     runners = {r["name"]: r for r in result.get("runners") or [] if "error" not in r}
     targets: dict[str, Any] = {}
     finch = ratios.get("finch_over_adamw_step_time")
-    targets["finch_over_adamw_le_1.01"] = None if finch is None else {"value": finch["ratio"],
-                                                                        "met": finch["ratio"] <= 1.01}
+    targets["finch_over_adamw_le_1.01"] = (
+        None if finch is None else {"value": finch["ratio"], "met": finch["ratio"] <= 1.01}
+    )
     torch_ratios = [v["ratio"] for k, v in ratios.items() if k.startswith("jax_over_torch_")]
-    targets["jax_over_best_torch_ge_1.5"] = None if not torch_ratios else {"value": min(torch_ratios),
-                                                                            "met": min(torch_ratios) >= 1.5}
+    targets["jax_over_best_torch_ge_1.5"] = (
+        None if not torch_ratios else {"value": min(torch_ratios), "met": min(torch_ratios) >= 1.5}
+    )
     main = runners.get("jax finch_adamw") or runners.get("jax adamw")
     backend = (result.get("meta") or {}).get("backend")
     mfu_goal = 0.5 if backend == "cpu" else 0.45
@@ -1234,8 +1323,12 @@ def check_targets(result: Mapping[str, Any]) -> dict[str, Any]:
     if main is None or main.get("mfu") is None:
         targets[key] = None
     else:
-        targets[key] = {"value": main["mfu"], "met": main["mfu"] >= mfu_goal, "tokens_per_step": tokens,
-                        "applies": tokens >= 2048}
+        targets[key] = {
+            "value": main["mfu"],
+            "met": main["mfu"] >= mfu_goal,
+            "tokens_per_step": tokens,
+            "applies": tokens >= 2048,
+        }
     return targets
 
 
@@ -1257,15 +1350,20 @@ def format_table(result: Mapping[str, Any]) -> str:
     lines = []
     meta, model = result["meta"], result["model"]
     peak = result.get("peak") or {}
-    lines.append(f"{model['preset']}: {model['params'] / 1e6:.1f}M params, batch {result['spec']['batch_size']} x "
-                 f"seq {result['spec']['seq_len']} = {result['flops']['tokens_per_step']} tokens/step, "
-                 f"{result['flops']['training_per_step'] / 1e12:.3f} TFLOP/step ({model['compute_dtype']}); "
-                 f"{meta['backend']} {meta['device_kind']} x{meta['device_count']}; "
-                 f"{model['compute_dtype']} matmul peak {_fmt((peak.get('peak_flops_per_s') or 0) / 1e9, '.1f')} "
-                 "GFLOP/s at the start"
-                 + (f", {peak['interleaved_flops_per_s'] / 1e9:.1f} GFLOP/s between the steps (MFU basis: "
-                    f"{peak.get('mfu_basis')})"
-                    if peak.get("interleaved_flops_per_s") else ""))
+    lines.append(
+        f"{model['preset']}: {model['params'] / 1e6:.1f}M params, batch {result['spec']['batch_size']} x "
+        f"seq {result['spec']['seq_len']} = {result['flops']['tokens_per_step']} tokens/step, "
+        f"{result['flops']['training_per_step'] / 1e12:.3f} TFLOP/step ({model['compute_dtype']}); "
+        f"{meta['backend']} {meta['device_kind']} x{meta['device_count']}; "
+        f"{model['compute_dtype']} matmul peak {_fmt((peak.get('peak_flops_per_s') or 0) / 1e9, '.1f')} "
+        "GFLOP/s at the start"
+        + (
+            f", {peak['interleaved_flops_per_s'] / 1e9:.1f} GFLOP/s between the steps (MFU basis: "
+            f"{peak.get('mfu_basis')})"
+            if peak.get("interleaved_flops_per_s")
+            else ""
+        )
+    )
     rows = [r for r in result.get("runners") or []]
     if rows:
         lines.append("")
@@ -1275,9 +1373,11 @@ def format_table(result: Mapping[str, Any]) -> str:
             if "error" in r:
                 lines.append(f"| {r['name']} | error: {r['error'][:80]} | | | | | |")
                 continue
-            lines.append(f"| {r['name']} | {_fmt(r['compile_s'], '.1f')} | {r['median_s']:.4g} | "
-                         f"{100 * r['spread']:.1f}% | {r['tokens_per_s']:.4g} | "
-                         f"{r['achieved_flops_per_s'] / 1e9:.1f} | {_pct(r['mfu'])} |")
+            lines.append(
+                f"| {r['name']} | {_fmt(r['compile_s'], '.1f')} | {r['median_s']:.4g} | "
+                f"{100 * r['spread']:.1f}% | {r['tokens_per_s']:.4g} | "
+                f"{r['achieved_flops_per_s'] / 1e9:.1f} | {_pct(r['mfu'])} |"
+            )
     ratios = result.get("ratios") or {}
     if ratios:
         lines.append("")
@@ -1291,21 +1391,26 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines.append(f"| {section} | compile s | step s (median) | tokens/s | MFU |")
         lines.append("|---|---:|---:|---:|---:|")
         for r in block["results"]:
-            label = r.get("flag_set") or (f"{r.get('devices')} dev {r.get('layout')}" if section == "scaling"
-                                          else r.get("name"))
+            label = r.get("flag_set") or (
+                f"{r.get('devices')} dev {r.get('layout')}" if section == "scaling" else r.get("name")
+            )
             if "error" in r:
                 lines.append(f"| {label} | error: {r['error'][:90]} | | | |")
             else:
-                lines.append(f"| {label} | {_fmt(r['compile_s'], '.1f')} | {r['median_s']:.4g} | "
-                             f"{r['tokens_per_s']:.4g} | {_pct(r.get('mfu'))} |")
+                lines.append(
+                    f"| {label} | {_fmt(r['compile_s'], '.1f')} | {r['median_s']:.4g} | "
+                    f"{r['tokens_per_s']:.4g} | {_pct(r.get('mfu'))} |"
+                )
         if block.get("fastest"):
             lines.append(f"fastest {section}: {block['fastest']}")
     targets = result.get("targets") or {}
     if targets:
         lines.append("")
         for k, v in targets.items():
-            lines.append(f"target {k}: " + ("not measured" if v is None else
-                                            f"{v['value']:.3f} -> {'met' if v['met'] else 'NOT met'}"))
+            lines.append(
+                f"target {k}: "
+                + ("not measured" if v is None else f"{v['value']:.3f} -> {'met' if v['met'] else 'NOT met'}")
+            )
     return "\n".join(lines)
 
 
@@ -1327,15 +1432,27 @@ def _int_csv(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = BenchSpec()
-    p = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default=d.preset, help="model preset (models.PRESETS)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a model config field, e.g. num_layers=4 (repeatable)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a model config field, e.g. num_layers=4 (repeatable)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--dtype", default=d.dtype, help="compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU), float32, "
-                                                    "bfloat16; params and optimizer state stay float32")
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        help="compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU), float32, "
+        "bfloat16; params and optimizer state stay float32",
+    )
     p.add_argument("--mesh", default=d.mesh, help="e.g. data=-1 or data=2,fsdp=2,tensor=2")
     p.add_argument("--devices", type=int, default=d.devices, help="use the first N devices (0 = all)")
     p.add_argument("--remat", action="store_true", help="rematerialise each block")
@@ -1349,11 +1466,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling-layouts", type=_csv, default=d.scaling_layouts)
     p.add_argument("--flag-sets", type=_csv, default=d.flag_sets, help=f"names from: {', '.join(FLAG_SETS)}")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this process (set before jax starts)")
-    p.add_argument("--max-minutes", type=float, default=d.max_minutes,
-                   help="refuse to start when the estimate is longer")
+    p.add_argument(
+        "--max-minutes", type=float, default=d.max_minutes, help="refuse to start when the estimate is longer"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--peak-sizes", type=_int_csv, default=d.peak_sizes,
-                   help="square matmul sizes for the measured peak (default 1024,2048 on CPU, 4096,8192 on GPU)")
+    p.add_argument(
+        "--peak-sizes",
+        type=_int_csv,
+        default=d.peak_sizes,
+        help="square matmul sizes for the measured peak (default 1024,2048 on CPU, 4096,8192 on GPU)",
+    )
     p.add_argument("--out", default="", help="JSON output path (default runs/bench/<preset>-<time>.json)")
     p.add_argument("--table", default=None, metavar="JSON", help="print the table of an earlier run's JSON and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1362,12 +1484,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
     return BenchSpec(
-        preset=args.preset, overrides=tuple(args.override), batch_size=args.batch_size, seq_len=args.seq_len,
-        dtype=args.dtype, mesh=args.mesh, devices=args.devices, remat=args.remat, scan_layers=args.scan_layers,
-        sections=tuple(args.sections), warmup=args.warmup, rounds=args.rounds, steps=args.steps,
-        torch_modes=tuple(args.torch_modes), scaling_devices=tuple(args.scaling_devices),
-        scaling_layouts=tuple(args.scaling_layouts), flag_sets=tuple(args.flag_sets),
-        max_minutes=args.max_minutes, seed=args.seed, peak_sizes=tuple(args.peak_sizes),
+        preset=args.preset,
+        overrides=tuple(args.override),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        mesh=args.mesh,
+        devices=args.devices,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        sections=tuple(args.sections),
+        warmup=args.warmup,
+        rounds=args.rounds,
+        steps=args.steps,
+        torch_modes=tuple(args.torch_modes),
+        scaling_devices=tuple(args.scaling_devices),
+        scaling_layouts=tuple(args.scaling_layouts),
+        flag_sets=tuple(args.flag_sets),
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        peak_sizes=tuple(args.peak_sizes),
     )
 
 
@@ -1380,8 +1516,9 @@ def _apply_xla_flags(extra: str) -> None:
         from jax._src import xla_bridge
 
         if getattr(xla_bridge, "_backends", None):
-            raise BenchError("--xla-flags must be applied before jax starts its backend; set XLA_FLAGS in the "
-                             "environment instead")
+            raise BenchError(
+                "--xla-flags must be applied before jax starts its backend; set XLA_FLAGS in the environment instead"
+            )
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
 
 
@@ -1396,8 +1533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             print(format_table(json.loads(Path(args.table).read_text())))
         except (OSError, json.JSONDecodeError, KeyError) as e:
-            print(f"bench: --table {args.table}: cannot read a bench result ({type(e).__name__}: {e})",
-                  file=sys.stderr)
+            print(f"bench: --table {args.table}: cannot read a bench result ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
         return 0
     out = Path(args.out or f"runs/bench/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}.json")

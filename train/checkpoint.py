@@ -40,7 +40,10 @@ def _state_to_tree(state: TrainState) -> dict[str, Any]:
 
 def _tree_to_state(tree: dict[str, Any]) -> TrainState:
     return TrainState(
-        step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], anchor=tree.get("anchor"),
+        step=tree["step"],
+        params=tree["params"],
+        opt_state=tree["opt_state"],
+        anchor=tree.get("anchor"),
         rng=tree["rng"],
     )
 

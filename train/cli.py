@@ -17,7 +17,10 @@ __all__ = ["SUBCOMMANDS", "main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("train.finetune:main", "fine-tune a model on text/JSONL with FINCH or a baseline"),
     "generate": ("train.generate:main", "greedy / sampled text generation from a model or checkpoint"),
-    "demo": ("train.compare:demo_main", "SmolLM2-135M learns new facts: adamw vs finch_adamw vs a lower lr (make demo)"),
+    "demo": (
+        "train.compare:demo_main",
+        "SmolLM2-135M learns new facts: adamw vs finch_adamw vs a lower lr (make demo)",
+    ),
     "finetune-demo": ("train.demo:main", "SmolLM2-135M learns new facts with finch_adamw alone, answers before/after"),
     "prepare": ("train.datasets:main", "download and cache the built-in datasets"),
     "eval": ("train.evaluate:main", "evaluate a model: perplexity, quiz accuracy, fact recall"),
@@ -50,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name == module_name:
-            print(f"finch-train: subcommand {name!r} is not available ({module_name} is not installed)", file=sys.stderr)
+            print(
+                f"finch-train: subcommand {name!r} is not available ({module_name} is not installed)", file=sys.stderr
+            )
             return 2
         raise
     try:

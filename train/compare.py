@@ -188,8 +188,10 @@ class CompareConfig:
         if self.task_metric == "recall_em" and self.task != "facts":
             raise ValueError("compare: task_metric=recall_em needs task=facts")
         if self.forgetting_metric not in eval_lib.FORGETTING_METRICS:
-            raise ValueError(f"compare: forgetting_metric must be one of {list(eval_lib.FORGETTING_METRICS)}, "
-                             f"got {self.forgetting_metric!r}")
+            raise ValueError(
+                f"compare: forgetting_metric must be one of {list(eval_lib.FORGETTING_METRICS)}, "
+                f"got {self.forgetting_metric!r}"
+            )
         if self.forgetting_metric.startswith("mc_") and not self.eval.quiz_items:
             raise ValueError(f"compare: forgetting_metric={self.forgetting_metric} needs eval.quiz_items > 0")
 
@@ -234,13 +236,31 @@ def expand_runs(cfg: CompareConfig) -> list[RunSpec]:
             warmup = int(o.get("warmup", max(cfg.steps // 10, 1)))
             if not 0 <= warmup < cfg.steps:
                 raise ValueError(f"method sft_cosine: warmup={warmup} must be in [0, steps={cfg.steps})")
-            per_seed.append(("sft_cosine", "sft_cosine", dict(adamw, schedule="warmup_cosine", warmup_steps=warmup,
-                                                               decay_steps=cfg.steps), {}))
+            per_seed.append(
+                (
+                    "sft_cosine",
+                    "sft_cosine",
+                    dict(adamw, schedule="warmup_cosine", warmup_steps=warmup, decay_steps=cfg.steps),
+                    {},
+                )
+            )
         elif spec.kind == "finch":
             base = float(o.get("base", cfg.lr_max))
-            per_seed.append(("finch", "finch", {"name": "finch_adamw", "learning_rate": cfg.lr_max,
-                                                "base_learning_rate": base, "ema_decay": float(o.get("ema", 0.9)),
-                                                "weight_decay": cfg.weight_decay, "schedule": "constant"}, {}))
+            per_seed.append(
+                (
+                    "finch",
+                    "finch",
+                    {
+                        "name": "finch_adamw",
+                        "learning_rate": cfg.lr_max,
+                        "base_learning_rate": base,
+                        "ema_decay": float(o.get("ema", 0.9)),
+                        "weight_decay": cfg.weight_decay,
+                        "schedule": "constant",
+                    },
+                    {},
+                )
+            )
         elif spec.kind == "sweep":
             for lr in o.get("lrs", [cfg.lr_max / 10, cfg.lr_max / 3]):
                 per_seed.append((f"const@{_lr_label(lr)}", "sweep", dict(adamw, learning_rate=lr), {"on_front": True}))
@@ -249,8 +269,14 @@ def expand_runs(cfg: CompareConfig) -> list[RunSpec]:
             replay = o.get("replay", "other")
             if replay not in ("other", "same"):
                 raise ValueError(f"method warmup_matched: replay={replay!r} must be 'other' or 'same'")
-            per_seed.append(("warmup_matched", "warmup_matched", dict(adamw, schedule="trace"),
-                             {"trace_source": source, "replay": replay}))
+            per_seed.append(
+                (
+                    "warmup_matched",
+                    "warmup_matched",
+                    dict(adamw, schedule="trace"),
+                    {"trace_source": source, "replay": replay},
+                )
+            )
         elif spec.kind == "l2sp":
             weight = float(o.get("weight", 1.0))
             per_seed.append((f"l2sp(w={weight:g})", "l2sp", adamw, {"l2sp_weight": weight}))
@@ -261,17 +287,22 @@ def expand_runs(cfg: CompareConfig) -> list[RunSpec]:
     seen: dict[str, str] = {}
     for label, _, optimizer, extras in per_seed:
         # Same label, or the same training under another name (sft at lr_max == a sweep point at lr_max).
-        for key in (label, json.dumps([optimizer, {k: v for k, v in extras.items() if k != "on_front"}],
-                                      sort_keys=True)):
+        for key in (
+            label,
+            json.dumps([optimizer, {k: v for k, v in extras.items() if k != "on_front"}], sort_keys=True),
+        ):
             if key in seen:
-                raise ValueError(f"compare: methods give duplicate runs {seen[key]!r} and {label!r}; "
-                                 "list each method/lr once")
+                raise ValueError(
+                    f"compare: methods give duplicate runs {seen[key]!r} and {label!r}; list each method/lr once"
+                )
             seen[key] = label
-    for label, kind, _, extras in per_seed:
+    for label, _kind, _, extras in per_seed:
         source = extras.get("trace_source")
         if source is not None and source not in [lab for lab, *_ in per_seed if lab != label]:
-            raise ValueError(f"method warmup_matched replays the lr trace of {source!r}, which is not among the "
-                             f"methods (have {labels}); add `finch` (or set source=<label>)")
+            raise ValueError(
+                f"method warmup_matched replays the lr trace of {source!r}, which is not among the "
+                f"methods (have {labels}); add `finch` (or set source=<label>)"
+            )
     # Runs that replay another run's lr trace go last, so every seed's source run has finished before them.
     runs, replays = [], []
     for i, seed in enumerate(cfg.seeds):
@@ -303,9 +334,15 @@ def _atomic_json(path: Path, obj: Any) -> None:
 def _fingerprint(cfg: CompareConfig, run: RunSpec | None) -> str:
     """What a stored result depends on; a mismatch means the stored run is stale and is re-run."""
     parts = {
-        "model": cfg.model, "dtype": cfg.dtype, "task": cfg.task, "facts_entities": cfg.facts_entities,
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-        "train_overrides": list(cfg.train_overrides), "eval": dataclasses.asdict(cfg.eval),
+        "model": cfg.model,
+        "dtype": cfg.dtype,
+        "task": cfg.task,
+        "facts_entities": cfg.facts_entities,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "train_overrides": list(cfg.train_overrides),
+        "eval": dataclasses.asdict(cfg.eval),
         "run": None if run is None else dataclasses.asdict(run),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -342,8 +379,9 @@ def _task_documents(task: datasets_lib.TaskData) -> list:
     return [Document(text=t) for t in task.train_texts]
 
 
-def _suppress_high_loss_tokens(score_tokens: Callable[[Any], np.ndarray], threshold: float,
-                               stats: dict[str, float]) -> Callable[[Any], Any]:
+def _suppress_high_loss_tokens(
+    score_tokens: Callable[[Any], np.ndarray], threshold: float, stats: dict[str, float]
+) -> Callable[[Any], Any]:
     """STM-style token suppression as a ``finetune.run(transform_rows=...)`` hook: zero the loss weight of every
     training token whose base-model loss exceeds ``threshold`` (the dropped fraction goes to ``stats``)."""
 
@@ -412,8 +450,11 @@ def run_compare(
     cache = cfg.cache_dir or None
     task = datasets_lib.load_task(cfg.task, cache, num_entities=cfg.facts_entities)
     retain = datasets_lib.load_retain(cache)
-    quiz = (datasets_lib.load_quiz_items(cfg.eval.quiz_items, seed=cfg.eval.seed, cache_dir=cache)
-            if cfg.eval.quiz_items else None)
+    quiz = (
+        datasets_lib.load_quiz_items(cfg.eval.quiz_items, seed=cfg.eval.seed, cache_dir=cache)
+        if cfg.eval.quiz_items
+        else None
+    )
     if finetune_run is None:
         from train.finetune import run as finetune_run
 
@@ -425,8 +466,10 @@ def run_compare(
     apply_fn, base_params, _ = split_model(model)
     scorer = eval_lib.make_scorer(apply_fn)
     documents = _task_documents(task)
-    log(f"model {cfg.model} and data ready in {time.perf_counter() - t_load:.1f}s; eval sizes {eval_set.sizes()}; "
-        f"{len(runs)} runs of {cfg.steps} steps × {cfg.batch_size}×{cfg.seq_len} tokens")
+    log(
+        f"model {cfg.model} and data ready in {time.perf_counter() - t_load:.1f}s; eval sizes {eval_set.sizes()}; "
+        f"{len(runs)} runs of {cfg.steps} steps × {cfg.batch_size}×{cfg.seq_len} tokens"
+    )
 
     base_path = out / "base.json"
     base_fp = _fingerprint(cfg, None)
@@ -464,9 +507,11 @@ def run_compare(
         transform_rows = None
         if run.stm_threshold is not None:
             transform_rows = _suppress_high_loss_tokens(
-                _token_nll_fn(apply_fn, base_params, cfg.eval.batch_size), run.stm_threshold, stm_stats)
-        result = finetune_run(train_cfg, model=model, tokenizer=tokenizer, documents=documents,
-                              transform_rows=transform_rows)
+                _token_nll_fn(apply_fn, base_params, cfg.eval.batch_size), run.stm_threshold, stm_stats
+            )
+        result = finetune_run(
+            train_cfg, model=model, tokenizer=tokenizer, documents=documents, transform_rows=transform_rows
+        )
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         metrics = eval_lib.evaluate(scorer, result.params, eval_set, base_params=base_params)
@@ -482,8 +527,11 @@ def run_compare(
             "train_s": train_s,
             "eval_s": eval_s,
             **({"stm_dropped_fraction": stm_stats.get("dropped_fraction")} if stm_stats else {}),
-            **({"answers": _greedy_answers(result.model, tokenizer, questions)}
-               if questions and result.model is not None else {}),
+            **(
+                {"answers": _greedy_answers(result.model, tokenizer, questions)}
+                if questions and result.model is not None
+                else {}
+            ),
         }
         _atomic_json(path, record)
         records[run.run_id] = record
@@ -517,8 +565,10 @@ def answers_table(
 ) -> str:
     """A Markdown table: each held-out question, its true answer, and the greedy answer of base and every run."""
     columns = [("base", base_answers or [])] + [(r["run_id"], r.get("answers") or []) for r in runs]
-    lines = ["| question | truth | " + " | ".join(name for name, _ in columns) + " |",
-             "|---" * (len(columns) + 2) + "|"]
+    lines = [
+        "| question | truth | " + " | ".join(name for name, _ in columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
     for i, (prompt, truth) in enumerate(questions):
         cells = []
         for _, answers in columns:
@@ -573,16 +623,18 @@ def dominates(a: tuple[float, float], b: tuple[float, float], *, task_higher_is_
     return ta <= tb and fa <= fb and (ta < tb or fa < fb)
 
 
-def pareto_front(points: Sequence[tuple[float, float]], *, task_higher_is_better: bool = False
-                 ) -> list[tuple[float, float]]:
+def pareto_front(
+    points: Sequence[tuple[float, float]], *, task_higher_is_better: bool = False
+) -> list[tuple[float, float]]:
     """The points no other point dominates (see :func:`dominates`), sorted by task score.
 
     Examples:
       >>> pareto_front([(0.35, 2.8), (0.30, 1.2), (0.50, 0.5)])
       [(0.3, 1.2), (0.5, 0.5)]
     """
-    return sorted(p for p in points
-                  if not any(dominates(q, p, task_higher_is_better=task_higher_is_better) for q in points))
+    return sorted(
+        p for p in points if not any(dominates(q, p, task_higher_is_better=task_higher_is_better) for q in points)
+    )
 
 
 def front_at(front: Sequence[tuple[float, float]], task_score: float) -> float | None:
@@ -610,8 +662,13 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
     if not vals:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
     a = np.asarray(vals, np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "min": float(a.min()),
-            "max": float(a.max()), "n": len(vals)}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": len(vals),
+    }
 
 
 def _reduction(f: float | None, reference: float | None) -> float | None:
@@ -621,8 +678,9 @@ def _reduction(f: float | None, reference: float | None) -> float | None:
     return 1.0 - f / reference
 
 
-def summarize(cfg: CompareConfig, base_metrics: Mapping[str, float],
-              records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize(
+    cfg: CompareConfig, base_metrics: Mapping[str, float], records: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
     """Per method: mean/std over seeds of task score, forgetting and the forgetting reductions.
 
     * ``reduction_vs_sft``: ``1 - F_method / F_sft`` paired by seed (the paper's comparison, same peak lr).
@@ -636,9 +694,10 @@ def summarize(cfg: CompareConfig, base_metrics: Mapping[str, float],
         by_seed.setdefault(r["run"]["seed"], []).append(r)
     labels = list(dict.fromkeys(r["run"]["label"] for r in records))
     per_method: dict[str, dict[str, list]] = {
-        lab: {"task": [], "forgetting": [], "vs_sft": [], "vs_front": [], "dominated_by": []} for lab in labels}
+        lab: {"task": [], "forgetting": [], "vs_sft": [], "vs_front": [], "dominated_by": []} for lab in labels
+    }
     higher = cfg.task_higher_is_better
-    for seed, rs in by_seed.items():
+    for _seed, rs in by_seed.items():
         sft = next((r for r in rs if r["run"]["kind"] == "sft"), None)
         const_points = {r["run"]["label"]: (r["metrics"][tm], r["forgetting"][fm]) for r in rs if r["run"]["on_front"]}
         front = pareto_front(list(const_points.values()), task_higher_is_better=higher)
@@ -649,10 +708,15 @@ def summarize(cfg: CompareConfig, base_metrics: Mapping[str, float],
             per_method[lab]["forgetting"].append(f)
             per_method[lab]["vs_sft"].append(_reduction(f, sft["forgetting"][fm]) if sft and r is not sft else None)
             per_method[lab]["vs_front"].append(
-                None if r["run"]["on_front"] else _reduction(f, front_at(front, t)) if len(front) >= 2 else None)
+                None if r["run"]["on_front"] else _reduction(f, front_at(front, t)) if len(front) >= 2 else None
+            )
             per_method[lab]["dominated_by"].append(
-                [other for other, point in const_points.items()
-                 if other != lab and dominates(point, (t, f), task_higher_is_better=higher)])
+                [
+                    other
+                    for other, point in const_points.items()
+                    if other != lab and dominates(point, (t, f), task_higher_is_better=higher)
+                ]
+            )
     methods = {
         lab: {
             "task": _mean_std(v["task"]),
@@ -665,8 +729,13 @@ def summarize(cfg: CompareConfig, base_metrics: Mapping[str, float],
         }
         for lab, v in per_method.items()
     }
-    return {"task_metric": tm, "forgetting_metric": fm, "task_higher_is_better": cfg.task_higher_is_better,
-            "base_task": base_metrics.get(tm), "methods": methods}
+    return {
+        "task_metric": tm,
+        "forgetting_metric": fm,
+        "task_higher_is_better": cfg.task_higher_is_better,
+        "base_task": base_metrics.get(tm),
+        "methods": methods,
+    }
 
 
 def _pm(stat: Mapping[str, Any], fmt: str = "{:.3f}", pct: bool = False) -> str:
@@ -682,13 +751,19 @@ def _pm(stat: Mapping[str, Any], fmt: str = "{:.3f}", pct: bool = False) -> str:
 def markdown_table(cfg: CompareConfig, results: Mapping[str, Any]) -> str:
     """One row per method (mean ± std over seeds) plus the base model."""
     base = results["base_metrics"]
-    cols = [("task_loss", "task loss ↓"), ("recall_em", "recall EM ↑"), ("retain_loss", "retain loss ↓"),
-            ("retain_kl", "KL(base‖ft) ↓"), ("mc_acc", "quiz acc ↑"), ("mc_ece", "ECE ↓"), ("mc_brier", "Brier ↓")]
+    cols = [
+        ("task_loss", "task loss ↓"),
+        ("recall_em", "recall EM ↑"),
+        ("retain_loss", "retain loss ↓"),
+        ("retain_kl", "KL(base‖ft) ↓"),
+        ("mc_acc", "quiz acc ↑"),
+        ("mc_ece", "ECE ↓"),
+        ("mc_brier", "Brier ↓"),
+    ]
     cols = [(k, h) for k, h in cols if k in base or k == "retain_kl"]
     header = ["method", *[h for _, h in cols], "less forgetting vs SFT", "vs lr front", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| base | " + " | ".join(f"{base[k]:.4f}" if k in base else "0" for k, _ in cols)
-                 + " | — | — | — |")
+    lines.append("| base | " + " | ".join(f"{base[k]:.4f}" if k in base else "0" for k, _ in cols) + " | — | — | — |")
     summary = results["summary"]["methods"]
     by_label: dict[str, list[Mapping[str, Any]]] = {}
     for r in results["runs"]:
@@ -710,12 +785,14 @@ def markdown_table(cfg: CompareConfig, results: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     seeds = ",".join(map(str, cfg.seeds))
     lines.append("")
-    lines.append(f"Model {cfg.model}, task {cfg.task}, {cfg.steps} steps × {cfg.batch_size}×{cfg.seq_len} tokens, "
-                 f"lr_max {cfg.lr_max:g}, seeds {seeds} (± = std over seeds). Reductions are 1 − F/F_ref of forgetting "
-                 f"F = {cfg.forgetting_metric} (positive = less forgetting), paired by seed; 'vs lr front' compares "
-                 f"with the Pareto-efficient constant-lr runs interpolated at the same {cfg.task_metric} (— = outside "
-                 "the swept range; 'dominated by' = a constant-lr run has both a better task score and less "
-                 "forgetting).")
+    lines.append(
+        f"Model {cfg.model}, task {cfg.task}, {cfg.steps} steps × {cfg.batch_size}×{cfg.seq_len} tokens, "
+        f"lr_max {cfg.lr_max:g}, seeds {seeds} (± = std over seeds). Reductions are 1 − F/F_ref of forgetting "
+        f"F = {cfg.forgetting_metric} (positive = less forgetting), paired by seed; 'vs lr front' compares "
+        f"with the Pareto-efficient constant-lr runs interpolated at the same {cfg.task_metric} (— = outside "
+        "the swept range; 'dominated by' = a constant-lr run has both a better task score and less "
+        "forgetting)."
+    )
     return "\n".join(lines)
 
 
@@ -738,11 +815,21 @@ def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> l
         by_lr: dict[float, list] = {}
         for r in front_runs:
             by_lr.setdefault(r["run"]["optimizer"]["learning_rate"], []).append(r)
-        pts = sorted((np.mean([r["metrics"][tm] for r in rs]), np.mean([r["forgetting"][fm] for r in rs]), lr)
-                     for lr, rs in by_lr.items())
+        pts = sorted(
+            (np.mean([r["metrics"][tm] for r in rs]), np.mean([r["forgetting"][fm] for r in rs]), lr)
+            for lr, rs in by_lr.items()
+        )
         efficient = pareto_front([(x, y) for x, y, _ in pts], task_higher_is_better=cfg.task_higher_is_better)
-        ax.plot([p[0] for p in efficient], [p[1] for p in efficient], "-", color="gray", lw=1.5, zorder=1,
-                marker="." if len(efficient) == 1 else None, label="constant-lr Pareto front (seed mean)")
+        ax.plot(
+            [p[0] for p in efficient],
+            [p[1] for p in efficient],
+            "-",
+            color="gray",
+            lw=1.5,
+            zorder=1,
+            marker="." if len(efficient) == 1 else None,
+            label="constant-lr Pareto front (seed mean)",
+        )
         for x, y, lr in pts:
             ax.annotate(f"{lr:.0e}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="gray")
     for lab in labels:
@@ -764,8 +851,10 @@ def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> l
     plt.close(fig)
 
     first_seed = cfg.seeds[0]
-    for key, name, ylabel in (("lr_trace", "lr_traces.png", "learning rate"),
-                              ("loss_curve", "loss_curves.png", "training loss")):
+    for key, name, ylabel in (
+        ("lr_trace", "lr_traces.png", "learning rate"),
+        ("loss_curve", "loss_curves.png", "training loss"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in runs:
             if r["run"]["seed"] == first_seed and r[key]:
@@ -787,29 +876,42 @@ def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> l
 
 
 def _build_parser(prog: str, defaults: CompareConfig) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="methods: " + "; ".join(f"{k} ({', '.join(m.options) or 'no options'})"
-                                                               for k, m in METHODS.items()))
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="methods: " + "; ".join(f"{k} ({', '.join(m.options) or 'no options'})" for k, m in METHODS.items()),
+    )
     p.add_argument("--config", default=None, help="YAML file with CompareConfig keys (CLI flags override it)")
     p.add_argument("--out", default="runs/compare", help="output directory (resumes finished runs)")
-    p.add_argument("--method", action="append", default=None, dest="methods",
-                   help="KIND[:key=value,...], repeatable (default: all kinds)")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        dest="methods",
+        help="KIND[:key=value,...], repeatable (default: all kinds)",
+    )
     p.add_argument("--seeds", default=None, help="comma-separated, e.g. 0,1")
     for f in dataclasses.fields(CompareConfig):
         if f.name in ("methods", "seeds", "eval", "train_overrides"):
             continue
         typ = type(getattr(defaults, f.name))
         if typ is bool:
-            p.add_argument(f"--{f.name.replace('_', '-')}", default=None, type=lambda s: s.lower() in ("1", "true",
-                                                                                                        "yes"))
+            p.add_argument(
+                f"--{f.name.replace('_', '-')}", default=None, type=lambda s: s.lower() in ("1", "true", "yes")
+            )
         else:
             p.add_argument(f"--{f.name.replace('_', '-')}", default=None, type=typ)
     for f in dataclasses.fields(eval_lib.EvalConfig):
-        p.add_argument(f"--eval-{f.name.replace('_', '-')}", default=None, type=type(f.default),
-                       dest=f"eval_{f.name}")
-    p.add_argument("--set", action="append", default=[], dest="train_overrides", metavar="KEY=VALUE",
-                   help="train config override for every run, e.g. --set data.grad_accum=2 (repeatable)")
+        p.add_argument(f"--eval-{f.name.replace('_', '-')}", default=None, type=type(f.default), dest=f"eval_{f.name}")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="train_overrides",
+        metavar="KEY=VALUE",
+        help="train config override for every run, e.g. --set data.grad_accum=2 (repeatable)",
+    )
     return p
 
 
@@ -871,8 +973,10 @@ def _summary_lines(results: Mapping[str, Any]) -> list[str]:
         beaten = [seed_runs for seed_runs in m.get("dominated_by", []) if seed_runs]
         if beaten:
             names = sorted({name for seed_runs in beaten for name in seed_runs})
-            lines.append(f"  {label}: beaten on both task score and forgetting by {', '.join(names)} "
-                         f"in {len(beaten)} of {len(m['dominated_by'])} seed(s)")
+            lines.append(
+                f"  {label}: beaten on both task score and forgetting by {', '.join(names)} "
+                f"in {len(beaten)} of {len(m['dominated_by'])} seed(s)"
+            )
     return lines
 
 
@@ -895,8 +999,10 @@ def _main(argv: Sequence[str] | None, defaults: CompareConfig, prog: str) -> int
     if results.get("answers"):
         print("\nGreedy answers to held-out questions (✓ = the answer contains the truth):\n")
         print(results["answers"])
-    print(f"\nwrote {out}/results.json, results.md, forgetting_vs_task.png, lr_traces.png, loss_curves.png "
-          f"({time.perf_counter() - t0:.0f}s)")
+    print(
+        f"\nwrote {out}/results.json, results.md, forgetting_vs_task.png, lr_traces.png, loss_curves.png "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
     return 0
 
 

@@ -302,9 +302,7 @@ def build_rows(
     """Reads, tokenizes and packs ``data_cfg.train_files`` — or ``documents`` when given — checking ``seq_len``
     against the model's context."""
     if max_context is not None and data_cfg.seq_len > max_context:
-        raise DataError(
-            f"data.seq_len={data_cfg.seq_len} is longer than the model's context of {max_context} tokens"
-        )
+        raise DataError(f"data.seq_len={data_cfg.seq_len} is longer than the model's context of {max_context} tokens")
     docs = read_documents(data_cfg.train_files) if documents is None else list(documents)
     if not docs:
         raise DataError("no training documents given")

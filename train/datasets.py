@@ -108,8 +108,10 @@ def _fetch_deb(package: str, dest: Path) -> None:
         try:
             _run(["apt-get", "download", package], cwd=Path(tmp))
         except RuntimeError as e:
-            raise RuntimeError(f"{e}\n(on a fresh Debian/Ubuntu machine run `apt-get update` first; or extract the "
-                               f"package yourself and pass --package-root)") from None
+            raise RuntimeError(
+                f"{e}\n(on a fresh Debian/Ubuntu machine run `apt-get update` first; or extract the "
+                f"package yourself and pass --package-root)"
+            ) from None
         debs = sorted(Path(tmp).glob("*.deb"))
         if len(debs) != 1:
             raise RuntimeError(f"apt-get download {package} produced {[d.name for d in debs]}, expected one .deb")
@@ -250,8 +252,15 @@ def parse_spanish(root: Path) -> list[Document]:
     module = root / _SWORD_MODULE
     if not module.is_dir():
         raise FileNotFoundError(f"spanish: {module} is missing; is {root} an extracted sword-text-sparv package?")
-    bible = SwordBible(str(module), module_type="ztext", versification="kjv", encoding="utf-8", source_type="OSIS",
-                       block_type="BOOK", compress_type="ZIP")
+    bible = SwordBible(
+        str(module),
+        module_type="ztext",
+        versification="kjv",
+        encoding="utf-8",
+        source_type="OSIS",
+        block_type="BOOK",
+        compress_type="ZIP",
+    )
     # pysword decompresses the whole book block for every verse; remembering the last blocks makes the full Bible
     # take seconds instead of a minute.
     bible._decompressed_text = functools.lru_cache(maxsize=4)(bible._decompressed_text)
@@ -419,8 +428,13 @@ def parse_quiz(root: Path) -> list[dict[str, str]]:
         for fields in parse_quiz_table(path.read_text(encoding="utf-8", errors="replace")):
             need = max(table.question_column, table.answer_column)
             if len(fields) > need and fields[table.question_column] and fields[table.answer_column]:
-                rows.append({"table": table.file, "question": fields[table.question_column],
-                             "answer": fields[table.answer_column]})
+                rows.append(
+                    {
+                        "table": table.file,
+                        "question": fields[table.question_column],
+                        "answer": fields[table.answer_column],
+                    }
+                )
     if not rows:
         raise ValueError(f"quiz: no usable rows under {base}")
     return rows
@@ -592,8 +606,9 @@ def load_task(
 
         facts = build_facts(num_entities, seed)
         questions = tuple((p, " " + a) for p, a in facts.eval_questions)
-        return TaskData(name="facts", train_texts=facts.train_texts, eval_pairs=questions,
-                        recall_questions=facts.eval_questions)
+        return TaskData(
+            name="facts", train_texts=facts.train_texts, eval_pairs=questions, recall_questions=facts.eval_questions
+        )
     if name == "spanish":
         docs = load_documents("spanish", cache_dir)
         return _text_task(name, docs)
@@ -608,8 +623,11 @@ def load_task(
 
 
 def _text_task(name: str, docs: list[Document]) -> TaskData:
-    return TaskData(name=name, train_texts=tuple(d.text for d in split_documents(docs, "train")),
-                    eval_texts=tuple(d.text for d in split_documents(docs, "eval")))
+    return TaskData(
+        name=name,
+        train_texts=tuple(d.text for d in split_documents(docs, "train")),
+        eval_texts=tuple(d.text for d in split_documents(docs, "eval")),
+    )
 
 
 def load_user_task(path: str | os.PathLike) -> TaskData:
@@ -644,8 +662,11 @@ def load_user_task(path: str | os.PathLike) -> TaskData:
     docs = [Document(id=str(i), text=json.dumps(r)) for i, r in enumerate(rows)]
     train, held = split_documents(docs, "train"), split_documents(docs, "eval")
     if "text" in rows[0]:
-        return TaskData(name=str(path), train_texts=tuple(json.loads(d.text)["text"] for d in train),
-                        eval_texts=tuple(json.loads(d.text)["text"] for d in held))
+        return TaskData(
+            name=str(path),
+            train_texts=tuple(json.loads(d.text)["text"] for d in train),
+            eval_texts=tuple(json.loads(d.text)["text"] for d in held),
+        )
     pair = lambda d: (json.loads(d.text)["prompt"], json.loads(d.text)["completion"])  # noqa: E731
     return TaskData(name=str(path), train_pairs=tuple(map(pair, train)), eval_pairs=tuple(map(pair, held)))
 
@@ -677,8 +698,9 @@ def load_quiz_items(
     return quiz_items_from_rows(rows, num_items, seed=seed, num_choices=num_choices)
 
 
-def quiz_items_from_rows(rows: list[dict[str, str]], num_items: int, *, seed: int = 0,
-                         num_choices: int = 4) -> list[MultipleChoiceItem]:
+def quiz_items_from_rows(
+    rows: list[dict[str, str]], num_items: int, *, seed: int = 0, num_choices: int = 4
+) -> list[MultipleChoiceItem]:
     rng = random.Random(seed)
     templates = {t.file: t.template for t in QUIZ_TABLES}
     by_table: dict[str, list[dict[str, str]]] = {}
@@ -696,8 +718,14 @@ def quiz_items_from_rows(rows: list[dict[str, str]], num_items: int, *, seed: in
             distractors = [a for a in answers if a.lower() != row["answer"].lower()]
             choices = rng.sample(distractors, num_choices - 1) + [row["answer"]]
             rng.shuffle(choices)
-            queue.append(MultipleChoiceItem(prompt=templates[table].format(q=row["question"]),
-                                            choices=tuple(choices), label=choices.index(row["answer"]), table=table))
+            queue.append(
+                MultipleChoiceItem(
+                    prompt=templates[table].format(q=row["question"]),
+                    choices=tuple(choices),
+                    label=choices.index(row["answer"]),
+                    table=table,
+                )
+            )
         queues.append(queue)
     available = sum(map(len, queues))
     if num_items > available:
@@ -717,11 +745,13 @@ def quiz_items_from_rows(rows: list[dict[str, str]], num_items: int, *, seed: in
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m train prepare <name>|all``: fetch and parse built-in datasets into the cache."""
     parser = argparse.ArgumentParser(prog="python -m train prepare", description=main.__doc__)
-    parser.add_argument("names", nargs="+", metavar="name",
-                        help=f"one of {sorted(SOURCES) + sorted(PREPARE_GROUPS)}")
+    parser.add_argument("names", nargs="+", metavar="name", help=f"one of {sorted(SOURCES) + sorted(PREPARE_GROUPS)}")
     parser.add_argument("--cache-dir", default=None, help="default: $FINCH_DATA_DIR or ./data_cache")
-    parser.add_argument("--package-root", default=None,
-                        help="parse this already extracted package tree instead of fetching (one source only)")
+    parser.add_argument(
+        "--package-root",
+        default=None,
+        help="parse this already extracted package tree instead of fetching (one source only)",
+    )
     parser.add_argument("--force", action="store_true", help="re-parse sources already prepared")
     args = parser.parse_args(argv)
     try:

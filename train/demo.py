@@ -76,8 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_cfg = config_lib.ModelConfig(source="gguf", path=args.model_path, dtype=args.dtype, param_dtype="float32")
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_cfg)
-    print(f"loaded {models.smollm2_gguf_path().name if args.model_path == 'smollm2' else args.model_path} "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(
+        f"loaded {models.smollm2_gguf_path().name if args.model_path == 'smollm2' else args.model_path} "
+        f"in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
 
     prompts = [q for q, _ in questions]
     max_new = 6

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+
 import jax
 
 __all__ = ["add_distributed_args", "initialize_from_args", "maybe_initialize"]
@@ -70,8 +71,12 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process runs)")
     group.add_argument("--num-processes", type=int, default=None, help="total number of processes")
     group.add_argument("--process-id", type=int, default=None, help="this process's index")
-    group.add_argument("--distributed", choices=["off", "auto"], default="off",
-                       help="auto: let JAX detect the cluster (TPU pods, SLURM)")
+    group.add_argument(
+        "--distributed",
+        choices=["off", "auto"],
+        default="off",
+        help="auto: let JAX detect the cluster (TPU pods, SLURM)",
+    )
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:

@@ -181,8 +181,9 @@ def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, num
     confidences = np.asarray(confidences, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     if confidences.shape != correct.shape or confidences.ndim != 1 or confidences.size == 0:
-        raise ValueError(f"expected_calibration_error: need two equal non-empty 1-D arrays, got {confidences.shape}, "
-                         f"{correct.shape}")
+        raise ValueError(
+            f"expected_calibration_error: need two equal non-empty 1-D arrays, got {confidences.shape}, {correct.shape}"
+        )
     if num_bins < 1:
         raise ValueError(f"expected_calibration_error: num_bins must be >= 1, got {num_bins}")
     # ceil(c * B) - 1 puts c in ((b-1)/B, b/B]; clip sends c == 0 to the first bin.

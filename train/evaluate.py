@@ -207,14 +207,22 @@ def build_eval_set(
         if task.eval_pairs:
             pairs = list(task.eval_pairs)
             if config.task_examples > len(pairs):
-                raise ValueError(f"task {task.name!r}: asked for {config.task_examples} eval examples, "
-                                 f"only {len(pairs)} held-out pairs exist")
+                raise ValueError(
+                    f"task {task.name!r}: asked for {config.task_examples} eval examples, "
+                    f"only {len(pairs)} held-out pairs exist"
+                )
             pairs = pairs[: config.task_examples or len(pairs)]
             task_rows = pair_rows(tokenizer, pairs, config.seq_len, f"task {task.name!r}")
             is_recall = bool(task.recall_questions)
         elif task.eval_texts:
-            task_rows = text_rows(tokenizer, task.eval_texts, config.task_examples or 16, config.seq_len,
-                                  config.seed, f"task {task.name!r}")
+            task_rows = text_rows(
+                tokenizer,
+                task.eval_texts,
+                config.task_examples or 16,
+                config.seq_len,
+                config.seed,
+                f"task {task.name!r}",
+            )
         else:
             raise ValueError(f"task {task.name!r} has no held-out data")
     retain = None
@@ -237,8 +245,15 @@ def build_eval_set(
             raise ValueError("quiz: every item needs the same number of choices")
         quiz = pair_rows(tokenizer, pairs, config.seq_len, "quiz")
         labels, lengths = np.asarray(labels_list), np.asarray(lengths_list, np.float64)
-    return EvalSet(task=task_rows, task_is_recall=is_recall, retain=retain, quiz=quiz, quiz_labels=labels,
-                   quiz_lengths=lengths, config=config)
+    return EvalSet(
+        task=task_rows,
+        task_is_recall=is_recall,
+        retain=retain,
+        quiz=quiz,
+        quiz_labels=labels,
+        quiz_lengths=lengths,
+        config=config,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -268,14 +283,16 @@ def make_scorer(apply_fn: ApplyFn) -> Callable[..., dict[str, jax.Array]]:
             base_logits = apply_fn(base_params, batch["tokens"], batch["positions"], batch["segment_ids"])
             # Per-row KL sums: kl_sums over a single row each, vmapped so padding rows stay zero.
             out["kl"] = jax.vmap(lambda b, t, m: eval_metrics.kl_sums(b[None], t[None], m[None]).total)(
-                base_logits, logits, mask)
+                base_logits, logits, mask
+            )
         return out
 
     return jax.jit(score)
 
 
-def _score_rows(scorer, params, base_params, rows: Rows, batch_size: int, desc: str,
-                progress: bool) -> dict[str, np.ndarray]:
+def _score_rows(
+    scorer, params, base_params, rows: Rows, batch_size: int, desc: str, progress: bool
+) -> dict[str, np.ndarray]:
     n = len(rows)
     outputs: dict[str, list[np.ndarray]] = {}
     starts = range(0, n, batch_size)
@@ -322,8 +339,9 @@ def evaluate(
         s = _score_rows(scorer, params, None, eval_set.quiz, cfg.batch_size, "eval quiz", progress)
         lengths = eval_set.quiz_lengths
         ll = (-s["nll"]).reshape(lengths.shape)
-        mc = eval_metrics.score_multiple_choice(ll, lengths, eval_set.quiz_labels,
-                                                length_normalize=cfg.mc_normalization != "none")
+        mc = eval_metrics.score_multiple_choice(
+            ll, lengths, eval_set.quiz_labels, length_normalize=cfg.mc_normalization != "none"
+        )
         metrics["mc_acc"] = mc.accuracy
         confidence = mc.probs[np.arange(len(mc.predictions)), mc.predictions]
         metrics["mc_ece"] = eval_metrics.expected_calibration_error(confidence, mc.correct, cfg.ece_bins)
@@ -373,8 +391,9 @@ def model_config_from_spec(spec: str, *, dtype: str = "float32", param_dtype: st
 
     kind, _, value = spec.partition(":")
     if kind == "preset":
-        return ModelConfig(source="preset", preset=value or "tiny", dtype=dtype, param_dtype=param_dtype,
-                           init_seed=seed)
+        return ModelConfig(
+            source="preset", preset=value or "tiny", dtype=dtype, param_dtype=param_dtype, init_seed=seed
+        )
     if kind in ("gguf", "hf") and (value or kind == "gguf"):
         return ModelConfig(source=kind, path=value, dtype=dtype, param_dtype=param_dtype)
     raise ValueError(f"model {spec!r}: use preset:NAME, gguf:PATH (gguf:smollm2 for the wheel's file) or hf:DIR")
@@ -393,8 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m train eval", description=main.__doc__)
     parser.add_argument("--model", default="gguf:smollm2", help="preset:NAME | gguf:PATH|smollm2 | hf:DIR")
-    parser.add_argument("--base", default=None,
-                        help="base model (same forms) to report KL(base||model) and forgetting against")
+    parser.add_argument(
+        "--base", default=None, help="base model (same forms) to report KL(base||model) and forgetting against"
+    )
     parser.add_argument("--task", default="facts", help=f"one of {list(datasets.TASKS)}, a .txt/.jsonl file, or none")
     parser.add_argument("--facts-entities", type=int, default=16)
     parser.add_argument("--cache-dir", default=None)
@@ -406,11 +426,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
-        task = None if args.task == "none" else datasets.load_task(args.task, args.cache_dir,
-                                                                   num_entities=args.facts_entities)
+        task = (
+            None
+            if args.task == "none"
+            else datasets.load_task(args.task, args.cache_dir, num_entities=args.facts_entities)
+        )
         retain = None if args.no_retain else datasets.load_retain(args.cache_dir)
-        quiz = (datasets.load_quiz_items(cfg.quiz_items, seed=cfg.seed, cache_dir=args.cache_dir)
-                if cfg.quiz_items and not args.no_retain else None)
+        quiz = (
+            datasets.load_quiz_items(cfg.quiz_items, seed=cfg.seed, cache_dir=args.cache_dir)
+            if cfg.quiz_items and not args.no_retain
+            else None
+        )
         model, tokenizer = load_model(args.model, dtype=args.dtype)
         eval_set = build_eval_set(tokenizer, cfg, task=task, retain_texts=retain, quiz_items=quiz)
     except (ValueError, FileNotFoundError) as e:
@@ -426,8 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     scorer = make_scorer(apply_fn)
     t0 = time.perf_counter()
     metrics = evaluate(scorer, params, eval_set, base_params=base_params)
-    report: dict[str, Any] = {"model": args.model, "task": args.task, "sizes": eval_set.sizes(), "metrics": metrics,
-                              "eval_config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - t0}
+    report: dict[str, Any] = {
+        "model": args.model,
+        "task": args.task,
+        "sizes": eval_set.sizes(),
+        "metrics": metrics,
+        "eval_config": dataclasses.asdict(cfg),
+        "seconds": time.perf_counter() - t0,
+    }
     if base_params is not None:
         report["base_metrics"] = evaluate(scorer, base_params, eval_set)
         report["forgetting"] = forgetting(report["base_metrics"], metrics)

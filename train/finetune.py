@@ -26,7 +26,7 @@ from train import data as data_lib
 from train import distributed
 from train import mesh as mesh_lib
 from train import step as step_lib
-from train.checkpoint import CheckpointError, Checkpointer
+from train.checkpoint import Checkpointer, CheckpointError
 from train.config import ConfigError, TrainConfig
 from train.metrics_log import DelayedMetrics, MetricsLogger
 from train.optimizers import make_optimizer
@@ -73,14 +73,18 @@ def _dtype(name: str, key: str) -> Any:
 
 def load_model(model_cfg: config_lib.ModelConfig) -> tuple[Any, Any]:
     """Builds or loads the model and its tokenizer as the config says (see :class:`train.config.ModelConfig`)."""
-    import models
     from flax import nnx
+
+    import models
 
     dtype = _dtype(model_cfg.dtype, "model.dtype")
     param_dtype = _dtype(model_cfg.param_dtype, "model.param_dtype")
     if model_cfg.source == "preset":
         cfg = models.get_preset(
-            model_cfg.preset, dtype=dtype, param_dtype=param_dtype, remat=model_cfg.remat,
+            model_cfg.preset,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=model_cfg.remat,
             scan_layers=model_cfg.scan_layers,
         )
         tokenizer = data_lib.ByteTokenizer()
@@ -94,13 +98,19 @@ def load_model(model_cfg: config_lib.ModelConfig) -> tuple[Any, Any]:
         path = models.smollm2_gguf_path() if model_cfg.path in ("", "smollm2") else model_cfg.path
         if not os.path.isfile(path):
             raise ConfigError(f"model.path={path!r}: GGUF file not found")
-        return models.load_gguf(path, dtype=dtype, param_dtype=param_dtype, remat=model_cfg.remat,
-                                scan_layers=model_cfg.scan_layers)
+        return models.load_gguf(
+            path, dtype=dtype, param_dtype=param_dtype, remat=model_cfg.remat, scan_layers=model_cfg.scan_layers
+        )
     if model_cfg.source == "hf":
         if not os.path.isdir(model_cfg.path):
             raise ConfigError(f"model.path={model_cfg.path!r}: Hugging Face model directory not found")
-        model, tokenizer = models.load_hf(model_cfg.path, dtype=dtype, param_dtype=param_dtype,
-                                          remat=model_cfg.remat, scan_layers=model_cfg.scan_layers)
+        model, tokenizer = models.load_hf(
+            model_cfg.path,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=model_cfg.remat,
+            scan_layers=model_cfg.scan_layers,
+        )
         if tokenizer is None:
             raise ConfigError(f"model.path={model_cfg.path!r} has no tokenizer.json; fine-tuning needs a tokenizer")
         return model, tokenizer
@@ -135,9 +145,7 @@ def _global_batch(host_batch: dict[str, np.ndarray], sharding: jax.sharding.Name
     host_batch = step_lib.host_batch_arrays(host_batch)
     shape = host_batch["tokens"].shape
     rows = data_lib.local_rows(sharding, shape)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v[rows], v.shape) for k, v in host_batch.items()
-    }
+    return {k: jax.make_array_from_process_local_data(sharding, v[rows], v.shape) for k, v in host_batch.items()}
 
 
 def run(
@@ -194,8 +202,9 @@ def run(
     checkpointer = None
     resume_step = None
     if cfg.checkpoint.directory:
-        checkpointer = Checkpointer(cfg.checkpoint.directory, keep=cfg.checkpoint.keep,
-                                    async_save=cfg.checkpoint.async_save)
+        checkpointer = Checkpointer(
+            cfg.checkpoint.directory, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+        )
         latest = checkpointer.latest_step()
         if latest is not None and not cfg.checkpoint.resume:
             raise CheckpointError(
@@ -220,8 +229,14 @@ def run(
         start_step = int(meta["step"])
 
     step_fn = step_lib.make_train_step(
-        apply_fn, tx, cfg.optimizer, grad_accum=cfg.data.grad_accum, l2sp_weight=cfg.l2sp_weight,
-        total_steps=total, mesh=mesh, state_shardings=state_shardings,
+        apply_fn,
+        tx,
+        cfg.optimizer,
+        grad_accum=cfg.data.grad_accum,
+        l2sp_weight=cfg.l2sp_weight,
+        total_steps=total,
+        mesh=mesh,
+        state_shardings=state_shardings,
     )
     batch_sharding = mesh_lib.batch_sharding(mesh)
 
@@ -229,8 +244,14 @@ def run(
     if output_dir and jax.process_index() == 0:
         os.makedirs(output_dir, exist_ok=True)
         config_lib.save_config(cfg, os.path.join(output_dir, "config.yaml"))
-    logger = MetricsLogger(output_dir, total_steps=total, start_step=start_step, tensorboard=cfg.tensorboard,
-                           progress=cfg.progress, append=start_step > 0)
+    logger = MetricsLogger(
+        output_dir,
+        total_steps=total,
+        start_step=start_step,
+        tensorboard=cfg.tensorboard,
+        progress=cfg.progress,
+        append=start_step > 0,
+    )
     delayed = DelayedMetrics(logger)
     meta_base = {"config": config_lib.to_dict(cfg)}
 
@@ -294,8 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if jax.process_index() == 0:
         if result.metrics:
             last = result.metrics[-1]
-            print(f"trained steps {result.start_step}..{cfg.steps} in {time.perf_counter() - t0:.1f}s; "
-                  f"final loss {last['loss']:.4f}, lr {last['lr']:.3g}")
+            print(
+                f"trained steps {result.start_step}..{cfg.steps} in {time.perf_counter() - t0:.1f}s; "
+                f"final loss {last['loss']:.4f}, lr {last['lr']:.3g}"
+            )
         else:
             print(f"nothing to train: the checkpoint is already at step {result.start_step} >= steps={cfg.steps}")
     return 0

@@ -35,7 +35,12 @@ def complete(
 
     ids = [tokenizer.encode(p, add_bos=add_bos and tokenizer.bos_id is not None) for p in prompts]
     out = models.generate(
-        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, rng=jax.random.key(seed),
+        model,
+        ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        rng=jax.random.key(seed),
         eos_id=tokenizer.eos_id if stop_at_eos else None,
     )
     texts = []
@@ -49,7 +54,7 @@ def complete(
 
 def load_checkpoint_params(directory: str, step: int | None = None) -> tuple[Any, Any, config_lib.TrainConfig]:
     """``(model, tokenizer, cfg)``: the checkpoint's model config, loaded, with the checkpoint's params."""
-    from train.checkpoint import CheckpointError, Checkpointer
+    from train.checkpoint import Checkpointer, CheckpointError
     from train.finetune import load_model
     from train.optimizers import make_optimizer
 
@@ -93,8 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = config_lib.load_config(args.config, args.overrides)
         model, tokenizer = load_model(cfg.model)
-    texts = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, seed=args.seed)
+    texts = complete(
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}\u2192{text}")
     return 0

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import optax
 
 import finch_optax
-
 from train.config import ConfigError, OptimizerConfig
 
 __all__ = ["FINCH_DIRECTIONS", "applied_learning_rate", "is_finch", "make_optimizer", "make_schedule"]
