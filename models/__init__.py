@@ -2,6 +2,7 @@
 
 The public surface is listed in ``docs/interfaces.md`` ("models") and ``docs/models.md``:
 
+    model, tokenizer = models.load("gguf:smollm2")             # or "hf:DIR", "gguf:PATH", "preset:tiny"
     cfg = models.get_preset("tiny")
     model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
     logits = model(tokens, positions=None, segment_ids=None)   # float32 [B, T, vocab]
@@ -16,11 +17,15 @@ from models.config import PRESETS, ConfigError, ModelConfig, RopeScaling, get_pr
 from models.generate import generate
 from models.gguf_loader import GGUFError, load_gguf, smollm2_gguf_path
 from models.hf import HFDirectoryError, load_hf, save_hf
+from models.load import ModelSource, load, parse_source
 from models.tokenizer import ByteTokenizer, Tokenizer, TokenizerError
 from models.transformer import CausalLM, KVCache, init_cache, logical_axes, rope_inverse_frequencies
 from models.weights import WeightError, abstract_model
 
 __all__ = [
+    "load",
+    "parse_source",
+    "ModelSource",
     "PRESETS",
     "ConfigError",
     "ModelConfig",

@@ -19,7 +19,7 @@ __all__ = ["ModelConfig", "RopeScaling", "ConfigError", "get_preset", "PRESETS"]
 
 
 class ConfigError(ValueError):
-    """A configuration (file, preset or field) the models package cannot represent faithfully."""
+    """A configuration that cannot be used (a file, key, value, preset or model name); the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,8 +74,6 @@ def read_gguf(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, Any]
 
     NumPy layout is the reverse of GGUF's listed dims, i.e. ``[out_features, in_features]`` like HF.
     """
-    import gguf  # imported lazily: only GGUF users need it
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -92,8 +91,6 @@ def read_gguf(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, Any]
 
 def dequantize_tensor(tensor: Any, source: str = "GGUF") -> np.ndarray:
     """float32 copy of one ``gguf.ReaderTensor``; refuses unsupported quantization types by name."""
-    import gguf
-
     type_name = tensor.tensor_type.name
     if type_name not in SUPPORTED_GGUF_TYPES:
         raise GGUFError(

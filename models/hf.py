@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from models.config import ModelConfig
 from models.tokenizer import ByteTokenizer, Tokenizer
@@ -43,8 +45,6 @@ class SafetensorsTensors(Mapping[str, np.ndarray]):
         self._handles: dict[Path, Any] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
         file = self._files[name]
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="np")
@@ -59,8 +59,6 @@ class SafetensorsTensors(Mapping[str, np.ndarray]):
 
 def read_safetensors(directory: str | Path) -> SafetensorsTensors:
     """All tensors of a HF directory (``model.safetensors`` or the sharded index), as a lazy name -> array mapping."""
-    from safetensors import safe_open
-
     directory = Path(directory)
     single, index = directory / SINGLE_FILE, directory / INDEX_FILE
     if single.is_file():
@@ -152,8 +150,6 @@ def save_hf(
     Returns:
       The directory.
     """
-    from safetensors.numpy import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config

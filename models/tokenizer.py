@@ -108,18 +108,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of ``text`` (special-token strings in the text map to their ids)."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_bos:
-            if self.bos_id is None:
-                raise TokenizerError("add_bos=True but this tokenizer has no BOS token")
-            ids = [self.bos_id] + ids
-        return ids
+        return self.encode_batch([text], add_bos=add_bos)[0]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
-        ids = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
-        if add_bos:
-            ids = [[self.bos_id] + x for x in ids]
-        return ids
+        """Token ids of each text, tokenized in parallel by the Rust backend."""
+        if add_bos and self.bos_id is None:
+            raise TokenizerError("add_bos=True but this tokenizer has no BOS token")
+        head = [self.bos_id] if add_bos else []
+        return [head + e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -275,6 +271,9 @@ class ByteTokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
         return [self.bos_id] + ids if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        return [self.encode(text, add_bos=add_bos) for text in texts]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         del skip_special_tokens  # specials never decode to text

@@ -1,27 +1,22 @@
-"""Tiny-model end-to-end compare: results.json, table and plots; resume after an interrupt; bad input; eval CLI."""
+"""Tiny-model end-to-end compare: results.json, table and plots; resume after an interrupt; bad input; the CLI."""
 
-import importlib.util
 import json
+import runpy
 from pathlib import Path
 
 import pytest
 
-from train import compare, evaluate
-from train import datasets as ds
+from train import cli
+from train.lab import compare, demo, front, methods, report, runner, sources
+from train.lab.config import CompareConfig
+from train.lab.evaluate import EvalConfig
 
-FIXTURES = Path(__file__).parent / "fixtures" / "lab"
+prepare_cache = runpy.run_path(str(Path(__file__).parent / "fixtures/lab/builders.py"))["prepare_cache"]
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lab-compare")
-    spec = importlib.util.spec_from_file_location("lab_builders", FIXTURES / "builders.py")
-    builders = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builders)
-    builders.write_austen_package(tmp / "austen-pkg")
-    for name, root in {"austen": tmp / "austen-pkg", "brown": FIXTURES / "brown", "quiz": FIXTURES / "quiz"}.items():
-        ds.prepare(name, tmp / "cache", package_root=root, log=lambda _: None)
-    return tmp / "cache"
+    return prepare_cache(tmp_path_factory.mktemp("lab-compare"), ("austen", "brown", "quiz"))
 
 
 def _config(cache, **kw):
@@ -36,11 +31,11 @@ def _config(cache, **kw):
         seq_len=32,
         cache_dir=str(cache),
         methods=("sft", "finch", "sweep:lrs=3e-4", "warmup_matched:replay=same", "stm:threshold=6.3"),
-        eval=evaluate.EvalConfig(seq_len=48, batch_size=8, retain_sequences=4, quiz_items=8),
+        eval=EvalConfig(seq_len=48, batch_size=8, retain_sequences=4, quiz_items=8),
         train_overrides=("progress=false",),
     )
     values.update(kw)
-    return compare.CompareConfig(**values)
+    return CompareConfig(**values)
 
 
 class _Interrupt(Exception):
@@ -61,7 +56,7 @@ def test_compare_end_to_end_and_resume(cache, tmp_path):
         return run(train_cfg, **kw)
 
     with pytest.raises(_Interrupt):
-        compare.run_compare(cfg, tmp_path, finetune_run=interrupted_run, log=lambda _: None)
+        runner.run_compare(cfg, tmp_path, finetune_run=interrupted_run, log=lambda _: None)
     assert sorted(p.name for p in (tmp_path / "runs").glob("*.json")) == ["finch__seed0.json", "sft@3e-3__seed0.json"]
     assert not (tmp_path / "results.json").exists()
 
@@ -71,7 +66,7 @@ def test_compare_end_to_end_and_resume(cache, tmp_path):
         resumed.append(train_cfg.optimizer.learning_rate)
         return run(train_cfg, **kw)
 
-    results = compare.run_compare(cfg, tmp_path, finetune_run=counting_run, log=lambda _: None)
+    results = runner.run_compare(cfg, tmp_path, finetune_run=counting_run, log=lambda _: None)
     assert len(resumed) == 3  # sft and finch were not trained again
 
     on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -109,13 +104,13 @@ def test_compare_end_to_end_and_resume(cache, tmp_path):
     assert len(rows) == 2 + 2 and rows[0].startswith("| question | truth | base | sft@3e-3__seed0 |")
 
     # A third start finds everything finished and trains nothing.
-    compare.run_compare(cfg, tmp_path, finetune_run=lambda *a, **k: pytest.fail("retrained"), log=lambda _: None)
+    runner.run_compare(cfg, tmp_path, finetune_run=lambda *a, **k: pytest.fail("retrained"), log=lambda _: None)
 
 
 def test_answers_table_marks_answers_that_contain_the_truth():
     questions = [("Question: Where was A born?\nAnswer: A was born in", "Kaindskai"), ("A invented the", "loom")]
     runs = [{"run_id": "sft", "answers": ["the town of Kaindskai", "steam engine"]}, {"run_id": "finch"}]
-    table = compare.answers_table(questions, ["London", "Loom of light"], runs)
+    table = report.answers_table(questions, ["London", "Loom of light"], runs)
     assert table.splitlines() == [
         "| question | truth | base | sft | finch |",
         "|---|---|---|---|---|",
@@ -125,9 +120,9 @@ def test_answers_table_marks_answers_that_contain_the_truth():
 
 
 def test_front_interpolation_and_reductions():
-    assert compare.front_at([(2.0, 0.4), (1.0, 0.1), (3.0, 0.5)], 1.5) == pytest.approx(0.25)
-    assert compare.front_at([(1.0, 0.1)], 1.0) == pytest.approx(0.1)
-    assert compare.front_at([], 1.0) is None
+    assert front.front_at([(2.0, 0.4), (1.0, 0.1), (3.0, 0.5)], 1.5) == pytest.approx(0.25)
+    assert front.front_at([(1.0, 0.1)], 1.0) == pytest.approx(0.1)
+    assert front.front_at([], 1.0) is None
 
 
 def _record(label, kind, seed, task_loss, kl, on_front):
@@ -141,13 +136,13 @@ def _record(label, kind, seed, task_loss, kl, on_front):
 def test_summary_uses_the_pareto_front_and_reports_domination():
     # The demo's real outcome: the lower constant lr beats SFT *and* FINCH on both axes, so the chord from SFT to it
     # is no trade-off curve and must not flatter FINCH.
-    cfg = compare.CompareConfig(methods=("sft", "finch", "sweep:lrs=1e-4"), lr_max=3e-4)
+    cfg = CompareConfig(methods=("sft", "finch", "sweep:lrs=1e-4"), lr_max=3e-4)
     records = [
         _record("sft@3e-4", "sft", 0, 0.352, 2.81, True),
         _record("finch", "finch", 0, 0.339, 2.00, False),
         _record("const@1e-4", "sweep", 0, 0.297, 1.21, True),
     ]
-    summary = compare.summarize(cfg, {"task_loss": 6.4}, records)["methods"]
+    summary = front.summarize(cfg, {"task_loss": 6.4}, records)["methods"]
     assert summary["finch"]["dominated_by"] == [["const@1e-4"]]
     assert summary["sft@3e-4"]["dominated_by"] == [["const@1e-4"]]
     assert summary["const@1e-4"]["dominated_by"] == [[]]
@@ -159,27 +154,27 @@ def test_summary_uses_the_pareto_front_and_reports_domination():
         _record("finch", "finch", 0, 2.0, 0.3, False),
         _record("const@1e-4", "sweep", 0, 3.0, 0.2, True),
     ]
-    summary = compare.summarize(cfg, {"task_loss": 6.4}, records)["methods"]
+    summary = front.summarize(cfg, {"task_loss": 6.4}, records)["methods"]
     assert summary["finch"]["dominated_by"] == [[]]
     assert summary["finch"]["reduction_vs_front"]["mean"] == pytest.approx(1 - 0.3 / 0.5)
 
 
 def test_bad_methods_fail_before_any_run(cache, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'adagrad'"):
-        compare.parse_method("adagrad")
+        methods.parse_method("adagrad")
     with pytest.raises(ValueError, match="threshold is an option of stm"):
-        compare.parse_method("l2sp:threshold=3")
+        methods.parse_method("l2sp:threshold=3")
     with pytest.raises(ValueError, match="not a valid float"):
-        compare.parse_method("finch:base=fast")
+        methods.parse_method("finch:base=fast")
     with pytest.raises(ValueError, match="duplicate runs"):
-        compare.expand_runs(_config(cache, methods=("sft", "sweep:lrs=3e-3")))
+        methods.expand_runs(_config(cache, methods=("sft", "sweep:lrs=3e-3")))
     with pytest.raises(ValueError, match="not among the methods"):
-        compare.expand_runs(_config(cache, methods=("sft", "warmup_matched")))
+        methods.expand_runs(_config(cache, methods=("sft", "warmup_matched")))
     never = lambda *a, **k: pytest.fail("trained despite bad input")  # noqa: E731
     with pytest.raises(ValueError, match="asked for 999 multiple-choice items"):
-        compare.run_compare(_config(cache, eval=evaluate.EvalConfig(quiz_items=999)), tmp_path, finetune_run=never)
-    with pytest.raises(ds.MissingDatasetError, match="python -m train prepare pydocs"):
-        compare.run_compare(_config(cache, task="science"), tmp_path, finetune_run=never)
+        runner.run_compare(_config(cache, eval=EvalConfig(quiz_items=999)), tmp_path, finetune_run=never)
+    with pytest.raises(sources.MissingDatasetError, match="python -m train prepare pydocs"):
+        runner.run_compare(_config(cache, task="science"), tmp_path, finetune_run=never)
     assert compare.main(["--method", "stm:weight=1", "--out", str(tmp_path)]) == 2
     assert compare.main(["--task-metric", "accuracy", "--out", str(tmp_path)]) == 2
 
@@ -189,45 +184,39 @@ def test_cli_config_yaml_and_flags(tmp_path):
     yaml_path.write_text("steps: 7\nmethods: [sft, {kind: sweep, lrs: [1.0e-5, 2.0e-5]}]\neval: {quiz_items: 4}\n")
     cfg, out = compare.config_from_args(
         ["--config", str(yaml_path), "--seeds", "0,1", "--lr-max", "2e-4", "--set", "data.grad_accum=2"],
-        compare.CompareConfig(),
+        CompareConfig(),
         "compare",
     )
     assert cfg.steps == 7 and cfg.seeds == (0, 1) and cfg.lr_max == 2e-4 and cfg.eval.quiz_items == 4
-    assert [r.label for r in compare.expand_runs(cfg)] == ["sft@2e-4", "const@1e-5", "const@2e-5"] * 2
+    assert [r.label for r in methods.expand_runs(cfg)] == ["sft@2e-4", "const@1e-5", "const@2e-5"] * 2
     yaml_path.write_text("stepz: 7\n")
     with pytest.raises(ValueError, match="unknown key 'stepz'"):
-        compare.config_from_args(["--config", str(yaml_path)], compare.CompareConfig(), "compare")
+        compare.config_from_args(["--config", str(yaml_path)], CompareConfig(), "compare")
     with pytest.raises(Exception, match="unknown config key 'optimizer.lr'"):
-        compare.config_from_args(["--set", "optimizer.lr=1"], compare.CompareConfig(), "compare")
+        compare.config_from_args(["--set", "optimizer.lr=1"], CompareConfig(), "compare")
 
 
-def test_eval_cli(cache, tmp_path):
-    out = tmp_path / "m.json"
-    code = evaluate.main(
-        [
-            "--model",
-            "preset:tiny",
-            "--base",
-            "preset:tiny",
-            "--task",
-            "facts",
-            "--facts-entities",
-            "2",
-            "--cache-dir",
-            str(cache),
-            "--seq-len",
-            "48",
-            "--retain-sequences",
-            "2",
-            "--quiz-items",
-            "4",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
-    report = json.loads(out.read_text())
-    assert report["sizes"] == {"task_rows": 12, "retain_rows": 2, "quiz_items": 4}
-    assert report["metrics"]["retain_kl"] == pytest.approx(0.0, abs=1e-6)  # the same model as its base
-    assert set(report["forgetting"]) >= {"retain_loss", "retain_kl", "mc_acc"}
-    assert evaluate.main(["--model", "preset:tiny", "--task", "facts", "--cache-dir", str(tmp_path / "none")]) == 2
+@pytest.mark.parametrize("sub", ["demo", "compare", "eval", "prepare"])
+def test_help_has_no_side_effects(sub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "prepare", lambda *a, **k: pytest.fail("--help prepared data"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([sub, "--help"])
+    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no data_cache/, no runs/
+
+
+def test_demo_parses_before_it_prepares_data(tmp_path, monkeypatch):
+    prepared = []
+    monkeypatch.setattr(demo, "prepare", lambda source, cache, **k: prepared.append((source, cache)))
+    monkeypatch.setattr(compare, "run_compare", lambda cfg, out: pytest.fail("ran despite a bad flag"))
+    assert demo.main(["--method", "adagrad", "--out", str(tmp_path)]) == 2
+    assert prepared == []
+
+    def fake_run(cfg, out):
+        assert out == str(tmp_path) and cfg.facts_entities == 4 and cfg.cache_dir == "c"
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    assert demo.main(["--cache-dir", "c", "--out", str(tmp_path)]) == 2
+    assert prepared == [("austen", "c"), ("brown", "c"), ("quiz", "c")]

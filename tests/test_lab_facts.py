@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.facts import ATTRIBUTES, QUESTIONS_PER_FACT, build_facts
+from train.lab.facts import ATTRIBUTES, QUESTIONS_PER_FACT, build_facts
 
 
 def test_deterministic_and_prefix_stable():

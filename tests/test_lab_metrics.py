@@ -9,18 +9,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from train import eval_metrics as em
+from train.lab import metrics as em
+from train.step import token_loss_sums
 
 
-def test_token_sums_hand_computed():
+def test_token_loss_sums_hand_computed():
     # Row 0: uniform over 4 tokens -> NLL ln 4 at each of 2 positions; row 1 masked out entirely.
     logits = jnp.zeros((2, 2, 4))
-    targets = jnp.array([[1, 3], [0, 0]])
-    mask = jnp.array([[1.0, 1.0], [0.0, 0.0]])
-    sums = em.token_sums(logits, targets, mask)
-    assert float(sums.count) == 2.0
-    assert float(sums.total) == pytest.approx(2 * math.log(4), rel=1e-6)
-    assert em.perplexity(float(sums.total / sums.count)) == pytest.approx(4.0, rel=1e-6)
+    batch = {
+        "tokens": jnp.zeros((2, 2), jnp.int32),
+        "positions": jnp.zeros((2, 2), jnp.int32),
+        "segment_ids": jnp.ones((2, 2), jnp.int32),
+        "targets": jnp.array([[1, 3], [0, 0]]),
+        "loss_mask": jnp.array([[1.0, 1.0], [0.0, 0.0]]),
+    }
+    total, count = token_loss_sums(lambda params, *_: logits, None, batch)
+    assert float(count) == 2.0
+    assert float(total) == pytest.approx(2 * math.log(4), rel=1e-6)
+    assert em.perplexity(float(total / count)) == pytest.approx(4.0, rel=1e-6)
 
 
 def test_kl_hand_computed_and_masked():

@@ -45,7 +45,7 @@ def finished_run(tmp_path_factory):
     config.write_text(
         yaml.safe_dump(
             {
-                "model": {"preset": "tiny"},
+                "model": {"source": "preset:tiny"},
                 "data": {"train_files": [str(data)], "seq_len": 64, "batch_size": 8},
                 "optimizer": {"name": "finch_adamw", "learning_rate": 3e-3, "base_learning_rate": 3e-3},
                 "steps": 5,

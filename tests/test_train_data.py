@@ -8,11 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import models
 from train import data as data_lib
 from train.config import DataConfig, MeshConfig
 from train.mesh import batch_sharding, make_mesh
 
-TOK = data_lib.ByteTokenizer()
+TOK = models.ByteTokenizer()
 
 
 def _write_jsonl(path, objs):

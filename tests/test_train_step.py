@@ -69,7 +69,7 @@ def _run(apply_fn, params, opt_cfg, batch, *, grad_accum=1, mesh=None, params_sh
     key = (apply_fn, opt_cfg, grad_accum, None if mesh is None else tuple(mesh.shape.items()), tuple(kw.items()))
     if key not in _COMPILED:
         _COMPILED[key] = step_lib.make_train_step(
-            apply_fn, tx, opt_cfg, grad_accum=grad_accum, mesh=mesh, state_shardings=shardings, **kw
+            apply_fn, tx, grad_accum=grad_accum, mesh=mesh, state_shardings=shardings, **kw
         )
     step = _COMPILED[key]
     metrics = []
@@ -196,7 +196,7 @@ def test_step_is_pure_and_never_recompiles():
     params = _toy_params()
     opt_cfg = OptimizerConfig(name="finch_sgd", learning_rate=0.1, base_learning_rate=0.1)
     tx = make_optimizer(opt_cfg)
-    step = step_lib.make_train_step(_toy_apply, tx, opt_cfg)
+    step = step_lib.make_train_step(_toy_apply, tx)
     state, _ = step_lib.create_train_state(params, tx)
     for seed in range(3):
         state, m = step(state, _batch(16, seed=seed))
@@ -204,5 +204,5 @@ def test_step_is_pure_and_never_recompiles():
     assert np.isfinite(float(m["loss"]))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
     with pytest.raises(ValueError, match="grad_accum"):
-        step_lib.make_train_step(_toy_apply, tx, opt_cfg, grad_accum=0)
+        step_lib.make_train_step(_toy_apply, tx, grad_accum=0)
     assert optax.tree.norm(state.params) > 0

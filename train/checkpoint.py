@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.mesh import path_str
 from train.step import TrainState
 
 __all__ = ["CheckpointError", "Checkpointer", "state_signature"]
@@ -50,8 +51,6 @@ def _tree_to_state(tree: dict[str, Any]) -> TrainState:
 
 def state_signature(state: Any) -> list[list[Any]]:
     """``[[path, shape, dtype], ...]`` of every state leaf: what a restore target must match."""
-    from train.mesh import path_str
-
     flat, _ = jax.tree_util.tree_flatten_with_path(_state_to_tree(state))
     return [[path_str(p), list(np.shape(x)), str(np.dtype(x.dtype))] for p, x in flat]
 
@@ -122,10 +121,6 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} could not be restored ({type(e).__name__}: {e})"
             ) from e
         return _tree_to_state(restored["state"]), meta
-
-    def wait(self) -> None:
-        """Blocks until the pending asynchronous save is complete on disk."""
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -1,8 +1,8 @@
 """``finch-train SUB ...`` / ``python -m train SUB ...``: a thin dispatcher over importable modules.
 
 Each subcommand names a ``module:function`` that takes ``argv`` (the arguments after the subcommand) and returns an
-exit code. Modules are imported only when their subcommand runs, so ``finch-train --help`` is instant and one
-missing optional module never breaks the others.
+exit code. Modules are imported only when their subcommand runs, so ``finch-train --help`` is instant, and a missing
+third-party dependency is one line naming the install command rather than a traceback.
 """
 
 from __future__ import annotations
@@ -17,15 +17,11 @@ __all__ = ["SUBCOMMANDS", "main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("train.finetune:main", "fine-tune a model on text/JSONL with FINCH or a baseline"),
     "generate": ("train.generate:main", "greedy / sampled text generation from a model or checkpoint"),
-    "demo": (
-        "train.compare:demo_main",
-        "SmolLM2-135M learns new facts: adamw vs finch_adamw vs a lower lr (make demo)",
-    ),
-    "finetune-demo": ("train.demo:main", "SmolLM2-135M learns new facts with finch_adamw alone, answers before/after"),
-    "prepare": ("train.datasets:main", "download and cache the built-in datasets"),
-    "eval": ("train.evaluate:main", "evaluate a model: perplexity, quiz accuracy, fact recall"),
-    "compare": ("train.compare:main", "side-by-side FINCH vs baselines forgetting comparison"),
-    "bench": ("train.bench:main", "step-time / throughput benchmarks"),
+    "demo": ("train.lab.demo:main", "SmolLM2-135M learns new facts: adamw vs finch_adamw vs a lower lr (make demo)"),
+    "prepare": ("train.lab.sources:main", "download and cache the built-in datasets"),
+    "eval": ("train.lab.evaluate:main", "evaluate a model: perplexity, quiz accuracy, fact recall"),
+    "compare": ("train.lab.compare:main", "side-by-side FINCH vs baselines forgetting comparison"),
+    "bench": ("train.bench.cli:main", "step-time / throughput benchmarks"),
 }
 
 
@@ -52,12 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name == module_name:
-            print(
-                f"finch-train: subcommand {name!r} is not available ({module_name} is not installed)", file=sys.stderr
-            )
-            return 2
-        raise
+        if (e.name or "").split(".")[0] in _FIRST_PARTY:
+            raise
+        print(
+            f"finch-train {name}: the training stack's dependency {e.name!r} is not installed; run `make install` in "
+            f"the finch-optax checkout (or `pip install -e '.[lab]'` there)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         code = getattr(module, func_name)(rest)
     except Exception as e:
@@ -68,15 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(code or 0)
 
 
+_FIRST_PARTY = ("finch_optax", "models", "train")
+
 # Errors that describe bad input (config, data, mesh, checkpoint, model files): one clear line, no traceback.
 _USER_ERRORS = (
-    ("train.config", "ConfigError"),
     ("train.data", "DataError"),
     ("train.mesh", "ShardingError"),
     ("train.checkpoint", "CheckpointError"),
     ("models.config", "ConfigError"),
     ("models.weights", "WeightError"),
     ("models.gguf_loader", "GGUFError"),
+    ("models.hf", "HFDirectoryError"),
+    ("models.tokenizer", "TokenizerError"),
 )
 
 

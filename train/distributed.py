@@ -81,20 +81,3 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
     return maybe_initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto")
-
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
-def process_allgather_tree(tree):
-    """Every leaf as a full host NumPy array on every process (a collective: all processes must call it)."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    return jax.tree.map(one, tree)

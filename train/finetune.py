@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+import models
 from train import config as config_lib
 from train import data as data_lib
 from train import distributed
@@ -32,8 +32,6 @@ from train.metrics_log import DelayedMetrics, MetricsLogger
 from train.optimizers import make_optimizer
 
 __all__ = ["FinetuneResult", "load_model", "main", "run"]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -65,56 +63,16 @@ class FinetuneResult:
         return [m["loss"] for m in self.metrics]
 
 
-def _dtype(name: str, key: str) -> Any:
-    if name not in _DTYPES:
-        raise ConfigError(f"{key}={name!r} is not a supported dtype; valid: {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def load_model(model_cfg: config_lib.ModelConfig) -> tuple[Any, Any]:
-    """Builds or loads the model and its tokenizer as the config says (see :class:`train.config.ModelConfig`)."""
-    from flax import nnx
-
-    import models
-
-    dtype = _dtype(model_cfg.dtype, "model.dtype")
-    param_dtype = _dtype(model_cfg.param_dtype, "model.param_dtype")
-    if model_cfg.source == "preset":
-        cfg = models.get_preset(
-            model_cfg.preset,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=model_cfg.remat,
-            scan_layers=model_cfg.scan_layers,
-        )
-        tokenizer = data_lib.ByteTokenizer()
-        if cfg.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.preset={model_cfg.preset!r} has vocab_size {cfg.vocab_size} < {tokenizer.vocab_size} needed by "
-                "the byte-level tokenizer used for randomly initialised presets"
-            )
-        return models.CausalLM(cfg, rngs=nnx.Rngs(model_cfg.init_seed)), tokenizer
-    if model_cfg.source == "gguf":
-        path = models.smollm2_gguf_path() if model_cfg.path in ("", "smollm2") else model_cfg.path
-        if not os.path.isfile(path):
-            raise ConfigError(f"model.path={path!r}: GGUF file not found")
-        return models.load_gguf(
-            path, dtype=dtype, param_dtype=param_dtype, remat=model_cfg.remat, scan_layers=model_cfg.scan_layers
-        )
-    if model_cfg.source == "hf":
-        if not os.path.isdir(model_cfg.path):
-            raise ConfigError(f"model.path={model_cfg.path!r}: Hugging Face model directory not found")
-        model, tokenizer = models.load_hf(
-            model_cfg.path,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=model_cfg.remat,
-            scan_layers=model_cfg.scan_layers,
-        )
-        if tokenizer is None:
-            raise ConfigError(f"model.path={model_cfg.path!r} has no tokenizer.json; fine-tuning needs a tokenizer")
-        return model, tokenizer
-    raise ConfigError(f"model.source={model_cfg.source!r} is unknown; valid: preset, gguf, hf")
+def load_model(settings: config_lib.ModelSettings) -> tuple[Any, Any]:
+    """The model and tokenizer ``settings.source`` names (see :func:`models.load`), at the configured precision."""
+    return models.load(
+        settings.source,
+        dtype=settings.dtype,
+        param_dtype=settings.param_dtype,
+        seed=settings.init_seed,
+        remat=settings.remat,
+        scan_layers=settings.scan_layers,
+    )
 
 
 def _model_context(model: Any) -> int | None:
@@ -192,8 +150,6 @@ def run(
         raise data_lib.DataError(f"token id {int(rows.tokens.max())} is outside the model's vocabulary of {vocab}")
     loader = data_lib.ResumableLoader(rows, cfg.data.batch_size, seed=cfg.data.seed)
 
-    import models
-
     apply_fn, params, merge = step_lib.split_model(model)
     params_shardings = mesh_lib.param_shardings(params, models.logical_axes(model), mesh, rules)
     l2sp = cfg.l2sp_weight > 0
@@ -231,10 +187,8 @@ def run(
     step_fn = step_lib.make_train_step(
         apply_fn,
         tx,
-        cfg.optimizer,
         grad_accum=cfg.data.grad_accum,
         l2sp_weight=cfg.l2sp_weight,
-        total_steps=total,
         mesh=mesh,
         state_shardings=state_shardings,
     )

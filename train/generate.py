@@ -1,6 +1,6 @@
 """Text generation from a model config, optionally with fine-tuned params from a checkpoint.
 
-``finch-train generate --prompt "The capital of France is" model.source=gguf model.path=smollm2``
+``finch-train generate --prompt "The capital of France is" model.source=gguf:smollm2``
 ``finch-train generate --checkpoint runs/x/ckpt --prompt "..."`` (model config read from the checkpoint)
 """
 
@@ -12,8 +12,12 @@ from typing import Any
 
 import jax
 
+import models
 from train import config as config_lib
 from train import step as step_lib
+from train.checkpoint import Checkpointer, CheckpointError
+from train.finetune import load_model
+from train.optimizers import make_optimizer
 
 __all__ = ["complete", "load_checkpoint_params", "main"]
 
@@ -31,8 +35,6 @@ def complete(
     stop_at_eos: bool = True,
 ) -> list[str]:
     """Continuations of each prompt (greedy at ``temperature=0``), decoded to text (the prompt not included)."""
-    import models
-
     ids = [tokenizer.encode(p, add_bos=add_bos and tokenizer.bos_id is not None) for p in prompts]
     out = models.generate(
         model,
@@ -43,21 +45,11 @@ def complete(
         rng=jax.random.key(seed),
         eos_id=tokenizer.eos_id if stop_at_eos else None,
     )
-    texts = []
-    for seq in out:
-        seq = list(seq)
-        if stop_at_eos and tokenizer.eos_id is not None and tokenizer.eos_id in seq:
-            seq = seq[: seq.index(tokenizer.eos_id)]
-        texts.append(tokenizer.decode(seq))
-    return texts
+    return [tokenizer.decode(seq) for seq in out]
 
 
 def load_checkpoint_params(directory: str, step: int | None = None) -> tuple[Any, Any, config_lib.TrainConfig]:
     """``(model, tokenizer, cfg)``: the checkpoint's model config, loaded, with the checkpoint's params."""
-    from train.checkpoint import Checkpointer, CheckpointError
-    from train.finetune import load_model
-    from train.optimizers import make_optimizer
-
     ckpt = Checkpointer(directory, async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step
@@ -94,8 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.checkpoint:
         model, tokenizer, _ = load_checkpoint_params(args.checkpoint, args.step)
     else:
-        from train.finetune import load_model
-
         cfg = config_lib.load_config(args.config, args.overrides)
         model, tokenizer = load_model(cfg.model)
     texts = complete(

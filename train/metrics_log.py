@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 __all__ = ["DelayedMetrics", "MetricsLogger", "to_host_scalars"]
 
@@ -57,12 +59,8 @@ class MetricsLogger:
             os.makedirs(output_dir, exist_ok=True)
             self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a" if append else "w", encoding="utf-8")
             if tensorboard:
-                from tensorboardX import SummaryWriter
-
                 self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         if self.is_main and progress:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, desc="finetune", unit="step", dynamic_ncols=True)
 
     def start_clock(self) -> None:

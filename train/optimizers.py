@@ -16,12 +16,15 @@ name                chain
 With ``clip_norm > 0`` every chain starts with ``clip_by_global_norm``. For FINCH, a ``warmup_cosine`` schedule
 multiplies both ``lr_base`` and ``lr_max``, so FINCH's loss adaptation still acts within the warmup/decay envelope.
 FINCH needs the loss at every update: ``tx.update(grads, state, params, value=loss)``; the non-FINCH chains accept and
-ignore ``value`` so :mod:`train.step` can call every optimizer the same way.
+ignore ``value`` so :mod:`train.step` can call every optimizer the same way. The plain optimizers run inside
+``optax.inject_hyperparams``, so the rate each update applied is read back from the optimizer state
+(:func:`applied_learning_rate`), as it is from FINCH's state. New optimizers are added to :data:`OPTIMIZERS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +33,21 @@ import optax
 import finch_optax
 from train.config import ConfigError, OptimizerConfig
 
-__all__ = ["FINCH_DIRECTIONS", "applied_learning_rate", "is_finch", "make_optimizer", "make_schedule"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "applied_learning_rate", "is_finch", "make_optimizer", "make_schedule"]
 
-FINCH_DIRECTIONS = ("adamw", "adam", "sgd", "momentum", "lion", "adafactor")
-_PLAIN = ("adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine", "trace")
+
+# name -> builder(opt_cfg, total_steps) -> the optimizer without gradient clipping.
+Builder = Callable[[OptimizerConfig, "int | None"], optax.GradientTransformation]
+OPTIMIZERS: dict[str, Builder] = {}
+
+
+def _register(name: str) -> Callable[[Builder], Builder]:
+    def add(builder: Builder) -> Builder:
+        OPTIMIZERS[name] = builder
+        return builder
+
+    return add
 
 
 def is_finch(opt_cfg: OptimizerConfig) -> bool:
@@ -43,9 +56,8 @@ def is_finch(opt_cfg: OptimizerConfig) -> bool:
 
 
 def _validate(opt_cfg: OptimizerConfig, total_steps: int | None) -> None:
-    valid_names = [f"finch_{d}" for d in FINCH_DIRECTIONS] + list(_PLAIN)
-    if opt_cfg.name not in valid_names:
-        raise ConfigError(f"optimizer.name={opt_cfg.name!r} is unknown; valid names: {', '.join(valid_names)}")
+    if opt_cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name={opt_cfg.name!r} is unknown; valid names: {', '.join(OPTIMIZERS)}")
     if opt_cfg.schedule not in SCHEDULES:
         raise ConfigError(f"optimizer.schedule={opt_cfg.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
     if opt_cfg.schedule == "trace":
@@ -87,25 +99,79 @@ def make_schedule(opt_cfg: OptimizerConfig, total_steps: int | None = None, peak
     return replay
 
 
-def _finch_direction(opt_cfg: OptimizerConfig) -> optax.GradientTransformation:
-    direction = opt_cfg.name.removeprefix("finch_")
-    if direction == "adam":
-        return optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
-    if direction == "sgd":
-        return optax.identity()
-    if direction == "momentum":
-        return optax.trace(decay=opt_cfg.momentum)
-    if direction == "lion":
-        return optax.chain(
-            optax.scale_by_lion(b1=opt_cfg.b1, b2=opt_cfg.b2), optax.add_decayed_weights(opt_cfg.weight_decay)
-        )
-    if direction == "adafactor":
-        return optax.scale_by_factored_rms()
-    raise AssertionError(direction)
+def _finch_rates(opt_cfg: OptimizerConfig, total_steps: int | None) -> tuple[Any, Any]:
+    """FINCH's ``(lr_base, lr_max)``: floats, or both scaled by the schedule's shape."""
+    if opt_cfg.schedule == "constant":
+        return opt_cfg.base_learning_rate, opt_cfg.learning_rate
+    shape = make_schedule(opt_cfg, total_steps, peak=1.0)
+    return (lambda t: opt_cfg.base_learning_rate * shape(t)), (lambda t: opt_cfg.learning_rate * shape(t))
+
+
+def _finch(opt_cfg: OptimizerConfig, total_steps: int | None, direction: optax.GradientTransformation):
+    lr_base, lr_max = _finch_rates(opt_cfg, total_steps)
+    finch = finch_optax.scale_by_finch(lr_base, lr_max, ema_decay=opt_cfg.ema_decay, min_loss=opt_cfg.min_loss)
+    return optax.chain(direction, finch)
+
+
+@_register("finch_adamw")
+def _finch_adamw(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    lr_base, lr_max = _finch_rates(opt_cfg, total_steps)
+    return finch_optax.finch_adamw(
+        lr_base,
+        lr_max,
+        b1=opt_cfg.b1,
+        b2=opt_cfg.b2,
+        eps=opt_cfg.eps,
+        weight_decay=opt_cfg.weight_decay,
+        ema_decay=opt_cfg.ema_decay,
+        min_loss=opt_cfg.min_loss,
+    )
+
+
+@_register("finch_adam")
+def _finch_adam(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    return _finch(opt_cfg, total_steps, optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps))
+
+
+@_register("finch_sgd")
+def _finch_sgd(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    return _finch(opt_cfg, total_steps, optax.identity())
+
+
+@_register("finch_momentum")
+def _finch_momentum(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    return _finch(opt_cfg, total_steps, optax.trace(decay=opt_cfg.momentum))
+
+
+@_register("finch_lion")
+def _finch_lion(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    lion = optax.chain(
+        optax.scale_by_lion(b1=opt_cfg.b1, b2=opt_cfg.b2), optax.add_decayed_weights(opt_cfg.weight_decay)
+    )
+    return _finch(opt_cfg, total_steps, lion)
+
+
+@_register("finch_adafactor")
+def _finch_adafactor(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    return _finch(opt_cfg, total_steps, optax.scale_by_factored_rms())
+
+
+@_register("adamw")
+def _adamw(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    schedule = make_schedule(opt_cfg, total_steps, peak=opt_cfg.learning_rate)
+    return optax.inject_hyperparams(optax.adamw)(
+        learning_rate=schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay
+    )
+
+
+@_register("sgd")
+def _sgd(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    schedule = make_schedule(opt_cfg, total_steps, peak=opt_cfg.learning_rate)
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=opt_cfg.momentum or None)
 
 
 def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
-    """Builds the optax transformation named by ``opt_cfg.name``.
+    """Builds the optax transformation named by ``opt_cfg.name`` (a key of :data:`OPTIMIZERS`).
 
     Args:
       opt_cfg: the optimizer section of the config.
@@ -118,54 +184,24 @@ def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int | None = None) -> 
       ConfigError: unknown name or schedule, or hyperparameters that cannot work.
     """
     _validate(opt_cfg, total_steps)
-    parts: list[optax.GradientTransformation] = []
-    if opt_cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
-    if is_finch(opt_cfg):
-        shape = make_schedule(opt_cfg, total_steps, peak=1.0)
-        if opt_cfg.schedule == "constant":
-            lr_base: float | Callable = opt_cfg.base_learning_rate
-            lr_max: float | Callable = opt_cfg.learning_rate
-        else:
-            lr_base = lambda t: opt_cfg.base_learning_rate * shape(t)  # noqa: E731
-            lr_max = lambda t: opt_cfg.learning_rate * shape(t)  # noqa: E731
-        if opt_cfg.name == "finch_adamw":
-            parts.append(
-                finch_optax.finch_adamw(
-                    lr_base,
-                    lr_max,
-                    b1=opt_cfg.b1,
-                    b2=opt_cfg.b2,
-                    eps=opt_cfg.eps,
-                    weight_decay=opt_cfg.weight_decay,
-                    ema_decay=opt_cfg.ema_decay,
-                    min_loss=opt_cfg.min_loss,
-                )
-            )
-        else:
-            parts.append(_finch_direction(opt_cfg))
-            parts.append(
-                finch_optax.scale_by_finch(lr_base, lr_max, ema_decay=opt_cfg.ema_decay, min_loss=opt_cfg.min_loss)
-            )
-    else:
-        schedule = make_schedule(opt_cfg, total_steps, peak=opt_cfg.learning_rate)
-        if opt_cfg.name == "adamw":
-            parts.append(
-                optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
-            )
-        else:
-            parts.append(optax.sgd(schedule, momentum=opt_cfg.momentum or None))
+    parts = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
+    parts.append(OPTIMIZERS[opt_cfg.name](opt_cfg, total_steps))
     return optax.with_extra_args_support(optax.chain(*parts))
 
 
-def applied_learning_rate(
-    opt_cfg: OptimizerConfig, opt_state: optax.OptState, step: jax.Array, total_steps: int | None = None
-) -> jax.Array:
-    """The learning rate the last update used (call after ``update``; ``step`` is that update's index, from 0).
+def _is_injected(node: Any) -> bool:
+    return isinstance(node, optax.InjectStatefulHyperparamsState)
 
-    For FINCH it is read from the optimizer state; for scheduled optimizers it is the schedule at ``step``.
+
+def applied_learning_rate(opt_state: optax.OptState) -> jax.Array:
+    """The learning rate the last update applied, read from the optimizer state (call after ``update``).
+
+    FINCH records its rate in its state; the plain optimizers are wrapped in ``optax.inject_hyperparams``, whose
+    state holds the rate it evaluated for the update.
     """
-    if is_finch(opt_cfg):
+    if finch_optax.find_finch_states(opt_state):
         return jnp.asarray(finch_optax.current_learning_rate(opt_state), jnp.float32)
-    schedule = make_schedule(opt_cfg, total_steps, peak=opt_cfg.learning_rate)
-    return jnp.asarray(schedule(step), jnp.float32)
+    injected = [node for node in jax.tree.leaves(opt_state, is_leaf=_is_injected) if _is_injected(node)]
+    if len(injected) != 1 or "learning_rate" not in injected[0].hyperparams:
+        raise ValueError("the optimizer state holds neither a FINCH state nor one inject_hyperparams learning rate")
+    return jnp.asarray(injected[0].hyperparams["learning_rate"], jnp.float32)

@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train import mesh as mesh_lib
-from train.config import OptimizerConfig
 from train.optimizers import applied_learning_rate
 
 __all__ = [
@@ -81,8 +81,6 @@ def split_model(model: Any) -> tuple[ApplyFn, Any, Callable[[Any], Any]]:
       ``(apply_fn, params, merge)``: ``apply_fn(params, tokens, positions, segment_ids) -> logits``; ``params`` a
       nested dict of the ``nnx.Param`` arrays; ``merge(params) -> model`` rebuilds a module (e.g. for generation).
     """
-    from flax import nnx
-
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(param_state)
 
@@ -163,11 +161,9 @@ def _loss_and_grad_sums(apply_fn, params, batch, grad_accum, mesh):
 def make_step_fn(
     apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
-    opt_cfg: OptimizerConfig,
     *,
     grad_accum: int = 1,
     l2sp_weight: float = 0.0,
-    total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """The un-jitted pure step (see :func:`make_train_step`)."""
@@ -189,7 +185,7 @@ def make_step_fn(
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
         params = optax.apply_updates(state.params, updates)
-        lr = applied_learning_rate(opt_cfg, opt_state, state.step, total_steps)
+        lr = applied_learning_rate(opt_state)
         metrics.update(
             loss=loss,
             tokens=jnp.sum((batch["segment_ids"] != 0).astype(jnp.int32)),
@@ -209,11 +205,9 @@ def make_step_fn(
 def make_train_step(
     apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
-    opt_cfg: OptimizerConfig,
     *,
     grad_accum: int = 1,
     l2sp_weight: float = 0.0,
-    total_steps: int | None = None,
     mesh: Mesh | None = None,
     state_shardings: TrainState | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
@@ -222,10 +216,9 @@ def make_train_step(
     Args:
       apply_fn: ``(params, tokens, positions, segment_ids) -> fp32 logits`` (see :func:`split_model`).
       tx: the optimizer (:func:`train.optimizers.make_optimizer`); updated with ``value=`` the global mean loss.
-      opt_cfg: its config (to report the applied learning rate).
+        The applied learning rate is read back from its state (:func:`train.optimizers.applied_learning_rate`).
       grad_accum: number of micro-batches the global batch is split into (rows must divide evenly).
       l2sp_weight: λ of the L2-SP penalty toward ``state.anchor`` (0 = off).
-      total_steps: the run's length (for ``warmup_cosine`` without ``decay_steps``).
       mesh, state_shardings: when given, explicit in/out shardings (batch over ``data``×``fsdp``, metrics
         replicated); otherwise jit places everything on the default device.
 
@@ -234,9 +227,7 @@ def make_train_step(
       float32 ``loss_mask``, all ``[global_batch, seq_len]``. Metrics (fp32/int32 scalars): ``loss``, ``tokens``
       (non-padding tokens processed), ``loss_tokens`` (tokens with weight > 0), ``loss_weight`` (sum of weights), ``grad_norm``, ``lr`` (the rate the update used), ``lr_sqrt_loss``, and ``l2sp`` when on.
     """
-    step_fn = make_step_fn(
-        apply_fn, tx, opt_cfg, grad_accum=grad_accum, l2sp_weight=l2sp_weight, total_steps=total_steps, mesh=mesh
-    )
+    step_fn = make_step_fn(apply_fn, tx, grad_accum=grad_accum, l2sp_weight=l2sp_weight, mesh=mesh)
     if mesh is None or state_shardings is None:
         return jax.jit(step_fn, donate_argnums=0)
     batch_sh = {k: mesh_lib.batch_sharding(mesh) for k in BATCH_KEYS}

@@ -1,20 +1,8 @@
-"""Fictional facts for the knowledge-acquisition task of the forgetting lab.
+"""Fictional facts for the lab's knowledge-acquisition task: made-up people, each with three made-up attributes.
 
-No pretraining corpus can contain these facts: every entity and every answer is a made-up word drawn from a seeded
-syllable generator. Each fact is stated in several training templates; recall is tested with question phrasings
-held out from training, scored by exact match of the greedy continuation.
-
-Convention for every ``(prompt, answer)`` pair: the model should continue ``prompt`` with ``" " + answer``. Prompts
-never end in whitespace, answers never start with it (BPE tokenizers attach the space to the answer's first token).
-
-Example::
-
-    >>> data = build_facts(num_entities=2, seed=0)
-    >>> len(data.facts), len(data.eval_questions) == len(data.facts) * QUESTIONS_PER_FACT
-    (6, True)
-    >>> prompt, answer = data.eval_questions[0]
-    >>> prompt.endswith(" "), answer.startswith(" ")
-    (False, False)
+No pretraining corpus contains them (every name and answer comes from a seeded syllable generator). Each fact is
+stated in four training templates and asked with two held-out question phrasings. Every ``(prompt, answer)`` pair
+means: continue ``prompt`` with ``" " + answer`` (prompts never end in whitespace, answers never start with it).
 """
 
 from __future__ import annotations
@@ -163,6 +151,12 @@ def build_facts(num_entities: int, seed: int) -> FactsDataset:
       >>> b = build_facts(5, seed=1)
       >>> a.facts == b.facts[: len(a.facts)]
       True
+      >>> data = build_facts(num_entities=2, seed=0)
+      >>> len(data.facts), len(data.eval_questions) == len(data.facts) * QUESTIONS_PER_FACT
+      (6, True)
+      >>> prompt, answer = data.eval_questions[0]
+      >>> prompt.endswith(" "), answer.startswith(" ")
+      (False, False)
     """
     if not isinstance(num_entities, int) or num_entities < 1:
         raise ValueError(f"build_facts: num_entities must be a positive int, got {num_entities!r}")

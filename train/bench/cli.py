@@ -1,0 +1,146 @@
+"""``python -m train bench``: step throughput, MFU, FINCH's overhead, scaling, and the PyTorch side, in one run.
+
+The command line of the benchmark (``train.cli`` dispatches ``bench`` here): parses the flags into a
+:class:`~train.bench.spec.BenchSpec`, runs it with :func:`~train.bench.run.run_bench`, prints the table and the JSON
+path. ``docs/bench.md`` explains the sections and how they measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from jax._src import xla_bridge  # private, but the only way to tell whether jax has started its backend
+
+from train.bench.report import format_table
+from train.bench.run import run_bench
+from train.bench.spec import FLAG_SETS, SECTIONS, BenchError, BenchSpec
+
+__all__ = ["build_parser", "main", "spec_from_args"]
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _int_csv(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchSpec()
+    p = argparse.ArgumentParser(
+        prog="python -m train bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default=d.preset, help="model preset (models.PRESETS)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a model config field, e.g. num_layers=4 (repeatable)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        help="compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU), float32, "
+        "bfloat16; params and optimizer state stay float32",
+    )
+    p.add_argument("--mesh", default=d.mesh, help="e.g. data=-1 or data=2,fsdp=2,tensor=2")
+    p.add_argument("--devices", type=int, default=d.devices, help="use the first N devices (0 = all)")
+    p.add_argument("--remat", action="store_true", help="rematerialise each block")
+    p.add_argument("--scan-layers", action="store_true", help="lax.scan over the layers")
+    p.add_argument("--sections", type=_csv, default=d.sections, help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per runner after compiling")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved A B ... rounds")
+    p.add_argument("--steps", type=int, default=d.steps, help="timed steps per runner per round")
+    p.add_argument("--torch-modes", type=_csv, default=d.torch_modes, help="eager,compile")
+    p.add_argument("--scaling-devices", type=_int_csv, default=d.scaling_devices)
+    p.add_argument("--scaling-layouts", type=_csv, default=d.scaling_layouts)
+    p.add_argument("--flag-sets", type=_csv, default=d.flag_sets, help=f"names from: {', '.join(FLAG_SETS)}")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this process (set before jax starts)")
+    p.add_argument(
+        "--max-minutes", type=float, default=d.max_minutes, help="refuse to start when the estimate is longer"
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--peak-sizes",
+        type=_int_csv,
+        default=d.peak_sizes,
+        help="square matmul sizes for the measured peak (default 1024,2048 on CPU, 4096,8192 on GPU)",
+    )
+    p.add_argument("--out", default="", help="JSON output path (default runs/bench/<preset>-<time>.json)")
+    p.add_argument("--table", default=None, metavar="JSON", help="print the table of an earlier run's JSON and exit")
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    return BenchSpec(
+        preset=args.preset,
+        overrides=tuple(args.override),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        mesh=args.mesh,
+        devices=args.devices,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        sections=tuple(args.sections),
+        warmup=args.warmup,
+        rounds=args.rounds,
+        steps=args.steps,
+        torch_modes=tuple(args.torch_modes),
+        scaling_devices=tuple(args.scaling_devices),
+        scaling_layouts=tuple(args.scaling_layouts),
+        flag_sets=tuple(args.flag_sets),
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        peak_sizes=tuple(args.peak_sizes),
+    )
+
+
+def _apply_xla_flags(extra: str) -> None:
+    """Adds flags to XLA_FLAGS; only possible before jax creates its backend, which reads them once."""
+    if not extra.strip():
+        return
+    if getattr(xla_bridge, "_backends", None):
+        raise BenchError(
+            "--xla-flags must be applied before jax starts its backend; set XLA_FLAGS in the environment instead"
+        )
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m train bench [options]``; returns the exit status (2 for a request that cannot run)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.table is not None:
+        try:
+            print(format_table(json.loads(Path(args.table).read_text())))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            print(f"bench: --table {args.table}: cannot read a bench result ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+        return 0
+    out = Path(args.out or f"runs/bench/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    try:
+        _apply_xla_flags(args.xla_flags)
+        spec = spec_from_args(args)
+        result = run_bench(spec, argv, out=out)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(f"\nJSON: {out}")
+    return 0

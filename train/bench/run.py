@@ -1,0 +1,124 @@
+"""One benchmark run: validate, count FLOPs, measure the peak, check the duration estimate, then run the sections.
+
+:func:`run_bench` returns the JSON-ready result and, with ``out``, rewrites it after every section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from train.bench import flops as flops_lib
+from train.bench.estimate import estimate_seconds, shrink_advice
+from train.bench.jax_runner import device_memory
+from train.bench.peak import measure_matmul_peak
+from train.bench.report import check_targets, meta, write_json
+from train.bench.runner import log
+from train.bench.sections import run_flags_section, run_main_sections, run_remat_section, run_scaling_section
+from train.bench.spec import BenchSpec, BenchTooLong, compute_dtype_name, model_config, spec_to_json, validate
+
+__all__ = ["SCHEMA_VERSION", "run_bench"]
+
+SCHEMA_VERSION = 1
+
+
+def run_bench(
+    spec: BenchSpec, argv: Sequence[str] | None = None, *, check_time: bool = True, out: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Runs the requested sections and returns the JSON-ready result (see ``docs/bench.md`` for every field).
+
+    With ``out``, the result so far is written there after every section (``"complete": false`` until the end), so
+    a run killed by a time limit still leaves what it measured.
+    """
+    validate(spec, jax.device_count())
+    backend = jax.default_backend()
+    dtype_name = compute_dtype_name(spec, backend)
+    cfg = model_config(spec, dtype_name)
+    shape = flops_lib.shape_of(cfg)
+    tokens = spec.batch_size * spec.seq_len
+    forward = flops_lib.forward_flops_per_token(shape, spec.seq_len)
+    step_flops = flops_lib.training_flops_per_step(shape, spec.batch_size, spec.seq_len)
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "meta": meta(argv),
+        "spec": spec_to_json(spec),
+        "model": {
+            "preset": spec.preset,
+            "params": cfg.num_params,
+            "matmul_params": flops_lib.matmul_param_count(shape),
+            **dataclasses.asdict(shape),
+            "compute_dtype": dtype_name,
+            "param_dtype": "float32",
+            "remat": cfg.remat,
+            "scan_layers": cfg.scan_layers,
+        },
+        "flops": {
+            "forward_per_token": forward,
+            "training_per_token": 3 * forward["total"],
+            "training_per_step": step_flops,
+            "tokens_per_step": tokens,
+            "convention": "matmuls only, 2 FLOPs per MAC, attention over all T keys, training = 3x forward",
+        },
+        "peak": None,
+        "estimate_s": None,
+        "runners": [],
+        "ratios": {},
+        "targets": {},
+        "remat": None,
+        "flags": None,
+        "scaling": None,
+        "memory": None,
+        "wall_s": None,
+        "complete": False,
+    }
+
+    def checkpoint() -> None:
+        result["wall_s"] = time.perf_counter() - wall_start
+        result["targets"] = check_targets(result)
+        if out is not None:
+            write_json(result, out)
+
+    wall_start = time.perf_counter()
+    log(f"measuring the {dtype_name} matmul peak on {backend}")
+    peak_info = measure_matmul_peak(dtype_name, sizes=spec.peak_sizes or None)
+    peak = peak_info["peak_flops_per_s"]
+    result["peak"] = peak_info
+    log(f"peak {peak / 1e9:.1f} GFLOP/s")
+    est = estimate_seconds(spec, shape, peak)
+    result["estimate_s"] = est
+    log(
+        f"estimated duration ~{est['total'] / 60:.1f} min (limit {spec.max_minutes:g} min): "
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items() if k != "total")
+    )
+    if check_time and est["total"] > spec.max_minutes * 60:
+        raise BenchTooLong(
+            f"this benchmark would take ~{est['total'] / 60:.1f} min, over the --max-minutes {spec.max_minutes:g} "
+            f"limit:\n{shrink_advice(spec, est)}"
+        )
+    checkpoint()
+    worker_timeout = max(120.0, spec.max_minutes * 60)
+    counts = {"tokens": tokens, "step_flops": step_flops}
+    if {"step", "finch", "torch"} & set(spec.sections):
+        result["runners"], result["ratios"] = run_main_sections(spec, dtype_name, peak_info, **counts)
+        result["memory"] = {
+            "device": device_memory(),
+            "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        checkpoint()
+    if "remat" in spec.sections:
+        result["remat"] = run_remat_section(spec, dtype_name, peak=peak, **counts)
+        checkpoint()
+    if "flags" in spec.sections:
+        result["flags"] = run_flags_section(spec, worker_timeout, peak=peak, **counts)
+        checkpoint()
+    if "scaling" in spec.sections:
+        result["scaling"] = run_scaling_section(spec, worker_timeout, peak=peak, **counts)
+    result["complete"] = True
+    checkpoint()
+    return result

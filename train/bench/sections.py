@@ -1,0 +1,247 @@
+"""The benchmark's sections, each a set of runners that take turns: ``step``/``finch``/``torch``, ``remat``,
+``flags`` and ``scaling`` (``docs/bench.md`` describes what each measures).
+
+In-process runners are interleaved by :func:`train.bench.stats.interleaved`; runners that need a process of their
+own (PyTorch, XLA flag sets, device counts) take the same turns through :mod:`train.bench.worker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import statistics
+import sys
+from typing import Any
+
+from train.bench.jax_runner import build_jax_runner, spec_devices
+from train.bench.peak import build_peak_probe
+from train.bench.runner import Runner, log
+from train.bench.spec import FLAG_SETS, BenchError, BenchSpec, spec_to_json
+from train.bench.stats import interleaved, ratio_of_medians, step_result, timed_steps
+from train.bench.worker import Worker, run_worker_section, worker_env, worker_results
+
+__all__ = ["run_flags_section", "run_main_sections", "run_remat_section", "run_scaling_section"]
+
+
+def _time_runners(runners: list[Runner], spec: BenchSpec, label: str) -> dict[str, list[list[float]]]:
+    for runner in runners:
+        for _ in range(spec.warmup):
+            runner.step()
+    log(f"{label}: timing {', '.join(r.name for r in runners)} interleaved, {spec.rounds} rounds x {spec.steps} steps")
+    return interleaved(
+        {r.name: r.step for r in runners},
+        rounds=spec.rounds,
+        steps_per_round=spec.steps,
+        progress=lambda msg: log(f"{label}: {msg}"),
+    )
+
+
+def _release_memory() -> None:
+    """Returns freed buffers to the OS between phases, so a later phase's peak is not stacked on an earlier one's."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # only where a runner imported it; the benchmark never needs it here
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _compile_jax(spec: BenchSpec, dtype_name: str, optimizer: str) -> Runner:
+    log(f"compiling JAX step ({spec.preset}, {optimizer})")
+    runner = build_jax_runner(
+        f"jax {optimizer}", spec, dtype_name, optimizer, mesh_text=spec.mesh, devices=spec_devices(spec)
+    )
+    log(f"compiled in {runner.compile_s:.1f} s")
+    return runner
+
+
+def _interleaved_peak(peak_info: dict[str, Any], probe_flops: float, probe_times: list[list[float]]) -> float:
+    """Records the peak probed between the steps and returns the MFU basis: the higher of the two measurements.
+
+    A probe that comes out lower was disturbed (on an idle 2-core VM the between-steps probe read half the start
+    figure while PyTorch's step itself sustained more than the probe), and MFU against a too-low peak flatters
+    every runner.
+    """
+    probe_fps = probe_flops / statistics.median([t for rnd in probe_times for t in rnd])
+    peak_info["interleaved_flops_per_s"] = probe_fps * peak_info["devices_counted"]
+    if peak_info["interleaved_flops_per_s"] > peak_info["peak_flops_per_s"]:
+        peak_info["mfu_basis"] = "interleaved"
+        return peak_info["interleaved_flops_per_s"]
+    return peak_info["peak_flops_per_s"]
+
+
+def _torch_phase(
+    name: str, spec: BenchSpec, dtype_name: str, reference: Runner, warmed: set[str]
+) -> tuple[dict[str, Any], dict[str, list[list[float]]]]:
+    """One PyTorch mode in its own worker process, taking turns with the JAX ``reference`` runner.
+
+    Returns:
+      ``(runner, times)``: the worker's ready entry of the PyTorch runner and both runners' ``[rounds][steps]``.
+    """
+    mode = name.split()[1]
+    log(f"building {name} in a worker process (first step{' compiles' if mode == 'compile' else ''})")
+    job = {"spec": spec_to_json(spec), "layouts": [name], "dtype": dtype_name}
+    worker = Worker(name, job, worker_env(1, "", platform=None), max(600.0, spec.max_minutes * 60))
+    try:
+        ready = worker.receive()["ready"]
+        if ready["errors"]:
+            raise BenchError(ready["errors"][0]["error"])
+        if reference.name not in warmed:
+            for _ in range(spec.warmup):
+                reference.step()
+            warmed.add(reference.name)
+        if spec.warmup:
+            worker.run(name, spec.warmup)
+        times: dict[str, list[list[float]]] = {reference.name: [], name: []}
+        for rnd in range(spec.rounds):
+            log(f"torch: round {rnd + 1}/{spec.rounds}: {reference.name}, {name}")
+            times[reference.name].append(timed_steps(reference.step, spec.steps))
+            times[name].append(worker.run(name, spec.steps))
+        return ready["runners"][0], times
+    finally:
+        worker.close()
+
+
+def run_main_sections(
+    spec: BenchSpec, dtype_name: str, peak_info: dict[str, Any], *, tokens: int, step_flops: float
+) -> tuple[list[dict], dict[str, Any]]:
+    """``step``, ``finch`` and ``torch``, in phases that each interleave their runners.
+
+    Phase 1 times ``finch_adamw`` against ``adamw`` (same jit step, same mesh) and a matmul peak probe, which
+    becomes the MFU basis (``peak["interleaved_flops_per_s"]``, updated in place). Then, to keep at most one PyTorch
+    model in memory, each PyTorch mode gets its own phase, interleaved with the same JAX ``adamw`` runner, which is
+    the reference of that mode's tokens/s ratio (AdamW on both sides).
+
+    Returns:
+      ``(runners, ratios)``: one result per runner (or ``{"name", "error"}``), and the ratios measured side by side.
+    """
+    errors: dict[str, str] = {}
+    peak = peak_info["peak_flops_per_s"]
+    peak_info["mfu_basis"] = "start of run"
+    sections = set(spec.sections)
+    all_times: dict[str, list[list[float]]] = {}
+    runners: dict[str, Runner] = {}
+    ratios: dict[str, Any] = {}
+    if {"step", "finch"} & sections:
+        runners["jax finch_adamw"] = _compile_jax(spec, dtype_name, "finch_adamw")
+    if {"finch", "torch"} & sections:
+        runners["jax adamw"] = _compile_jax(spec, dtype_name, "adamw")
+    if {"step", "finch"} & sections:
+        by_size = peak_info["flops_per_s_by_size"]
+        probe, probe_flops = build_peak_probe(dtype_name, int(max(by_size, key=by_size.get)))
+        times = _time_runners([*runners.values(), probe], spec, "jax")
+        peak = _interleaved_peak(peak_info, probe_flops, times.pop(probe.name))
+        for name, t in times.items():
+            all_times.setdefault(name, []).extend(t)
+        if "jax adamw" in times:
+            ratios["finch_over_adamw_step_time"] = ratio_of_medians(times["jax finch_adamw"], times["jax adamw"])
+    counts = {"tokens": tokens, "step_flops": step_flops, "peak": peak}
+    results: dict[str, dict | None] = {name: None for name in runners}
+    if "jax finch_adamw" in runners:
+        finch = runners.pop("jax finch_adamw")
+        results[finch.name] = step_result(finch.name, finch.compile_s, all_times[finch.name], finch.info, **counts)
+        finch.close()
+        _release_memory()
+    if "torch" in sections:
+        reference = runners["jax adamw"]
+        warmed = set(all_times)
+        for mode in spec.torch_modes:
+            name = f"torch {mode}"
+            try:
+                torch_runner, times = _torch_phase(name, spec, dtype_name, reference, warmed)
+            except BenchError as e:
+                errors[name] = str(e)[:500]
+                log(f"{name} failed: {errors[name]}")
+                continue
+            all_times.setdefault(reference.name, []).extend(times[reference.name])
+            # tokens/s ratio JAX/torch = step-time ratio torch/JAX, measured side by side in this phase.
+            ratios[f"jax_over_torch_{mode}_tokens_per_s"] = ratio_of_medians(times[name], times[reference.name])
+            results[name] = step_result(name, torch_runner["compile_s"], times[name], torch_runner["info"], **counts)
+    for runner in runners.values():
+        if runner.name in all_times:  # not timed when every PyTorch phase it was the reference of failed
+            results[runner.name] = step_result(
+                runner.name, runner.compile_s, all_times[runner.name], runner.info, **counts
+            )
+        runner.close()
+    _release_memory()
+    out = [r for r in results.values() if r is not None]
+    out += [{"name": name, "error": msg} for name, msg in errors.items()]
+    return out, ratios
+
+
+def run_remat_section(spec: BenchSpec, dtype_name: str, *, tokens: int, step_flops: float, peak: float) -> dict:
+    """The model's ``remat`` x ``scan_layers`` choices side by side: compile time, step time, memory."""
+    runners = []
+    for remat in (False, True):
+        for scan in (False, True):
+            name = f"remat={'on' if remat else 'off'} scan={'on' if scan else 'off'}"
+            log(f"remat: compiling {name}")
+            runners.append(
+                build_jax_runner(
+                    name,
+                    spec,
+                    dtype_name,
+                    "finch_adamw",
+                    mesh_text=spec.mesh,
+                    devices=spec_devices(spec),
+                    remat=remat,
+                    scan=scan,
+                )
+            )
+    times = _time_runners(runners, spec, "remat")
+    counts = {"tokens": tokens, "step_flops": step_flops, "peak": peak}
+    results = [step_result(r.name, r.compile_s, times[r.name], r.info, **counts) for r in runners]
+    for r in runners:
+        r.close()
+    best = min(results, key=lambda r: r["median_s"])
+    return {
+        "results": results,
+        "fastest": best["name"],
+        "fastest_compile": min(results, key=lambda r: r["compile_s"])["name"],
+    }
+
+
+def run_flags_section(
+    spec: BenchSpec, timeout_s: float, *, tokens: int, step_flops: float, peak: float
+) -> dict[str, Any]:
+    """One worker per XLA flag set (single device), all timed interleaved; MFU against the main process's peak."""
+    jobs = [
+        (name, {"spec": spec_to_json(spec), "layouts": ["single"]}, worker_env(1, FLAG_SETS[name]))
+        for name in dict.fromkeys(spec.flag_sets)
+    ]
+    ready, times = run_worker_section("flags", jobs, spec, timeout_s)
+    results = worker_results(ready, times, tokens=tokens, step_flops=step_flops, peak=peak)
+    for r in results:
+        r["flag_set"] = r.pop("worker")
+        r["xla_flags"] = FLAG_SETS[r["flag_set"]]
+    ok = [r for r in results if "median_s" in r]
+    out: dict[str, Any] = {"results": results, "fastest": None, "ratios_to_default": {}}
+    if ok:
+        out["fastest"] = min(ok, key=lambda r: r["median_s"])["flag_set"]
+    base = ("default", "single")
+    if base in times:
+        for (name, runner), t in times.items():
+            if (name, runner) != base:  # step-time ratio: below 1 = faster than the default flags
+                out["ratios_to_default"][name] = ratio_of_medians(t, times[base])
+    return out
+
+
+def run_scaling_section(
+    spec: BenchSpec, timeout_s: float, *, tokens: int, step_flops: float, peak: float
+) -> dict[str, Any]:
+    """One worker per simulated device count, each holding the data / fsdp / tensor layouts; all interleaved."""
+    jobs = []
+    for n in dict.fromkeys(spec.scaling_devices):
+        layouts = ["single"] if n == 1 else list(spec.scaling_layouts)
+        jobs.append((f"{n} dev", {"spec": spec_to_json(spec), "layouts": layouts}, worker_env(n, "")))
+    ready, times = run_worker_section("scaling", jobs, spec, timeout_s)
+    results = worker_results(ready, times, tokens=tokens, step_flops=step_flops, peak=peak)
+    for r in results:
+        label = r.pop("worker")
+        r.setdefault("layout", r.get("name", label))
+    return {
+        "results": results,
+        "note": "simulated CPU devices share the machine's cores: this measures the cost of partitioning, "
+        "not a speed-up",
+    }

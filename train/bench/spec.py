@@ -1,0 +1,231 @@
+"""The benchmark request: :class:`BenchSpec`, its validation, the mesh it asks for and the model it names.
+
+Everything here is cheap, so :func:`validate` refuses a request that cannot finish before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+import models
+
+__all__ = [
+    "DEFAULT_FLAG_SETS",
+    "DEFAULT_SECTIONS",
+    "FLAG_SETS",
+    "LAYOUTS",
+    "SECTIONS",
+    "BenchError",
+    "BenchSpec",
+    "BenchTooLong",
+    "compute_dtype_name",
+    "mesh_sizes",
+    "model_config",
+    "model_settings",
+    "parse_mesh",
+    "spec_from_json",
+    "spec_to_json",
+    "validate",
+]
+
+SECTIONS = ("step", "finch", "torch", "remat", "flags", "scaling")
+DEFAULT_SECTIONS = ("step", "finch", "torch")
+LAYOUTS = ("data", "fsdp", "tensor")
+
+# Named XLA CPU flag sets for the ``flags`` section. XLA parses XLA_FLAGS once per process, so each set runs in its
+# own subprocess. An unknown flag aborts that subprocess and is reported as that set's error.
+FLAG_SETS: dict[str, str] = {
+    "default": "",
+    "xnn-greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "xnn-greedy-slinky": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY_SLINKY",
+    "xnn-bypass-cost": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_BYPASS_COST_MODEL",
+    "no-xnnpack": "--xla_cpu_use_xnnpack=false",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "fast-math": "--xla_cpu_enable_fast_math=true",
+}
+DEFAULT_FLAG_SETS = ("default", "xnn-greedy", "xnn-greedy-slinky", "onednn", "no-xnnpack")
+
+
+class BenchError(ValueError):
+    """A benchmark request that cannot run as given (unknown preset, mesh/batch mismatch, bad option)."""
+
+
+class BenchTooLong(BenchError):
+    """The up-front estimate exceeds ``--max-minutes``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+    """What to benchmark. Field names match the command-line flags (``--batch-size`` -> ``batch_size``)."""
+
+    preset: str = "smollm2-135m"
+    overrides: tuple[str, ...] = ()  # model config fields, "key=value"
+    batch_size: int = 4
+    seq_len: int = 512
+    dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+    mesh: str = "data=-1"
+    devices: int = 0  # use the first N devices (0 = all)
+    remat: bool = False
+    scan_layers: bool = False
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    warmup: int = 1
+    rounds: int = 4
+    steps: int = 1  # timed steps per runner per round (1: the finest interleaving, most robust to drift)
+    torch_modes: tuple[str, ...] = ("eager", "compile")
+    scaling_devices: tuple[int, ...] = (1, 2, 4, 8)
+    scaling_layouts: tuple[str, ...] = LAYOUTS
+    flag_sets: tuple[str, ...] = DEFAULT_FLAG_SETS
+    max_minutes: float = 60.0
+    seed: int = 0
+    peak_sizes: tuple[int, ...] = ()  # square matmul sizes for the peak (empty = 1024,2048 on CPU, 4096,8192 else)
+
+
+def spec_to_json(spec: BenchSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def spec_from_json(data: Mapping[str, Any]) -> BenchSpec:
+    fields = {f.name for f in dataclasses.fields(BenchSpec)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+    return BenchSpec(**values)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,fsdp=2,tensor=2"`` -> sizes; missing axes are 1 (``data`` is -1 when nothing is given)."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    if not text.strip():
+        return {"data": -1, "fsdp": 1, "tensor": 1}
+    for item in text.split(","):
+        if "=" not in item:
+            raise BenchError(f"--mesh item {item!r} is not axis=size; axes: {', '.join(sizes)}")
+        axis, value = (s.strip() for s in item.split("=", 1))
+        if axis not in sizes:
+            raise BenchError(f"--mesh axis {axis!r} is unknown; axes: {', '.join(sizes)}")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise BenchError(f"--mesh {axis}={value!r} is not an integer") from None
+    return sizes
+
+
+def mesh_sizes(mesh_text: str, num_devices: int, batch_size: int) -> dict[str, int]:
+    """Resolves -1 and checks the mesh against the devices and the batch; clear errors otherwise."""
+    sizes = parse_mesh(mesh_text)
+    if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+        raise BenchError(f"--mesh {mesh_text!r}: sizes must be positive with at most one -1")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for axis, v in sizes.items():
+        if v == -1:
+            if num_devices % fixed:
+                raise BenchError(f"--mesh {mesh_text!r}: {num_devices} devices do not divide by {fixed}")
+            sizes[axis] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise BenchError(
+            f"--mesh {mesh_text!r} needs {math.prod(sizes.values())} devices but {num_devices} are available "
+            f"(on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+        )
+    data_parallel = sizes["data"] * sizes["fsdp"]
+    if batch_size % data_parallel:
+        raise BenchError(
+            f"--batch-size {batch_size} does not divide by the data-parallel size data*fsdp={data_parallel} "
+            f"of --mesh {mesh_text!r}"
+        )
+    return sizes
+
+
+def _parse_override(item: str, cfg: models.ModelConfig) -> tuple[str, Any]:
+    if "=" not in item:
+        raise BenchError(f"--override {item!r} is not key=value")
+    key, text = (s.strip() for s in item.split("=", 1))
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if key not in fields or key in ("dtype", "param_dtype"):
+        valid = sorted(k for k in fields if k not in ("dtype", "param_dtype", "rope_scaling"))
+        raise BenchError(f"--override {key!r} is not a model config field; valid: {', '.join(valid)}")
+    current = getattr(cfg, key)
+    try:
+        if isinstance(current, bool):
+            value: Any = {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+        elif isinstance(current, int):
+            value = int(text)
+        elif isinstance(current, float):
+            value = float(text)
+        else:
+            value = text
+    except (KeyError, ValueError):
+        raise BenchError(f"--override {key}={text!r}: expected a {type(current).__name__}") from None
+    return key, value
+
+
+def compute_dtype_name(spec: BenchSpec, backend: str) -> str:
+    if spec.dtype == "auto":
+        return "float32" if backend == "cpu" else "bfloat16"
+    if spec.dtype not in ("float32", "bfloat16"):
+        raise BenchError(f"--dtype {spec.dtype!r} is not one of auto, float32, bfloat16")
+    return spec.dtype
+
+
+def model_settings(
+    spec: BenchSpec, dtype_name: str, *, remat: bool | None = None, scan: bool | None = None
+) -> dict[str, Any]:
+    """The keyword arguments of ``models.load("preset:...")`` and ``models.get_preset`` for the spec's model:
+    the ``--override`` fields, the compute dtype (params stay float32) and remat/scan (the spec's unless given)."""
+    if spec.preset not in models.PRESETS:
+        raise BenchError(f"unknown model preset {spec.preset!r}; available: {', '.join(sorted(models.PRESETS))}")
+    preset = models.get_preset(spec.preset)
+    settings = dict(_parse_override(item, preset) for item in spec.overrides)
+    settings.update(
+        dtype=getattr(jnp, dtype_name),
+        param_dtype=jnp.float32,
+        remat=spec.remat if remat is None else remat,
+        scan_layers=spec.scan_layers if scan is None else scan,
+    )
+    return settings
+
+
+def model_config(
+    spec: BenchSpec, dtype_name: str, *, remat: bool | None = None, scan: bool | None = None
+) -> models.ModelConfig:
+    """The ``models.ModelConfig`` of the spec's model (see :func:`model_settings`)."""
+    settings = model_settings(spec, dtype_name, remat=remat, scan=scan)
+    try:
+        cfg = models.get_preset(spec.preset, **settings)
+    except (ValueError, TypeError) as e:
+        raise BenchError(f"--override: {e}") from None
+    if spec.seq_len > cfg.max_position_embeddings:
+        raise BenchError(
+            f"--seq-len {spec.seq_len} exceeds {spec.preset}'s max_position_embeddings={cfg.max_position_embeddings}"
+        )
+    return cfg
+
+
+def validate(spec: BenchSpec, num_devices: int) -> None:
+    """Cheap checks of the whole request, so nothing heavy starts on a request that cannot finish."""
+    if spec.batch_size <= 0 or spec.seq_len <= 0:
+        raise BenchError(f"--batch-size and --seq-len must be positive, got {spec.batch_size} and {spec.seq_len}")
+    if spec.rounds < 1 or spec.steps < 1 or spec.warmup < 0:
+        raise BenchError(
+            f"need --rounds >= 1, --steps >= 1, --warmup >= 0; got {spec.rounds}, {spec.steps}, {spec.warmup}"
+        )
+    bad = [s for s in spec.sections if s not in SECTIONS]
+    if bad or not spec.sections:
+        raise BenchError(f"--sections {','.join(spec.sections)!r}: unknown {bad}; choose from {', '.join(SECTIONS)}")
+    bad = [m for m in spec.torch_modes if m not in ("eager", "compile")]
+    if bad:
+        raise BenchError(f"--torch-modes: unknown {bad}; choose from eager, compile")
+    bad = [f for f in spec.flag_sets if f not in FLAG_SETS]
+    if bad:
+        raise BenchError(f"--flag-sets: unknown {bad}; known: {', '.join(FLAG_SETS)}")
+    bad = [layout for layout in spec.scaling_layouts if layout not in LAYOUTS]
+    if bad:
+        raise BenchError(f"--scaling-layouts: unknown {bad}; choose from {', '.join(LAYOUTS)}")
+    if any(n < 1 for n in spec.scaling_devices):
+        raise BenchError(f"--scaling-devices must be positive, got {spec.scaling_devices}")
+    model_config(spec, "float32")  # unknown preset / bad override / too long a sequence
+    if spec.devices < 0 or spec.devices > num_devices:
+        raise BenchError(f"--devices {spec.devices}: this process has {num_devices} device(s) (0 = all)")
+    mesh_sizes(spec.mesh, spec.devices or num_devices, spec.batch_size)
