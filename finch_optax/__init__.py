@@ -5,6 +5,7 @@
     tx = finch_optax.finch_adamw(base_learning_rate=3e-5, max_learning_rate=1e-4)
     updates, state = tx.update(grads, state, params, value=loss)   # every update needs the loss
     lr = finch_optax.current_learning_rate(state)
+    skipped = finch_optax.skip_counts(state)   # steps skipped for a NaN/inf loss or gradient
 
 References:
   FINCH, a loss-adaptive learning rate for fine-tuning with less forgetting,
@@ -19,16 +20,21 @@ from finch_optax._finch import (
     finch_learning_rate,
     scale_by_finch,
 )
-from finch_optax._inspect import current_learning_rate, find_finch_states
+from finch_optax._inspect import SkipCounts, current_learning_rate, find_finch_states, skip_counts
+from finch_optax._skip import SkipNonfiniteState, skip_nonfinite
 
 __all__ = [
     "FinchState",
     "ScalarOrSchedule",
+    "SkipCounts",
+    "SkipNonfiniteState",
     "base_learning_rate_for_target_loss",
     "current_learning_rate",
     "finch_adamw",
     "finch_learning_rate",
     "find_finch_states",
     "scale_by_finch",
+    "skip_counts",
+    "skip_nonfinite",
 ]
 __version__ = "0.1.0"

@@ -9,21 +9,25 @@ import jax
 import optax
 
 from finch_optax._finch import ScalarOrSchedule, scale_by_finch
+from finch_optax._skip import skip_nonfinite
 
 
 def finch_adamw(
     base_learning_rate: ScalarOrSchedule,
     max_learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
-    ema_decay: float = 0.9,
-    min_loss: float = 0.0,
-    finch_eps: float = 1e-8,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+    nesterov: bool = False,
+    ema_decay: jax.typing.ArrayLike = 0.9,
+    min_loss: jax.typing.ArrayLike = 0.0,
+    finch_eps: jax.typing.ArrayLike = 1e-8,
+    check_updates: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW whose learning rate is set by FINCH from the running loss.
 
@@ -37,7 +41,14 @@ def finch_adamw(
         \eta_t = \min\left(\eta_{\max},\; \frac{\eta_{\mathrm{base}}}{\sqrt{\bar{L}_t + \epsilon}}\right).
 
     With FINCH switched off (a huge ``base_learning_rate``) it equals ``optax.adamw(max_learning_rate, ...)``
-    bit for bit. Every update needs the loss: ``tx.update(grads, state, params, value=loss)``.
+    bit for bit, at the params' precision (float64 too, under ``jax_enable_x64``). Its parameters are those of
+    :func:`optax.adamw`, in the same order and with the same defaults, with the two FINCH rates in place of
+    ``learning_rate``; FINCH's own parameters are keyword-only. Every update needs the loss:
+    ``tx.update(grads, state, params, value=loss)``.
+
+    The chain is wrapped in :func:`finch_optax.skip_nonfinite`: an update whose loss (or, with
+    ``check_updates``, a gradient) is NaN or infinite returns zero updates and leaves the whole state untouched,
+    Adam's moments and counts included; :func:`finch_optax.skip_counts` reads how many were skipped.
 
     Args:
         base_learning_rate: :math:`\eta_{\mathrm{base}}`, float or schedule; see
@@ -46,15 +57,19 @@ def finch_adamw(
         b1: Adam's decay of the first moment.
         b2: Adam's decay of the second moment.
         eps: Adam's :math:`\varepsilon`, added to :math:`\sqrt{\hat{v}_t}`.
+        eps_root: Adam's :math:`\varepsilon` inside the square root (for meta-learning through the update).
+        mu_dtype: dtype of Adam's first moment, ``None`` for the params' dtype.
         weight_decay: :math:`\lambda`, decoupled weight decay (scaled by :math:`\eta_t` like in AdamW).
         mask: which params get weight decay: a pytree of bools like the params, or a function of the params.
+        nesterov: use Nesterov momentum (NAdamW), as in :func:`optax.adamw`.
         ema_decay: :math:`a`, the weight of the past in the running loss.
         min_loss: :math:`L_{\min}`, the loss treated as zero.
         finch_eps: FINCH's :math:`\epsilon` under the square root (``eps`` is Adam's).
-        mu_dtype: dtype of Adam's first moment, ``None`` for the params' dtype.
+        check_updates: skip a step with a non-finite gradient too, not only one with a non-finite loss.
 
     Returns:
-        A :class:`optax.GradientTransformationExtraArgs`; its FINCH state is found by
+        A :class:`optax.GradientTransformationExtraArgs` whose state is a
+        :class:`finch_optax.SkipNonfiniteState` around the chain's states; its FINCH state is found by
         :func:`finch_optax.current_learning_rate`.
 
     Examples:
@@ -85,8 +100,13 @@ def finch_adamw(
 
         Loshchilov and Hutter, `Decoupled Weight Decay Regularization <https://arxiv.org/abs/1711.05101>`_, 2019.
     """
-    return optax.chain(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
-        optax.add_decayed_weights(weight_decay, mask),
-        scale_by_finch(base_learning_rate, max_learning_rate, ema_decay=ema_decay, min_loss=min_loss, eps=finch_eps),
+    return skip_nonfinite(
+        optax.chain(
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+            optax.add_decayed_weights(weight_decay, mask),
+            scale_by_finch(
+                base_learning_rate, max_learning_rate, ema_decay=ema_decay, min_loss=min_loss, eps=finch_eps
+            ),
+        ),
+        check_updates=check_updates,
     )

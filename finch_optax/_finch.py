@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # A float, a jax scalar (e.g. traced inside ``optax.inject_hyperparams``) or an optax schedule ``count -> value``.
@@ -41,14 +42,18 @@ _MISSING_VALUE_MSG = (
 class FinchState(NamedTuple):
     """State of :func:`scale_by_finch`.
 
-    All fields are scalars of fixed dtype, so the state is replicated on any device mesh and never changes type
-    between steps.
+    All fields are scalars of a dtype fixed at ``init``, so the state is replicated on any device mesh and never
+    changes type between steps. FINCH computes in the params' precision: float32, or float64 when a param is
+    float64 (under ``jax_enable_x64``); bfloat16 and float16 params still get a float32 rate.
 
     Attributes:
-        count: int32, number of accepted updates (updates whose loss was finite). Schedules are evaluated at it.
-        ema_loss: float32, the running loss :math:`\\bar{L}_t` (0 before the first accepted update).
-        learning_rate: float32, the learning rate applied at the last accepted update (0 before the first one).
-        skipped: int32, number of updates skipped because the loss was NaN or infinite.
+        count: int32, number of accepted updates (updates whose loss was finite). FINCH's own schedules are
+            evaluated at it.
+        ema_loss: the running loss :math:`\\bar{L}_t` (0 before the first accepted update).
+        learning_rate: the learning rate applied at the last accepted update (0 before the first one). A record,
+            not a setting: writing it (e.g. with ``optax.tree.set``) changes nothing.
+        skipped: int32, number of updates skipped because the loss was NaN or infinite; saturates at
+            :math:`2^{31} - 1`.
     """
 
     count: jax.Array
@@ -68,10 +73,42 @@ def _check_hyperparameter(
         raise ValueError(f"scale_by_finch: {name} must be {rule}, got {value!r}")
 
 
-def _evaluate(hyperparameter: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    """A float32 scalar: the schedule at ``count``, or the constant itself."""
+def _evaluate(hyperparameter: ScalarOrSchedule, count: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """A scalar of ``dtype``: the schedule at ``count``, or the constant itself."""
     value = hyperparameter(count) if callable(hyperparameter) else hyperparameter
-    return jnp.asarray(value, dtype=jnp.float32)
+    return jnp.asarray(value, dtype=dtype)
+
+
+def float_dtype(tree: object) -> jnp.dtype:
+    """The dtype FINCH computes in for a pytree of arrays: its widest real float dtype, and at least float32.
+
+    float32 for float32, bfloat16 or float16 leaves; float64 when a leaf is float64 (``jax_enable_x64``); complex
+    leaves count as their real part. Leaves without a dtype (Python numbers) are ignored.
+    """
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in jax.tree.leaves(tree):
+        leaf_dtype = getattr(leaf, "dtype", None)
+        if leaf_dtype is not None and jnp.issubdtype(leaf_dtype, jnp.inexact):
+            dtype = jnp.promote_types(dtype, jnp.finfo(leaf_dtype).dtype)
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def read_loss(value: object, dtype: jnp.dtype, *, who: str) -> jax.Array:
+    """``value`` as a scalar loss of ``dtype``; raises for a bool, complex or non-scalar ``value``.
+
+    A finite loss too large for ``dtype`` (a Python float above float32's maximum, with float32 params) becomes
+    inf, so the update that carries it is skipped like any other non-finite loss.
+    """
+    value_dtype = jnp.result_type(value)
+    if value_dtype == jnp.bool_ or jnp.issubdtype(value_dtype, jnp.complexfloating):
+        raise TypeError(f"{who}: `value` must be a real scalar loss, got dtype {value_dtype}")
+    if jnp.shape(value) != ():
+        raise ValueError(
+            f"{who}: `value` must be a scalar loss, got shape {jnp.shape(value)}; reduce it first "
+            "(e.g. `value=loss.mean()`)."
+        )
+    with np.errstate(over="ignore"):  # a Python float beyond ``dtype``'s range is inf by design: no warning
+        return jnp.asarray(value).astype(dtype)
 
 
 def running_loss(ema_loss: jax.Array, loss: jax.Array, ema_decay: jax.Array, *, is_first: jax.Array) -> jax.Array:
@@ -89,7 +126,7 @@ def finch_learning_rate(
     min_loss: jax.typing.ArrayLike = 0.0,
     eps: jax.typing.ArrayLike = 1e-8,
 ) -> jax.Array:
-    r"""The FINCH learning rate for a given running loss (float32, elementwise).
+    r"""The FINCH learning rate for a given running loss (elementwise; float32, or float64 for float64 inputs).
 
     .. math::
 
@@ -104,7 +141,7 @@ def finch_learning_rate(
         eps: :math:`\epsilon`, keeps the rate finite when :math:`\bar{L} = L_{\min}`.
 
     Returns:
-        The learning rate as a float32 array.
+        The learning rate, float32 unless an input is a float64 array (then float64).
 
     Examples:
         >>> import finch_optax
@@ -113,9 +150,10 @@ def finch_learning_rate(
         >>> print(round(float(finch_optax.finch_learning_rate(1e-6, 1e-3, 0.1)), 6))  # capped
         0.1
     """
-    f32 = lambda x: jnp.asarray(x, dtype=jnp.float32)
-    excess = jnp.maximum(f32(ema_loss) - f32(min_loss), 0.0)
-    return jnp.minimum(f32(max_learning_rate), f32(base_learning_rate) / jnp.sqrt(excess + f32(eps)))
+    dtype = jnp.result_type(jnp.float32, ema_loss, base_learning_rate, max_learning_rate, min_loss, eps)
+    cast = lambda x: jnp.asarray(x, dtype=dtype)
+    excess = jnp.maximum(cast(ema_loss) - cast(min_loss), 0.0)
+    return jnp.minimum(cast(max_learning_rate), cast(base_learning_rate) / jnp.sqrt(excess + cast(eps)))
 
 
 def base_learning_rate_for_target_loss(
@@ -188,11 +226,18 @@ def scale_by_finch(
 
     Every update needs the loss: ``updates, state = tx.update(grads, state, params, value=loss)``.
 
-    * A missing ``value`` raises ``TypeError``; a non-scalar one raises ``ValueError`` at trace time.
-    * A NaN or infinite ``value`` zeroes the update (even where the incoming update is itself NaN), keeps the
-      running loss and the learning rate, and increments ``skipped``; ``count`` does not advance, so schedules
-      are indexed by accepted updates, as with :func:`optax.apply_if_finite`. Non-finite *gradients* with a
-      finite loss pass through; wrap the chain in :func:`optax.apply_if_finite` for those.
+    * A missing, bool or complex ``value`` raises ``TypeError``; a non-scalar one ``ValueError``, at trace time.
+    * A NaN or infinite ``value`` zeroes FINCH's update (even where the incoming update is itself NaN), keeps
+      FINCH's state and counts the update in ``skipped``. That protects FINCH alone: stages before it in a chain
+      (e.g. Adam's moments) have already taken the step's gradients. To skip the step for the whole chain, wrap
+      the chain in :func:`finch_optax.skip_nonfinite` (:func:`finch_optax.finch_adamw` already is).
+    * ``value`` is read in FINCH's dtype (see :class:`FinchState`): a finite loss too large for it (above
+      :math:`3.4 \times 10^{38}` with float32 params) reads as inf and is skipped like one.
+    * Gradients *through* a skipped update (meta-gradients of an unrolled loop) stay finite: the NaN inputs are
+      replaced before any arithmetic (the double-``where`` pattern), not only masked after it.
+    * Schedules given here are evaluated at ``count``, the number of accepted updates. A schedule given to
+      :func:`optax.inject_hyperparams` is evaluated at that wrapper's own count, which advances on every call,
+      skipped or not, unless :func:`finch_optax.skip_nonfinite` wraps it from outside.
     * :math:`\bar{L}_t - L_{\min}` below zero is clamped to zero, so the rate is then
       :math:`\min(\eta_{\max}, \eta_{\mathrm{base}} / \sqrt{\epsilon})`, normally the cap.
     * :class:`optax.MultiSteps` calls its inner optimizer with the ``value`` of the *last* micro-batch only.
@@ -249,11 +294,11 @@ def scale_by_finch(
     _check_hyperparameter("eps", eps, **positive)
 
     def init_fn(params):
-        del params
+        dtype = float_dtype(params)
         return FinchState(
             count=jnp.zeros([], jnp.int32),
-            ema_loss=jnp.zeros([], jnp.float32),
-            learning_rate=jnp.zeros([], jnp.float32),
+            ema_loss=jnp.zeros([], dtype),
+            learning_rate=jnp.zeros([], dtype),
             skipped=jnp.zeros([], jnp.int32),
         )
 
@@ -261,33 +306,36 @@ def scale_by_finch(
         del params, extra_args  # Other transformations' extra args (e.g. a line search's value_fn) are not ours.
         if value is None:
             raise TypeError(_MISSING_VALUE_MSG)
-        loss = jnp.asarray(value)
-        if loss.shape != ():
-            raise ValueError(
-                f"scale_by_finch: `value` must be a scalar loss, got shape {loss.shape}; reduce it first "
-                "(e.g. `value=loss.mean()`)."
-            )
-        loss = loss.astype(jnp.float32)
-        decay = jnp.asarray(ema_decay, jnp.float32)
+        dtype = state.ema_loss.dtype
+        loss = read_loss(value, dtype, who="scale_by_finch")
         accepted = jnp.isfinite(loss)
+        # Double where: the candidate below is computed from finite inputs only, so that a skipped update has
+        # finite gradients too (0 * NaN is NaN, and masking the output alone would leave NaN cotangents).
+        safe_loss = jnp.where(accepted, loss, jnp.zeros_like(loss))
 
-        candidate_ema = running_loss(state.ema_loss, loss, decay, is_first=state.count == 0)
+        candidate_ema = running_loss(
+            state.ema_loss, safe_loss, jnp.asarray(ema_decay, dtype), is_first=state.count == 0
+        ).astype(dtype)
         candidate_lr = finch_learning_rate(
             candidate_ema,
-            _evaluate(base_learning_rate, state.count),
-            _evaluate(max_learning_rate, state.count),
+            _evaluate(base_learning_rate, state.count, dtype),
+            _evaluate(max_learning_rate, state.count, dtype),
             min_loss=min_loss,
             eps=eps,
-        )
+        ).astype(dtype)
         step_size = -candidate_lr
-        # `where`, not a multiply by zero: a NaN loss usually comes with NaN gradients, and 0 * NaN is NaN.
-        updates = jax.tree.map(lambda g: jnp.where(accepted, g * step_size.astype(g.dtype), jnp.zeros_like(g)), updates)
+
+        def scale(g):
+            # `where`, not a multiply by zero: a NaN loss usually comes with NaN gradients, and 0 * NaN is NaN.
+            safe_g = jnp.where(accepted, g, jnp.zeros_like(g))
+            return jnp.where(accepted, safe_g * step_size.astype(g.dtype), jnp.zeros_like(g))
+
         new_state = FinchState(
             count=jnp.where(accepted, optax.safe_increment(state.count), state.count),
             ema_loss=jnp.where(accepted, candidate_ema, state.ema_loss),
             learning_rate=jnp.where(accepted, candidate_lr, state.learning_rate),
-            skipped=state.skipped + jnp.logical_not(accepted).astype(jnp.int32),
+            skipped=jnp.where(accepted, state.skipped, optax.safe_increment(state.skipped)),
         )
-        return updates, new_state
+        return jax.tree.map(scale, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

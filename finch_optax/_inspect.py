@@ -1,21 +1,23 @@
-"""Finding FINCH's state inside any nest of optax wrappers."""
+"""Finding FINCH's state, and the skip counters, inside any nest of optax wrappers."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from finch_optax._finch import FinchState
+from finch_optax._skip import SkipNonfiniteState
 
 
 def find_finch_states(opt_state: Any) -> list[tuple[str, FinchState]]:
     """Every :class:`FinchState` in an optimizer state, with its path, in pytree order.
 
     Works through any pytree nesting: ``optax.chain`` tuples, ``named_chain`` and ``multi_transform`` dicts,
-    ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``, ``masked``, and user containers. A flattened
+    ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``, :func:`skip_nonfinite`, ``masked``, and user
+    containers. A flattened
     state where a FinchState survives only as a dict of its four fields (flax ``nnx.state(optimizer)``) is
     recognised too, and returned as a :class:`FinchState` of the same leaves.
 
@@ -31,7 +33,7 @@ def find_finch_states(opt_state: Any) -> list[tuple[str, FinchState]]:
         >>> import finch_optax
         >>> tx = optax.MultiSteps(finch_optax.finch_adamw(1e-3, 1e-2), every_k_schedule=2)
         >>> [path for path, _ in finch_optax.find_finch_states(tx.init(jnp.zeros(3)))]
-        ['.inner_opt_state[2]']
+        ['.inner_opt_state.inner_state[2]']
     """
     leaves = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_finch_state)[0]
     return [(jax.tree_util.keystr(path), _as_finch_state(leaf)) for path, leaf in leaves if _is_finch_state(leaf)]
@@ -55,6 +57,12 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
     Works on the state of any optimizer containing exactly one :func:`scale_by_finch`, however deeply it is
     wrapped, and inside ``jax.jit``. With several FINCH stages (e.g. one per parameter group in
     ``optax.multi_transform``) there is no single learning rate: use :func:`find_finch_states`.
+
+    The rate is read, not set, here: ``FinchState.learning_rate`` only records it, so
+    ``optax.tree.set(state, learning_rate=x)`` writes that record and changes nothing (the next update overwrites
+    it). To change FINCH's rates during a run, build the optimizer with :func:`optax.inject_hyperparams` and set
+    the injected ``base_learning_rate`` / ``max_learning_rate``, e.g.
+    ``optax.tree.set(state, max_learning_rate=jnp.float32(1e-4))``.
 
     Args:
         opt_state: an optimizer state (any pytree).
@@ -90,3 +98,65 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
         )
     # asarray unwraps array-like wrappers around the leaves (e.g. flax nnx.Optimizer's OptArray); no copy.
     return jnp.asarray(found[0][1].learning_rate)
+
+
+class SkipCounts(NamedTuple):
+    """The counters of a :func:`skip_nonfinite` wrapper: int32 scalars, both saturating at :math:`2^{31} - 1`.
+
+    Attributes:
+        total: steps skipped since ``init``.
+        consecutive: steps skipped in a row, up to the last update; 0 after an accepted step.
+    """
+
+    total: jax.Array
+    consecutive: jax.Array
+
+
+_SKIP_FIELDS = frozenset(SkipNonfiniteState._fields)
+
+
+def _is_skip_state(node: Any) -> bool:
+    return isinstance(node, SkipNonfiniteState) or (isinstance(node, Mapping) and set(node.keys()) == _SKIP_FIELDS)
+
+
+def skip_counts(opt_state: Any) -> SkipCounts:
+    """How many steps the optimizer's :func:`skip_nonfinite` wrapper has skipped: in all, and in a row.
+
+    Works on any optimizer state holding one ``skip_nonfinite`` (every ``finch_*`` alias has one), however deeply
+    it is wrapped, on flattened flax ``nnx.state`` trees, and inside ``jax.jit``. Nested wrappers count once: the
+    outermost one is read, since it keeps the inner one's state whole whenever it skips a step.
+
+    Args:
+        opt_state: an optimizer state (any pytree).
+
+    Returns:
+        A :class:`SkipCounts` of int32 scalars.
+
+    Raises:
+        ValueError: if the state holds no :class:`SkipNonfiniteState`, or several side by side (e.g. one per
+            parameter group of ``optax.multi_transform``).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import finch_optax
+        >>> tx = finch_optax.finch_adamw(1e-3, 1e-2)
+        >>> params = jnp.ones(2)
+        >>> state = tx.init(params)
+        >>> _, state = tx.update(jnp.ones(2), state, params, value=jnp.inf)
+        >>> counts = finch_optax.skip_counts(state)
+        >>> print(int(counts.total), int(counts.consecutive))
+        1 1
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_skip_state)[0]
+    found = [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves if _is_skip_state(leaf)]
+    if not found:
+        raise ValueError(
+            f"skip_counts: no SkipNonfiniteState in the optimizer state (a {type(opt_state).__name__}); "
+            "wrap the optimizer in finch_optax.skip_nonfinite (the finch_* aliases already are)."
+        )
+    if len(found) > 1:
+        paths = ", ".join(path for path, _ in found)
+        raise ValueError(f"skip_counts: {len(found)} SkipNonfiniteStates side by side (at {paths}); read each one.")
+    node = found[0][1]
+    get = (lambda name: getattr(node, name)) if isinstance(node, SkipNonfiniteState) else node.__getitem__
+    return SkipCounts(jnp.asarray(get("total_skipped")), jnp.asarray(get("consecutive_skipped")))

@@ -296,14 +296,46 @@ def test_non_finite_value_zeroes_update_and_keeps_state(bad):
     update = jax.jit(lambda g, s, v: tx.update(g, s, params, value=v))
     state = tx.init(params)
     _, state = update(jnp.ones(2), state, jnp.float32(2.0))
-    before = state[-1]
-    # A NaN loss usually comes with NaN gradients: still nothing non-finite may reach the params.
+    before = state
+    # A NaN loss usually comes with NaN gradients: still nothing non-finite may reach the params or the state.
     updates, state = update(jnp.full(2, jnp.nan), state, jnp.float32(bad))
-    after = state[-1]
     np.testing.assert_array_equal(np.asarray(updates), 0.0)
-    assert float(after.ema_loss) == float(before.ema_loss)
-    assert float(after.learning_rate) == float(before.learning_rate)
-    assert int(after.count) == int(before.count) and int(after.skipped) == int(before.skipped) + 1
+    jax.tree.map(np.testing.assert_array_equal, state.inner_state, before.inner_state)  # Adam's moments too
+    assert tuple(map(int, finch_optax.skip_counts(state))) == (1, 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_scale_by_finch_alone_zeroes_update_and_counts_the_skip(bad):
+    tx = finch_optax.scale_by_finch(1e-2, 1e-1)
+    params = jnp.array([1.0, -1.0])
+    update = jax.jit(lambda g, s, v: tx.update(g, s, params, value=v))
+    _, before = update(jnp.ones(2), tx.init(params), jnp.float32(2.0))
+    updates, after = update(jnp.full(2, jnp.nan), before, jnp.float32(bad))
+    np.testing.assert_array_equal(np.asarray(updates), 0.0)
+    jax.tree.map(np.testing.assert_array_equal, after._replace(skipped=before.skipped), before)
+    assert int(after.skipped) == int(before.skipped) + 1
+
+
+def test_skipped_count_saturates_like_optax():
+    tx = finch_optax.scale_by_finch(1e-2, 1e-1)
+    params = jnp.ones(2)
+    top = jnp.iinfo(jnp.int32).max
+    state = tx.init(params)._replace(skipped=jnp.int32(top))
+    _, state = jax.jit(lambda s: tx.update(jnp.ones(2), s, params, value=jnp.float32(jnp.nan)))(state)
+    assert int(state.skipped) == top and state.skipped.dtype == jnp.int32
+
+
+def test_loss_is_read_at_the_params_precision():
+    # A finite loss beyond float32's range is inf for float32 params (skipped), and an ordinary loss for float64.
+    tx = finch_optax.scale_by_finch(1e-2, 1e-1)
+    _, state = tx.update(jnp.ones(2), tx.init(jnp.ones(2)), value=1e39)
+    assert int(state.skipped) == 1 and state.ema_loss.dtype == jnp.float32
+    with jax.enable_x64(True):
+        params = jnp.ones(2, jnp.float64)
+        updates, state = tx.update(jnp.ones(2, jnp.float64), tx.init(params), params, value=1e39)
+        assert int(state.skipped) == 0 and state.ema_loss.dtype == state.learning_rate.dtype == jnp.float64
+        assert float(state.learning_rate) == pytest.approx(1e-2 / math.sqrt(1e39), rel=1e-14)
+        assert updates.dtype == jnp.float64
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -85,22 +86,73 @@ def test_named_chain_and_tree_get():
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("schedule", [False, True])
-def test_finch_adamw_equals_adamw_when_finch_is_off(schedule):
-    cap = optax.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=8) if schedule else 3e-3
-    mask = {"w": True, "b": False}
-    reference = optax.adamw(cap, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1, mask=mask)
-    finch = finch_optax.finch_adamw(1e30, cap, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1, mask=mask)
-    params_ref = params_finch = _params()
+def _run_side_by_side(reference, finch, dtype, cap_is_schedule):
+    """Both optimizers on the same gradients for LOSSES; asserts their updates are equal bit for bit."""
+    params_ref = params_finch = _params(dtype)
     state_ref, state_finch = reference.init(params_ref), finch.init(params_finch)
-    step_ref = jax.jit(reference.update)
+    step_ref = jax.jit(lambda g, s, p, v: reference.update(g, s, p, value=v))
     step_finch = jax.jit(lambda g, s, p, v: finch.update(g, s, p, value=v))
     for step, loss in enumerate(LOSSES):
-        u_ref, state_ref = step_ref(_grads(step), state_ref, params_ref)
-        u_finch, state_finch = step_finch(_grads(step), state_finch, params_finch, jnp.float32(loss))
+        loss = jnp.asarray(loss, dtype)
+        u_ref, state_ref = step_ref(_grads(step, dtype), state_ref, params_ref, loss)
+        u_finch, state_finch = step_finch(_grads(step, dtype), state_finch, params_finch, loss)
+        assert all(u.dtype == dtype for u in jax.tree.leaves(u_finch))
         jax.tree.map(np.testing.assert_array_equal, u_finch, u_ref)  # bit for bit
         params_ref = optax.apply_updates(params_ref, u_ref)
         params_finch = optax.apply_updates(params_finch, u_finch)
+    return state_finch
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant", "schedule"])
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_finch_adamw_equals_adamw_when_finch_is_off(schedule, x64):
+    # FINCH's stage is optax's learning-rate stage at the params' precision, float64 included (issue #10, 3).
+    with jax.enable_x64(x64):
+        dtype = jnp.float64 if x64 else jnp.float32
+        cap = optax.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=8) if schedule else 3e-3
+        mask = {"w": True, "b": False}
+        kwargs = dict(b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1, mask=mask)
+        # The bare chain against optax.adamw itself...
+        bare = optax.chain(
+            optax.scale_by_adam(b1=0.8, b2=0.95, eps=1e-6),
+            optax.add_decayed_weights(0.1, mask),
+            finch_optax.scale_by_finch(1e30, cap),
+        )
+        state = _run_side_by_side(optax.with_extra_args_support(optax.adamw(cap, **kwargs)), bare, dtype, schedule)
+        assert state[-1].learning_rate.dtype == state[-1].ema_loss.dtype == dtype
+        # ...and finch_adamw against optax.adamw wrapped the same way (masking the inputs of a skipped step can
+        # change how XLA fuses Adam's arithmetic, so only like is compared with like, bit for bit).
+        _run_side_by_side(
+            finch_optax.skip_nonfinite(optax.adamw(cap, **kwargs)),
+            finch_optax.finch_adamw(1e30, cap, **kwargs),
+            dtype,
+            schedule,
+        )
+
+
+def test_finch_adamw_signature_is_optax_adamw_with_the_two_rates():
+    ours = list(inspect.signature(finch_optax.finch_adamw).parameters.values())
+    theirs = list(inspect.signature(optax.adamw).parameters.values())
+    described = lambda params: [(p.name, p.kind, p.default) for p in params]
+    assert [p.name for p in ours[:2]] == ["base_learning_rate", "max_learning_rate"]
+    assert theirs[0].name == "learning_rate"
+    # Same parameters, same order, same kinds and defaults (nesterov keyword-only in both)...
+    assert described(ours[2 : 1 + len(theirs)]) == described(theirs[1:])
+    # ...then FINCH's own, keyword-only.
+    extras = ours[1 + len(theirs) :]
+    assert [p.name for p in extras] == ["ema_decay", "min_loss", "finch_eps", "check_updates"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras)
+
+
+def test_finch_adamw_takes_optax_adamw_arguments_positionally():
+    mask = {"w": True, "b": False}
+    args = (0.8, 0.95, 1e-6, 1e-4, jnp.float32, 0.1, mask)  # b1, b2, eps, eps_root, mu_dtype, weight_decay, mask
+    _run_side_by_side(
+        finch_optax.skip_nonfinite(optax.adamw(3e-3, *args, nesterov=True)),
+        finch_optax.finch_adamw(1e30, 3e-3, *args, nesterov=True),
+        jnp.float32,
+        False,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -134,6 +186,56 @@ def test_inject_hyperparams_with_bf16_params_keeps_float32_state():
     _, new_state = jax.jit(lambda s: tx.update(_grads(0, jnp.bfloat16), s, params, value=jnp.float32(4.0)))(state)
     assert jax.tree.map(jax.typeof, new_state.inner_state) == jax.tree.map(jax.typeof, state.inner_state)
     assert new_state.inner_state.learning_rate.dtype == jnp.float32
+
+
+def _applied_rates(tx, losses):
+    params = _params()
+    step = jax.jit(lambda s, v: tx.update(_grads(0), s, params, value=v))
+    state, rates = tx.init(params), []
+    for loss in losses:
+        updates, state = step(state, jnp.float32(loss))
+        finite = all(bool(jnp.all(u != 0)) for u in jax.tree.leaves(updates))
+        rates.append(float(finch_optax.current_learning_rate(state)) if finite else 0.0)
+    return rates, state
+
+
+SKIPPY_LOSSES = [1.0, float("nan"), 1.0, float("inf"), 1.0]
+
+
+def test_inject_hyperparams_schedules_count_accepted_updates_when_wrapped_from_outside():
+    cap = lambda count: 0.01 * (count + 1)  # FINCH always at the cap here, so the rate is cap(count)
+    injected = optax.inject_hyperparams(finch_optax.scale_by_finch)(base_learning_rate=1e3, max_learning_rate=cap)
+    rates, state = _applied_rates(finch_optax.skip_nonfinite(injected), SKIPPY_LOSSES)
+    np.testing.assert_allclose(rates, [0.01, 0.0, 0.02, 0.0, 0.03], rtol=RTOL)
+    inject_state = state.inner_state
+    assert int(inject_state.count) == int(inject_state.inner_state.count) == 3
+    assert tuple(map(int, finch_optax.skip_counts(state))) == (2, 0)
+
+
+def test_inject_hyperparams_around_finch_adamw_counts_every_call():
+    # What the docs say: inject_hyperparams' own count (and so its schedules) advances on skipped calls too,
+    # while FINCH's count, inside finch_adamw's skip wrapper, counts accepted updates only.
+    cap = lambda count: 0.01 * (count + 1)
+    tx = optax.inject_hyperparams(finch_optax.finch_adamw)(base_learning_rate=1e3, max_learning_rate=cap)
+    rates, state = _applied_rates(tx, SKIPPY_LOSSES)
+    np.testing.assert_allclose(rates, [0.01, 0.0, 0.03, 0.0, 0.05], rtol=RTOL)
+    assert int(state.count) == 5
+    assert [int(s.count) for _, s in finch_optax.find_finch_states(state)] == [3]
+
+
+def test_tree_set_learning_rate_changes_nothing_and_injected_rates_do():
+    tx = finch_optax.finch_adamw(1e-3, 1e-2)
+    params = _params()
+    step = jax.jit(lambda s: tx.update(_grads(1), s, params, value=jnp.float32(4.0)))
+    _, state = step(tx.init(params))
+    poked = optax.tree.set(state, learning_rate=jnp.float32(1.0))  # writes FINCH's record of the last rate...
+    jax.tree.map(np.testing.assert_array_equal, step(poked), step(state))  # ...and changes nothing
+    # The way that works: inject the rates, then set them.
+    injected = optax.inject_hyperparams(finch_optax.finch_adamw)(base_learning_rate=1e-3, max_learning_rate=1e-2)
+    state = injected.init(params)
+    state = optax.tree.set(state, max_learning_rate=jnp.float32(1e-4))
+    _, state = injected.update(_grads(1), state, params, value=jnp.float32(4.0))
+    np.testing.assert_allclose(float(finch_optax.current_learning_rate(state)), 1e-4, rtol=RTOL)
 
 
 def test_apply_if_finite_skips_nan_gradients_and_keeps_finch_state():
@@ -311,7 +413,9 @@ def test_sharded_state_is_stable_and_finch_state_replicated(axis_type):
         for leaf in optax.tree.get(newer_state, "FinchState"):
             assert leaf.shape == () and leaf.sharding.is_fully_replicated
         # Adam's moments follow the params; the updates keep the params' sharding.
-        assert state[0].mu["w"].sharding.is_equivalent_to(column, 2)
+        assert state.inner_state[0].mu["w"].sharding.is_equivalent_to(column, 2)
+        for leaf in finch_optax.skip_counts(newer_state):
+            assert leaf.shape == () and leaf.sharding.is_fully_replicated
         assert updates["w"].sharding.is_equivalent_to(column, 2)
         lr = float(finch_optax.current_learning_rate(newer_state))
         np.testing.assert_allclose(lr, 1e-2 / math.sqrt(2.0), rtol=RTOL)
