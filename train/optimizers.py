@@ -125,6 +125,7 @@ def _finch_adamw(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.Gra
         weight_decay=opt_cfg.weight_decay,
         ema_decay=opt_cfg.ema_decay,
         min_loss=opt_cfg.min_loss,
+        check_updates=False,  # make_optimizer's skip_nonfinite already checks every gradient
     )
 
 
@@ -186,7 +187,18 @@ def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int | None = None) -> 
     _validate(opt_cfg, total_steps)
     parts = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
     parts.append(OPTIMIZERS[opt_cfg.name](opt_cfg, total_steps))
-    return optax.with_extra_args_support(optax.chain(*parts))
+    parts.append(_updates_like_params())
+    # One skip for the whole chain: a NaN/inf loss or gradient leaves every optimizer state as it was.
+    return finch_optax.skip_nonfinite(optax.chain(*parts))
+
+
+def _updates_like_params() -> optax.GradientTransformation:
+    """Casts updates to the params' dtype: a float32 schedule value must not turn bf16 updates into float32."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _is_injected(node: Any) -> bool:
