@@ -92,7 +92,7 @@ def _check_accumulation(apply_fn, params, batch, opt_cfg):
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
     if opt_cfg.name == "finch_adamw":
         # Adam's first moment after one update is (1 - b1) * g: equal moments mean equal gradients.
-        for a, b in zip(jax.tree.leaves(s1.opt_state[0][0].mu), jax.tree.leaves(s4.opt_state[0][0].mu)):
+        for a, b in zip(jax.tree.leaves(_adam_state(s1).mu), jax.tree.leaves(_adam_state(s4).mu)):
             a, b = np.asarray(a), np.asarray(b)  # fp32 sums in another order: compare at the tensor's scale
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
     else:
@@ -142,8 +142,15 @@ def test_sharded_data_fsdp_tensor_step_matches_single_device(tiny):
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     [(_, finch)] = finch_optax.find_finch_states(got.opt_state)
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(finch))
-    adam = got.opt_state[0][0]
+    adam = _adam_state(got)
     assert adam.mu["embed"].sharding.spec == emb.sharding.spec
+
+
+def _adam_state(state):
+    """The one ``ScaleByAdamState`` in a train state's optimizer state, however deeply it is wrapped."""
+    is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)  # noqa: E731
+    [adam] = [node for node in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(node)]
+    return adam
 
 
 # A toy "LM" compiles in well under a second: used for the exact-math checks below.
