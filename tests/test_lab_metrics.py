@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,23 +30,18 @@ def test_token_loss_sums_hand_computed():
     assert em.perplexity(float(total / count)) == pytest.approx(4.0, rel=1e-6)
 
 
-def test_kl_hand_computed_and_masked():
+def test_kl_hand_computed_per_position():
     base = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
     tuned = jnp.log(jnp.array([[[0.25, 0.75], [0.1, 0.9]]]))
-    # KL(p||q) at position 0 = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln(4/3); position 1 is masked.
-    sums = em.kl_sums(base, tuned, jnp.array([[1.0, 0.0]]))
-    assert float(sums.total) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
-    assert float(sums.count) == 1.0
-    forward = float(em.kl_sums(base, tuned, jnp.array([[0.0, 1.0]])).total)
-    assert forward == pytest.approx(0.9 * math.log(9) + 0.1 * math.log(1 / 9), rel=1e-5)
-    # Direction matters: KL(base||tuned) weights by the base distribution.
-    asym = float(
-        em.kl_sums(jnp.log(jnp.array([[[0.5, 0.5]]])), jnp.log(jnp.array([[[0.9, 0.1]]])), jnp.ones((1, 1))).total
-    )
+    # KL(p||q) at position 0 = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln(4/3).
+    kl = np.asarray(em.token_kl(base, tuned))
+    assert kl.shape == (1, 2)
+    assert kl[0, 0] == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
+    assert kl[0, 1] == pytest.approx(0.9 * math.log(9) + 0.1 * math.log(1 / 9), rel=1e-5)
+    # Direction matters: KL(base||tuned) weights by the base distribution; tuned logits need not be normalised.
+    asym = float(em.token_kl(jnp.log(jnp.array([[[0.5, 0.5]]])), jnp.log(jnp.array([[[0.9, 0.1]]])) + 3.0)[0, 0])
     assert asym == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-5)
-    reverse = float(
-        em.kl_sums(jnp.log(jnp.array([[[0.9, 0.1]]])), jnp.log(jnp.array([[[0.5, 0.5]]])), jnp.ones((1, 1))).total
-    )
+    reverse = float(em.token_kl(jnp.log(jnp.array([[[0.9, 0.1]]])), jnp.log(jnp.array([[[0.5, 0.5]]])))[0, 0])
     assert reverse == pytest.approx(0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5), rel=1e-5)
     assert abs(asym - reverse) > 0.1
 
@@ -56,7 +52,8 @@ def test_multiple_choice_length_normalisation():
     norm = em.score_multiple_choice(ll, lengths, np.array([2]))
     np.testing.assert_allclose(norm.scores, [[-2.0, -4.0, -1.5, -4.0]])
     assert norm.predictions.tolist() == [2] and norm.accuracy == 1.0
-    expected = np.exp([-2.0, -4.0, -1.5, -4.0]) / np.exp([-2.0, -4.0, -1.5, -4.0]).sum()
+    # The probabilities are the model's own, normalised over the choices: not length-normalised.
+    expected = np.exp(ll[0]) / np.exp(ll[0]).sum()
     np.testing.assert_allclose(norm.probs[0], expected, rtol=1e-12)
     raw = em.score_multiple_choice(ll, lengths, np.array([2]), length_normalize=False)
     assert raw.predictions.tolist() == [1] and raw.accuracy == 0.0
@@ -69,15 +66,32 @@ def test_multiple_choice_rejects_bad_shapes():
         em.score_multiple_choice(np.zeros((1, 2)), np.array([[1, 0]]), np.zeros(1, int))
 
 
-def test_ece_hand_computed():
-    # One item per bin: ECE = mean |correct - confidence| = (0.05 + 0.85 + 0.38 + 0.7) / 4.
+def test_ece_equal_count_bins_hand_computed():
+    # 4 items, at most 2 bins of >= 2 items: sorted confidences [0.3, 0.62 | 0.85, 0.95].
     conf = np.array([0.95, 0.85, 0.62, 0.3])
     correct = np.array([True, False, True, True])
-    assert em.expected_calibration_error(conf, correct, 10) == pytest.approx(1.98 / 4)
-    # Two items in one bin: |acc 0.5 - conf 0.95| = 0.45.
-    assert em.expected_calibration_error(np.array([0.91, 0.99]), np.array([1, 0]), 10) == pytest.approx(0.45)
-    # Bin edges: 0.3 belongs to (0.2, 0.3]; with 1 bin ECE is |mean acc - mean conf|.
-    assert em.expected_calibration_error(conf, correct, 1) == pytest.approx(abs(0.75 - conf.mean()))
+    low = abs(1.0 - (0.3 + 0.62) / 2)
+    high = abs(0.5 - (0.85 + 0.95) / 2)
+    assert em.expected_calibration_error(conf, correct, 10, min_per_bin=2) == pytest.approx((low + high) / 2)
+    # One item per bin when allowed: the mean of |correct - confidence|.
+    assert em.expected_calibration_error(conf, correct, 10, min_per_bin=1) == pytest.approx(
+        (0.05 + 0.85 + 0.38 + 0.7) / 4
+    )
+    # Too few items for 2 bins of 3: one bin, |mean acc - mean conf|.
+    assert em.expected_calibration_error(conf, correct, 10, min_per_bin=3) == pytest.approx(abs(0.75 - conf.mean()))
+
+
+def test_ece_bins_hold_at_least_min_per_bin():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.25, 1.0, 256)
+    correct = rng.uniform(size=256) < conf  # calibrated by construction
+    ece = em.expected_calibration_error(conf, correct, 10, min_per_bin=10)
+    assert 0.0 <= ece < 0.1
+    # 25 items: at most 2 bins of >= 10, never 10 bins of 2-3 items.
+    small = em.expected_calibration_error(conf[:25], correct[:25], 10, min_per_bin=10)
+    halves = np.array_split(np.argsort(conf[:25], kind="stable"), 2)
+    expected = sum(len(h) / 25 * abs(correct[:25][h].mean() - conf[:25][h].mean()) for h in halves)
+    assert small == pytest.approx(expected)
 
 
 def test_brier_hand_computed():
@@ -106,6 +120,6 @@ def test_mc_probabilities_and_calibration_bounds(ll, label):
     hnp.arrays(np.float32, (2, 3, 5), elements=st.floats(-8, 8, width=32)),
 )
 def test_kl_nonnegative_and_zero_on_itself(a, b):
-    mask = jnp.ones((2, 3))
-    assert float(em.kl_sums(jnp.asarray(a), jnp.asarray(b), mask).total) >= -1e-5
-    assert abs(float(em.kl_sums(jnp.asarray(a), jnp.asarray(a), mask).total)) < 1e-5
+    base = jnp.asarray(a) - jax.nn.logsumexp(jnp.asarray(a), axis=-1, keepdims=True)
+    assert float(em.token_kl(base, jnp.asarray(b)).min()) >= -1e-5
+    assert float(jnp.abs(em.token_kl(base, jnp.asarray(a))).max()) < 1e-5

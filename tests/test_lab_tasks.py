@@ -31,7 +31,7 @@ def test_quiz_items(cache):
 
 
 def test_retain_and_tasks(cache):
-    retain = tasks.load_retain(cache)
+    retain = tasks.load_retain("builtin", cache)
     assert retain and not any("velocity" in t for t in retain)  # "learned" belongs to science, not retain
     science = tasks.load_task("science", cache)
     assert science.train_texts and science.eval_texts
@@ -56,7 +56,8 @@ def test_facts_train_on_completions_only():
 def test_user_data(tmp_path):
     jsonl = tmp_path / "qa.jsonl"
     jsonl.write_text("\n".join(json.dumps({"prompt": f"Q{i}:", "completion": f" A{i}"}) for i in range(20)))
-    task = tasks.load_task(str(jsonl))
+    task = tasks.load_task(f"file:{jsonl}")
+    assert task == tasks.load_task(str(jsonl))  # a bare .jsonl/.txt path works too
     assert task.train_pairs and task.eval_pairs and not task.train_texts
     assert len(task.train_pairs) + len(task.eval_pairs) == 20
     text = tmp_path / "notes.txt"
@@ -69,3 +70,19 @@ def test_user_data(tmp_path):
     bad.write_text('{"title": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1"):
         tasks.load_task(str(bad))
+
+
+def test_retain_from_a_user_file(tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("first paragraph\n\nsecond paragraph\n")
+    assert tasks.load_retain(f"file:{text}") == ["first paragraph", "second paragraph"]  # all of it is held out
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    with pytest.raises(ValueError, match="plain text rows"):
+        tasks.load_retain(f"file:{rows}")
+    with pytest.raises(FileNotFoundError, match="retain file"):
+        tasks.load_retain(f"file:{tmp_path / 'none.txt'}")
+    with pytest.raises(ValueError, match="give file:PATH"):
+        tasks.load_retain("wikipedia")
+    with pytest.raises(ValueError, match="unknown task 'wikipedia'"):
+        tasks.load_task("wikipedia")

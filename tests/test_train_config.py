@@ -205,6 +205,9 @@ def test_cli_dispatch_table_matches_the_interface():
         "eval": "train.lab.evaluate:main",
         "compare": "train.lab.compare:main",
         "bench": "train.bench.cli:main",
+        "compile": "train.compile:main",
+        "export": "train.export:main",
+        "chat": "train.generate:chat_main",
     }
 
 
@@ -214,7 +217,8 @@ def test_cli_dispatch_table_matches_the_interface():
 @pytest.mark.parametrize(
     "cfg, shape",
     [
-        (MeshConfig(), (8, 1, 1)),
+        (MeshConfig(), (1, 8, 1)),  # the default: params and optimizer state sharded over every device
+        (MeshConfig(data=-1, fsdp=1), (8, 1, 1)),  # replication is opt-in
         (MeshConfig(data=2, fsdp=2, tensor=2), (2, 2, 2)),
         (MeshConfig(data=1, fsdp=-1, tensor=2), (1, 4, 2)),
     ],
@@ -236,6 +240,15 @@ def test_mesh_fills_minus_one(cfg, shape):
 def test_mesh_that_does_not_match_the_devices_is_an_error(cfg, fragment):
     with pytest.raises(mesh_lib.ShardingError, match=fragment):
         mesh_lib.make_mesh(cfg)
+
+
+def test_default_mesh_shards_params_and_optimizer_state_over_every_device():
+    mesh = mesh_lib.make_mesh(MeshConfig())
+    params = {"w": np.zeros((64, 128), np.float32)}
+    shardings = mesh_lib.param_shardings(params, {"w": ("embed", "mlp")}, mesh, mesh_lib.parse_rules())
+    assert shardings["w"].spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert shardings["w"].shard_shape((64, 128)) == (8, 128)
+    assert mesh_lib.batch_sharding(mesh).shard_shape((16, 4)) == (2, 4)  # the batch is split 8 ways too
 
 
 def test_logical_rules_table():

@@ -7,6 +7,7 @@ real job that dies and is restarted. This file doubles as the worker script: ``p
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ def _worker(argv):
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack if stuck
     from train.config import load_config
     from train.finetune import run
+    from train.preemption import EXIT_CODE, Preempted
 
     def on_step(step, state):
         print(f"step {step}", flush=True)
@@ -43,7 +45,11 @@ def _worker(argv):
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(args.sleep)
 
-    run(load_config(None, args.overrides), on_step=on_step)
+    try:
+        run(load_config(None, args.overrides), on_step=on_step)
+    except Preempted as e:  # SIGTERM: run() saved a checkpoint first; exit as `finch-train finetune` does
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_CODE)
 
 
 def _env(devices=8):
@@ -69,7 +75,8 @@ def _overrides(data_file, run_dir, every, extra=()):
         f"steps={STEPS}",
         "optimizer.learning_rate=3e-3",
         "optimizer.base_learning_rate=3e-3",
-        f"output_dir={run_dir}",
+        f"output.dir={run_dir}",
+        "output.hf_export=false",
         f"checkpoint.directory={run_dir}/ckpt",
         f"checkpoint.every={every}",
         "progress=false",
@@ -78,10 +85,13 @@ def _overrides(data_file, run_dir, every, extra=()):
     ]
 
 
-def _launch(overrides, *, kill_after_save=None, sleep=0.0, devices=8):
+def _launch(overrides, *, kill_after_save=None, sleep=0.0, devices=8, cli=False):
+    """Starts a training process: this file's worker (with its hooks), or with ``cli`` the real ``finetune`` CLI."""
     cmd = [sys.executable, __file__, f"--sleep={sleep}"]
     if kill_after_save is not None:
         cmd.append(f"--kill-after-save={kill_after_save}")
+    if cli:
+        cmd = [sys.executable, "-m", "train", "finetune"]
     return subprocess.Popen(
         cmd + ["--", *overrides], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -91,6 +101,11 @@ def _train(overrides, **kw):
     proc = _launch(overrides, **kw)
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
+
+
+def _steps_done(out):
+    """The steps the worker reported (its ``step N`` lines; the run's summaries go to stdout too)."""
+    return [int(line.split()[1]) for line in out.splitlines() if re.fullmatch(r"step \d+", line.strip())]
 
 
 def _metrics(run_dir):
@@ -125,7 +140,7 @@ def data_file(tmp_path_factory):
     rng = np.random.default_rng(0)
     with open(path, "w") as f:
         for i in range(48):
-            words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "finch", "optax"], rng.integers(3, 9)))
+            words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "finch", "optax"], rng.integers(2, 5)))
             obj = {"text": f"{i}: {words}."} if i % 2 else {"prompt": f"Q{i}:", "completion": f" {words}."}
             f.write(json.dumps(obj) + "\n")
     return str(path)
@@ -135,7 +150,10 @@ def data_file(tmp_path_factory):
 def straight_runs(tmp_path_factory, data_file):
     """Uninterrupted 2N-step runs (checkpoints at N and 2N) on the default mesh (data=8) and on (2, 2, 2)."""
     runs = {}
-    for name, mesh in (("data8", []), ("d2f2t2", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
+    for name, mesh in (
+        ("data8", ["mesh.data=-1", "mesh.fsdp=1"]),
+        ("d2f2t2", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
+    ):
         run_dir = tmp_path_factory.mktemp(f"straight_{name}")
         rc, out, err = _train(_overrides(data_file, run_dir, every=STEPS // 2, extra=mesh))
         assert rc == 0, err[-3000:]
@@ -170,8 +188,8 @@ def test_sigkill_mid_run_and_during_async_save_resumes_from_last_complete_checkp
 ):
     from train.checkpoint import Checkpointer
 
-    straight_dir, _ = straight_runs["data8"]
-    overrides = _overrides(data_file, tmp_path, every=2)
+    straight_dir, mesh = straight_runs["data8"]
+    overrides = _overrides(data_file, tmp_path, every=2, extra=mesh)
     # 1) SIGKILL from outside while training (the process sleeps after each step, so step 3 is mid-run).
     proc = _launch(overrides, sleep=1.0)
     for line in proc.stdout:
@@ -189,7 +207,7 @@ def test_sigkill_mid_run_and_during_async_save_resumes_from_last_complete_checkp
     # 3) Resume again: from step 2, to the end, equal to the run that was never interrupted.
     rc, out, err = _train(overrides)
     assert rc == 0, err[-3000:]
-    assert out.split() == [w for s in range(3, STEPS + 1) for w in ("step", str(s))]
+    assert _steps_done(out) == list(range(3, STEPS + 1))
     _assert_states_equal(_saved_state(straight_dir, STEPS), _saved_state(tmp_path, STEPS))
     straight, resumed = _metrics(straight_dir), _metrics(tmp_path)
     for step in range(3, STEPS + 1):
@@ -205,7 +223,7 @@ def _free_port():
 @pytest.mark.slow
 def test_two_processes_match_the_one_process_run(straight_runs, data_file, tmp_path):
     """2 processes × 4 CPU devices (gloo collectives), each feeding its half of every batch, vs 1 × 8 devices."""
-    straight_dir, _ = straight_runs["data8"]
+    straight_dir, mesh = straight_runs["data8"]
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -220,7 +238,7 @@ def test_two_processes_match_the_one_process_run(straight_runs, data_file, tmp_p
             "2",
             "--process-id",
             str(pid),
-            *_overrides(data_file, tmp_path, every=STEPS // 2),
+            *_overrides(data_file, tmp_path, every=STEPS // 2, extra=mesh),
         ]
         procs.append(
             subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,7 +249,9 @@ def test_two_processes_match_the_one_process_run(straight_runs, data_file, tmp_p
     multi, single = _metrics(tmp_path), _metrics(straight_dir)
     assert sorted(multi) == list(range(1, STEPS + 1))
     for step in multi:
-        np.testing.assert_allclose(multi[step]["loss"], single[step]["loss"], rtol=2e-5)
+        # gloo sums the gradients in another order; with bf16 compute the losses drift apart by up to 2.6e-5 (measured
+        # on this data), and more steps would drift further
+        np.testing.assert_allclose(multi[step]["loss"], single[step]["loss"], rtol=5e-5)
         assert multi[step]["tokens"] == single[step]["tokens"]
     want, got = _saved_state(straight_dir, STEPS), _saved_state(tmp_path, STEPS)
     assert want.keys() == got.keys()

@@ -16,12 +16,18 @@ __all__ = ["SUBCOMMANDS", "main"]
 # subcommand -> ("module:function", one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("train.finetune:main", "fine-tune a model on text/JSONL with FINCH or a baseline"),
-    "generate": ("train.generate:main", "greedy / sampled text generation from a model or checkpoint"),
+    "export": ("train.export:main", "write a Hugging Face model directory from a fine-tuning checkpoint"),
+    "chat": (
+        "train.generate:chat_main",
+        "talk to a model (an export, a run folder or a checkpoint) with its chat template",
+    ),
+    "generate": ("train.generate:main", "greedy / sampled text generation from a model, export or checkpoint"),
     "demo": ("train.lab.demo:main", "SmolLM2-135M learns new facts: adamw vs finch_adamw vs a lower lr (make demo)"),
     "prepare": ("train.lab.sources:main", "download and cache the built-in datasets"),
     "eval": ("train.lab.evaluate:main", "evaluate a model: perplexity, quiz accuracy, fact recall"),
     "compare": ("train.lab.compare:main", "side-by-side FINCH vs baselines forgetting comparison"),
     "bench": ("train.bench.cli:main", "step-time / throughput benchmarks"),
+    "compile": ("train.compile:main", "compile the train step for a TPU pod topology here: memory, fits, FLOPs, MFU"),
 }
 
 
@@ -46,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = SUBCOMMANDS[name][0]
     module_name, func_name = target.split(":")
     try:
+        # libtpu (installed for `compile`) would otherwise be loaded by every jax process, even on hosts without a
+        # TPU: it prints metadata warnings and takes a machine-wide lock. Harmless on TPU hosts (it does nothing).
+        importlib.import_module("train.topology").quiet_libtpu_without_tpus()
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] in _FIRST_PARTY:
@@ -71,8 +80,12 @@ _FIRST_PARTY = ("finch_optax", "models", "train")
 # Errors that describe bad input (config, data, mesh, checkpoint, model files): one clear line, no traceback.
 _USER_ERRORS = (
     ("train.data", "DataError"),
+    ("train.chat_template", "ChatTemplateError"),
     ("train.mesh", "ShardingError"),
     ("train.checkpoint", "CheckpointError"),
+    ("train.runlock", "RunLockedError"),
+    ("train.runlock", "UnwritableDirectoryError"),
+    ("train.guard", "NonFiniteWeightsError"),
     ("models.config", "ConfigError"),
     ("models.weights", "WeightError"),
     ("models.gguf_loader", "GGUFError"),

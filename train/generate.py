@@ -1,25 +1,37 @@
-"""Text generation from a model config, optionally with fine-tuned params from a checkpoint.
+"""Talk to a model: ``finch-train generate`` continues prompts, ``finch-train chat`` holds a conversation rendered
+with the model's chat template; both print tokens as they are decoded.
 
-``finch-train generate --prompt "The capital of France is" model.source=gguf:smollm2``
-``finch-train generate --checkpoint runs/x/ckpt --prompt "..."`` (model config read from the checkpoint)
+The model is named in one of three ways:
+
+* an exported Hugging Face directory (``runs/NAME/hf``, or any directory with ``config.json`` + safetensors);
+* a run folder (``runs/NAME``) or an orbax checkpoint directory: its newest checkpoint, or ``--step N``;
+* a model source as in ``model.source``: ``gguf:smollm2``, ``hf:DIR``, ``gguf:PATH``, ``preset:NAME``.
+
+::
+
+    finch-train chat runs/smollm2-chat/hf
+    finch-train generate --model runs/smollm2-chat/hf --chat --prompt "Where was Gloutha Krimend born?"
+    finch-train generate --model gguf:smollm2 --prompt "The capital of France is" --temperature 0.7 --top-k 40
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 
 import models
 from train import config as config_lib
-from train import step as step_lib
-from train.checkpoint import Checkpointer, CheckpointError
+from train import export as export_lib
+from train.chat_template import ChatTemplate, ChatTemplateError, special_token_text
 from train.finetune import load_model
-from train.optimizers import make_optimizer
 
-__all__ = ["complete", "load_checkpoint_params", "main"]
+__all__ = ["Loaded", "chat_main", "complete", "load_for_generation", "main", "stream_text"]
 
 
 def complete(
@@ -34,7 +46,10 @@ def complete(
     add_bos: bool = True,
     stop_at_eos: bool = True,
 ) -> list[str]:
-    """Continuations of each prompt (greedy at ``temperature=0``), decoded to text (the prompt not included)."""
+    """Continuations of each prompt (greedy at ``temperature=0``), decoded to text (the prompt not included).
+
+    All prompts are decoded together in one compiled loop (no streaming); :func:`stream_text` streams one.
+    """
     ids = [tokenizer.encode(p, add_bos=add_bos and tokenizer.bos_id is not None) for p in prompts]
     out = models.generate(
         model,
@@ -48,55 +63,236 @@ def complete(
     return [tokenizer.decode(seq) for seq in out]
 
 
-def load_checkpoint_params(directory: str, step: int | None = None) -> tuple[Any, Any, config_lib.TrainConfig]:
-    """``(model, tokenizer, cfg)``: the checkpoint's model config, loaded, with the checkpoint's params."""
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint in {directory!r}")
-        meta = ckpt.read_meta(step)
-        cfg = config_lib.from_dict(meta["config"])
-        model, tokenizer = load_model(cfg.model)
-        _, params, merge = step_lib.split_model(model)
-        tx = make_optimizer(cfg.optimizer, total_steps=cfg.steps)
-        abstract = jax.eval_shape(
-            lambda p: step_lib.init_train_state(p, tx, seed=cfg.seed, l2sp=cfg.l2sp_weight > 0), params
-        )
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        state, _ = ckpt.restore(step, target)
-    finally:
-        ckpt.close()
-    return merge(state.params), tokenizer, cfg
+@dataclasses.dataclass
+class Loaded:
+    """A model ready to talk to: ``template`` is ``None`` when it has no chat template."""
+
+    model: Any
+    tokenizer: Any
+    template: ChatTemplate | None
+    description: str
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finch-train generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    parser.add_argument("--checkpoint", default=None, help="a checkpoint directory written by `finetune`")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--config", default=None, help="YAML config (its model section is used)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides (model.*)")
-    args = parser.parse_args(argv)
-    if args.checkpoint:
-        model, tokenizer, _ = load_checkpoint_params(args.checkpoint, args.step)
+def load_for_generation(
+    spec: str, *, step: int | None = None, dtype: str = "float32", chat_template: str = ""
+) -> Loaded:
+    """Loads an HF export, a run folder / checkpoint, or a model source (see the module docstring).
+
+    ``chat_template`` is a Jinja file used instead of the model's own template.
+    """
+    template_text = None
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
+        model, tokenizer = models.load(f"hf:{spec}", dtype=dtype)
+        description = f"{spec} (Hugging Face directory)"
+    elif os.path.isdir(spec):
+        loaded = export_lib.load_checkpoint(spec, step, dtype=dtype)
+        model, tokenizer, template_text = loaded.model, loaded.tokenizer, loaded.chat_template
+        description = f"{loaded.directory} step {loaded.step} (fine-tuned from {loaded.config.model.source})"
     else:
-        cfg = config_lib.load_config(args.config, args.overrides)
-        model, tokenizer = load_model(cfg.model)
-    texts = complete(
+        model, tokenizer = models.load(spec, dtype=dtype)
+        description = spec
+    bos = special_token_text(tokenizer, tokenizer.bos_id)
+    eos = special_token_text(tokenizer, tokenizer.eos_id)
+    if chat_template:
+        template = ChatTemplate.for_model(tokenizer, chat_template)
+    elif template_text:
+        template = ChatTemplate(template_text, bos_token=bos, eos_token=eos, origin="the run's chat template")
+    else:
+        template = ChatTemplate.for_model(tokenizer)
+    return Loaded(model, tokenizer, template, description)
+
+
+def _stop_ids(tokenizer: Any, end_of_turn: str) -> tuple[int, ...]:
+    ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    token_to_id = getattr(tokenizer, "token_to_id", None)
+    if end_of_turn and token_to_id is not None and token_to_id(end_of_turn) is not None:
+        ids.add(token_to_id(end_of_turn))
+    return tuple(ids)
+
+
+def stream_text(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    stop_ids: Sequence[int] = (),
+    stop_text: str = "",
+) -> Iterator[str]:
+    """The continuation of ``prompt_ids`` as text pieces, each yielded as soon as it is decoded.
+
+    Generation ends at a token in ``stop_ids`` or where the text reaches ``stop_text`` (neither is yielded). A piece
+    is held back while it may be the start of ``stop_text`` or ends inside a multi-byte character.
+    """
+    new_ids: list[int] = []
+    shown = ""
+    tokens = models.generate_stream(
         model,
-        tokenizer,
-        args.prompt,
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        rng=jax.random.key(seed),
+        stop_ids=stop_ids,
+    )
+    for token in tokens:
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids)
+        if stop_text and stop_text in text:
+            yield text[: text.index(stop_text)][len(shown) :]
+            return
+        if text.endswith("\ufffd"):
+            continue
+        keep = next((n for n in range(len(stop_text) - 1, 0, -1) if text.endswith(stop_text[:n])), 0)
+        if len(text) - keep > len(shown):
+            yield text[len(shown) : len(text) - keep]
+            shown = text[: len(text) - keep]
+    text = tokenizer.decode(new_ids)
+    if len(text) > len(shown):
+        yield text[len(shown) :]
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
+    parser.add_argument("--chat-template", default="", help="a Jinja chat template file instead of the model's own")
+
+
+def _need_template(loaded: Loaded) -> ChatTemplate:
+    if loaded.template is None:
+        raise ChatTemplateError(
+            f"{loaded.description} has no chat template; pass --chat-template FILE (e.g. configs/chatml.jinja)"
+        )
+    return loaded.template
+
+
+def _reply(loaded: Loaded, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
+    """Streams the assistant's reply to ``messages`` to stdout and returns it."""
+    template = _need_template(loaded)
+    end = template.end_of_turn()
+    ids = loaded.tokenizer.encode(template.render(messages, add_generation_prompt=True))
+    context = loaded.model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > context:
+        raise ChatTemplateError(
+            f"the conversation is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the "
+            f"model's context of {context} (type /reset to start over)"
+        )
+    pieces = []
+    for piece in stream_text(
+        loaded.model,
+        loaded.tokenizer,
+        ids,
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
+        stop_ids=_stop_ids(loaded.tokenizer, end),
+        stop_text=end,
+    ):
+        pieces.append(piece)
+        _write(piece)
+    _write("\n")
+    return "".join(pieces)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="finch-train generate",
+        description="Continue prompts with a model: an HF export, a run folder or checkpoint, or a model source. "
+        "Prints each prompt, an arrow, and the continuation as it is decoded.",
     )
-    for prompt, text in zip(args.prompt, texts):
-        print(f"{prompt}\u2192{text}")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    parser.add_argument("--model", default=None, help="HF export dir, run folder, checkpoint dir, or model source")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint directory (same as --model DIR)")
+    parser.add_argument("--chat", action="store_true", help="send each prompt as a user message (chat template)")
+    parser.add_argument("--system", default=None, help="system message for --chat")
+    parser.add_argument("--config", default=None, help="YAML config whose model.source is used without --model")
+    _add_sampling_args(parser, max_new_tokens=32)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (model.*) without --model")
+    args = parser.parse_args(argv)
+    spec = args.model or args.checkpoint
+    if spec is None:
+        cfg = config_lib.load_config(args.config, args.overrides)
+        model, tokenizer = load_model(dataclasses.replace(cfg.model, dtype=args.dtype))
+        template = (
+            None if not (args.chat or args.chat_template) else ChatTemplate.for_model(tokenizer, args.chat_template)
+        )
+        loaded = Loaded(model, tokenizer, template, cfg.model.source)
+    else:
+        loaded = load_for_generation(spec, step=args.step, dtype=args.dtype, chat_template=args.chat_template)
+    for prompt in args.prompt:
+        _write(f"{prompt}\u2192")
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            _reply(loaded, [*system, {"role": "user", "content": prompt}], args)
+            continue
+        tok = loaded.tokenizer
+        ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
+        stop = (tok.eos_id,) if tok.eos_id is not None else ()
+        for piece in stream_text(
+            loaded.model,
+            tok,
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop_ids=stop,
+        ):
+            _write(piece)
+        _write("\n")
+    return 0
+
+
+def chat_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="finch-train chat",
+        description="Chat with a model through its chat template, reading one user message per line from stdin "
+        "and printing the reply as it is decoded. /reset starts over; /exit or Ctrl-D ends.",
+    )
+    parser.add_argument("model", help="HF export dir (runs/NAME/hf), run folder, checkpoint dir, or model source")
+    parser.add_argument("--system", default=None, help="a system message at the start of the conversation")
+    _add_sampling_args(parser, max_new_tokens=256)
+    args = parser.parse_args(argv)
+    loaded = load_for_generation(args.model, step=args.step, dtype=args.dtype, chat_template=args.chat_template)
+    _need_template(loaded)
+    interactive = sys.stdin.isatty()
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print(f"chatting with {loaded.description}; /reset starts over, /exit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            messages = list(start)
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": line})
+        if interactive:
+            _write("assistant> ")
+        try:
+            reply = _reply(loaded, messages, args)
+        except ChatTemplateError as e:
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
     return 0

@@ -1,7 +1,10 @@
 """Device mesh and sharding rules: logical axis names → mesh axes, as a small table of data.
 
 The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism that also shards params and
-optimizer state) and ``tensor`` (model parallelism inside a layer). The models name every parameter dimension with a
+optimizer state) and ``tensor`` (model parallelism inside a layer). The default puts every device on ``fsdp``, so params
+and optimizer state are split over all of them (replicating them is opt-in: ``data=-1, fsdp=1``). On a multi-slice TPU
+pod the sizes describe one slice (its ICI network) and ``data`` additionally spans the slices (DCN): only gradients
+cross the slow network, once per step. The models name every parameter dimension with a
 logical axis (``vocab``, ``embed``, ``heads``, ...); :data:`DEFAULT_RULES` says which mesh axis each one is split over.
 A dimension whose size does not divide by its mesh axes' size is replicated instead (e.g. 3 KV heads on ``tensor=2``)
 so that every preset runs on every mesh; two dimensions of one array mapped to the same mesh axis is an error.
@@ -15,16 +18,20 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from models.sharding import ShardingContext
 from train.config import ConfigError, MeshConfig
 
 __all__ = [
+    "ACTIVATION_RULES",
     "BATCH_AXES",
     "DEFAULT_RULES",
     "MESH_AXES",
     "ShardingError",
+    "activation_context",
     "batch_sharding",
     "logical_to_spec",
     "make_mesh",
@@ -51,16 +58,57 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+# How activations are laid out (models/sharding.py): rows over the data-parallel axes, heads / MLP / vocab features
+# over ``tensor``. ``embed`` stays whole: fsdp splits the *params'* embed dimension, and the batch already uses it.
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
+    "batch": BATCH_AXES,
+    "length": (),
+    "embed": (),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+}
+
+
 class ShardingError(ValueError):
     """A mesh or sharding rule that cannot work with the devices or arrays at hand."""
+
+
+def _slices(devices: Sequence[Any]) -> list[list[Any]]:
+    """Devices grouped by TPU slice (``slice_index``; one group where devices have none), in slice order."""
+    groups: dict[int, list[Any]] = {}
+    for d in devices:
+        groups.setdefault(int(getattr(d, "slice_index", 0) or 0), []).append(d)
+    return [groups[k] for k in sorted(groups)]
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all processes).
 
-    One axis size may be -1: it takes all remaining devices. The product must equal the device count.
+    One axis size may be -1: it takes all remaining devices. The product must equal the device count of one slice;
+    with several TPU slices (devices carrying different ``slice_index``) the ``data`` axis also spans the slices,
+    so its size is ``slices × data`` (a hybrid ICI × DCN mesh, slice-local axes innermost).
     """
     devices = list(jax.devices() if devices is None else devices)
+    slices = _slices(devices)
+    if len({len(s) for s in slices}) > 1:
+        raise ShardingError(f"TPU slices of unequal size: {[len(s) for s in slices]} devices")
+    sizes = _axis_sizes(mesh_cfg, len(slices[0]), len(slices))
+    axis_types = (AxisType.Auto,) * 3
+    if len(slices) == 1:
+        # Auto axes: the classic GSPMD mode where shardings are annotations and XLA propagates the rest.
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        tuple(sizes), (len(slices), 1, 1), devices, allow_split_physical_axes=True
+    )
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _axis_sizes(mesh_cfg: MeshConfig, num_devices: int, num_slices: int) -> list[int]:
+    """The per-slice ``[data, fsdp, tensor]`` sizes with the one ``-1`` filled in."""
+    where = "" if num_slices == 1 else f" per slice ({num_slices} slices)"
     sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
     if any(s == 0 or s < -1 for s in sizes):
         raise ShardingError(f"mesh sizes must be positive or -1, got data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}")
@@ -68,19 +116,18 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
         raise ShardingError(f"at most one mesh axis may be -1, got data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
+        if num_devices % known:
             raise ShardingError(
-                f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}: {len(devices)} devices do not divide "
+                f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}: {num_devices} devices{where} do not divide "
                 f"by the fixed axes' product {known}"
             )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise ShardingError(
-            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, "
-            f"but {len(devices)} are available (use -1 for one axis to fill the rest)"
+            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices{where}, "
+            f"but {num_devices} are available (use -1 for one axis to fill the rest)"
         )
-    # Auto axes: the classic GSPMD mode where shardings are annotations and XLA propagates the rest.
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return sizes
 
 
 def parse_rules(overrides: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
@@ -92,6 +139,10 @@ def parse_rules(overrides: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
         if "=" not in item:
             raise ConfigError(f"mesh rule {item!r} is not of the form logical=mesh_axis")
         logical, target = (s.strip() for s in item.split("=", 1))
+        if logical not in table:
+            raise ConfigError(
+                f"mesh rule {item!r} names unknown logical axis {logical!r}; logical axes: {', '.join(table)}"
+            )
         axes = () if target.lower() in ("none", "") else tuple(a.strip() for a in target.split("+"))
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
@@ -214,6 +265,16 @@ def state_shardings_like(tree: Any, params: Any, params_shardings: Any, mesh: Me
         return rep
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def activation_context(mesh: Mesh) -> ShardingContext:
+    """The layout of the model's activations on ``mesh`` (:data:`ACTIVATION_RULES`), for
+    :func:`models.sharding.activation_sharding`."""
+
+    def spec_for(axes: Sequence[str | None], shape: Sequence[int]) -> P:
+        return logical_to_spec(axes, shape, mesh, ACTIVATION_RULES, name="activation")
+
+    return ShardingContext(mesh, spec_for)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -92,6 +92,22 @@ class MetricsLogger:
             self._bar.update(1)
         return record
 
+    def log_eval(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Records evaluation scalars (e.g. ``val_loss``) at ``step`` as their own JSONL line and TensorBoard
+        ``eval/`` scalars, and prints them; they stay out of :attr:`records` (one per training step)."""
+        record: dict[str, float] = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        if not self.is_main:
+            return record
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(f"eval/{k}", float(v), int(step))
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return record
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -23,6 +23,7 @@ ignore ``value`` so :mod:`train.step` can call every optimizer the same way. The
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,15 @@ import optax
 import finch_optax
 from train.config import ConfigError, OptimizerConfig
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "applied_learning_rate", "is_finch", "make_optimizer", "make_schedule"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "applied_learning_rate",
+    "is_finch",
+    "make_optimizer",
+    "make_schedule",
+    "skip_metrics",
+]
 
 SCHEDULES = ("constant", "warmup_cosine", "trace")
 
@@ -67,14 +76,54 @@ def _validate(opt_cfg: OptimizerConfig, total_steps: int | None) -> None:
             raise ConfigError("optimizer.schedule=trace needs optimizer.lr_trace (one learning rate per step)")
         if any(not lr >= 0 for lr in opt_cfg.lr_trace):
             raise ConfigError("optimizer.lr_trace must hold non-negative numbers")
-    if opt_cfg.learning_rate <= 0:
-        raise ConfigError(f"optimizer.learning_rate must be > 0, got {opt_cfg.learning_rate}")
-    if is_finch(opt_cfg) and opt_cfg.base_learning_rate <= 0:
-        raise ConfigError(f"optimizer.base_learning_rate must be > 0, got {opt_cfg.base_learning_rate}")
+    if not 0 < opt_cfg.learning_rate < math.inf:
+        raise ConfigError(f"optimizer.learning_rate must be > 0 and finite, got {opt_cfg.learning_rate}")
+    if is_finch(opt_cfg) and not 0 < opt_cfg.base_learning_rate < math.inf:
+        raise ConfigError(f"optimizer.base_learning_rate must be > 0 and finite, got {opt_cfg.base_learning_rate}")
+    _check_ranges(opt_cfg)
     if opt_cfg.schedule == "warmup_cosine" and not (opt_cfg.decay_steps or total_steps):
         raise ConfigError("optimizer.schedule=warmup_cosine needs optimizer.decay_steps (or the run's steps)")
     if opt_cfg.clip_norm < 0:
         raise ConfigError(f"optimizer.clip_norm must be >= 0 (0 = off), got {opt_cfg.clip_norm}")
+
+
+# key -> (low, high, whether low is allowed, whether high is allowed)
+_RANGES = {
+    "b1": (0.0, 1.0, True, False),
+    "b2": (0.0, 1.0, True, False),
+    "momentum": (0.0, 1.0, True, False),
+    "ema_decay": (0.0, 1.0, True, False),
+    "eps": (0.0, math.inf, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "clip_norm": (0.0, math.inf, True, False),
+    "final_lr_ratio": (0.0, 1.0, True, True),
+    "min_loss": (-math.inf, math.inf, False, False),
+}
+# Settings only FINCH reads: set on another optimizer they would silently do nothing.
+_FINCH_ONLY = ("ema_decay", "min_loss")
+
+
+def _check_ranges(opt_cfg: OptimizerConfig) -> None:
+    for key, (low, high, low_ok, high_ok) in _RANGES.items():
+        value = getattr(opt_cfg, key)
+        above = value > low or (low_ok and value == low)
+        below = value < high or (high_ok and value == high)
+        if not (above and below):  # also false for NaN
+            interval = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+            raise ConfigError(f"optimizer.{key} must be in {interval}, got {value}")
+    for key in ("warmup_steps", "decay_steps"):
+        if getattr(opt_cfg, key) < 0:
+            raise ConfigError(f"optimizer.{key} must be >= 0, got {getattr(opt_cfg, key)}")
+    if any(not math.isfinite(lr) for lr in opt_cfg.lr_trace):
+        raise ConfigError("optimizer.lr_trace must hold finite numbers")
+    if not is_finch(opt_cfg):
+        defaults = OptimizerConfig()
+        for key in _FINCH_ONLY:
+            if getattr(opt_cfg, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"optimizer.{key}={getattr(opt_cfg, key)} is a FINCH setting, but optimizer.name="
+                    f"{opt_cfg.name!r} does not use it; remove it or pick a finch_* optimizer"
+                )
 
 
 def make_schedule(opt_cfg: OptimizerConfig, total_steps: int | None = None, peak: float = 1.0) -> optax.Schedule:
@@ -179,7 +228,9 @@ def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int | None = None) -> 
       total_steps: the run's length, used by ``warmup_cosine`` when ``decay_steps`` is 0.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params, value=loss)``.
+      An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params, value=loss)``. The whole
+      chain (clipping included) is wrapped in :func:`finch_optax.skip_nonfinite`: a step whose ``value`` or any
+      gradient is NaN/inf is skipped whole and counted (:func:`skip_metrics` reads the counters).
 
     Raises:
       ConfigError: unknown name or schedule, or hyperparameters that cannot work.
@@ -188,7 +239,7 @@ def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int | None = None) -> 
     parts = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
     parts.append(OPTIMIZERS[opt_cfg.name](opt_cfg, total_steps))
     parts.append(_updates_like_params())
-    # One skip for the whole chain: a NaN/inf loss or gradient leaves every optimizer state as it was.
+    # The divergence guard: a NaN/inf loss or gradient leaves params and the whole chain's state untouched.
     return finch_optax.skip_nonfinite(optax.chain(*parts))
 
 
@@ -199,6 +250,15 @@ def _updates_like_params() -> optax.GradientTransformation:
         return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def skip_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
+    """``{"skipped": total, "consecutive_skips": in a row}`` from the state's skip wrapper (empty without one)."""
+    try:
+        counts = finch_optax.skip_counts(opt_state)
+    except ValueError:  # an optimizer built without make_optimizer, e.g. a bare optax transform in a test
+        return {}
+    return {"skipped": counts.total, "consecutive_skips": counts.consecutive}
 
 
 def _is_injected(node: Any) -> bool:

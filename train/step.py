@@ -15,7 +15,9 @@ means). With ``l2sp_weight`` :math:`\lambda > 0` the objective gains :math:`\tfr
 loss :math:`L`, which is what its learning rate adapts to.
 
 Mixed precision: params and optimizer state stay in their storage dtype (fp32); the model computes in its ``dtype``
-(bf16) and returns fp32 logits; losses and gradient sums are fp32.
+(bf16) and returns fp32 logits; losses and gradient sums are fp32. For a model split by :func:`split_model` the loss
+is computed from the final hidden states a chunk of positions at a time (:func:`models.loss.token_nll`), so the fp32
+``[B, T, vocab]`` logits of the whole batch never exist at once.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from models import loss as loss_lib
+from models import sharding as sharding_lib
 from train import mesh as mesh_lib
-from train.optimizers import applied_learning_rate
+from train.optimizers import applied_learning_rate, skip_metrics
 
 __all__ = [
     "BATCH_KEYS",
     "ApplyFn",
+    "ModelApply",
     "TrainState",
     "abstract_like",
     "create_train_state",
@@ -74,29 +79,56 @@ class TrainState(NamedTuple):
     rng: jax.Array
 
 
-def split_model(model: Any) -> tuple[ApplyFn, Any, Callable[[Any], Any]]:
+class ModelApply:
+    """A ``models.CausalLM`` as pure functions of its params (an :data:`ApplyFn`, and a memory-lean loss).
+
+    ``apply(params, tokens, positions, segment_ids)`` returns the fp32 logits; ``token_nll(params, batch)`` returns
+    the per-token losses of the same forward without materialising them (:func:`models.loss.token_nll`).
+    ``unroll_loss`` unrolls that loss's loop over chunks (same values): only for counting FLOPs (``train.compile``).
+    """
+
+    def __init__(self, graphdef: Any, rest: Any, *, unroll_loss: bool = False):
+        self._graphdef, self._rest = graphdef, rest
+        self.unroll_loss = unroll_loss
+
+    def merge(self, params: Any) -> Any:
+        """The module with ``params`` in place (e.g. for generation)."""
+        return nnx.merge(self._graphdef, params, self._rest)
+
+    def __call__(self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        return self.merge(params)(tokens, positions=positions, segment_ids=segment_ids)
+
+    def token_nll(self, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """float32 ``[B, T]`` next-token losses, the LM head and cross-entropy run a chunk of positions at a time."""
+        model = self.merge(params)
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        return loss_lib.token_nll(hidden, batch["targets"], model.logits, unroll=self.unroll_loss)
+
+
+def split_model(model: Any, *, unroll_loss: bool = False) -> tuple[ModelApply, Any, Callable[[Any], Any]]:
     """Splits a flax NNX ``models.CausalLM`` into a pure apply function, its params dict and a re-merge function.
 
     Returns:
-      ``(apply_fn, params, merge)``: ``apply_fn(params, tokens, positions, segment_ids) -> logits``; ``params`` a
-      nested dict of the ``nnx.Param`` arrays; ``merge(params) -> model`` rebuilds a module (e.g. for generation).
+      ``(apply_fn, params, merge)``: ``apply_fn(params, tokens, positions, segment_ids) -> logits`` (a
+      :class:`ModelApply`); ``params`` a nested dict of the ``nnx.Param`` arrays; ``merge(params) -> model``
+      rebuilds a module (e.g. for generation).
     """
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(param_state)
-
-    def merge(p: Any) -> Any:
-        return nnx.merge(graphdef, p, rest)
-
-    def apply_fn(p: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        return merge(p)(tokens, positions=positions, segment_ids=segment_ids)
-
-    return apply_fn, params, merge
+    apply_fn = ModelApply(graphdef, rest, unroll_loss=unroll_loss)
+    return apply_fn, nnx.to_pure_dict(param_state), apply_fn.merge
 
 
 def token_loss_sums(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """``(sum_i w_i * nll_i, sum_i w_i)`` over one (micro-)batch, in fp32."""
-    logits = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
-    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    """``(sum_i w_i * nll_i, sum_i w_i)`` over one (micro-)batch, in fp32.
+
+    A :class:`ModelApply` computes the losses chunk by chunk (no full fp32 logits); any other ``apply_fn`` returns
+    the logits, and the loss is taken from them.
+    """
+    if isinstance(apply_fn, ModelApply):
+        nll = apply_fn.token_nll(params, batch)
+    else:
+        logits = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
+        nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     weights = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * weights), jnp.sum(weights)
 
@@ -139,6 +171,12 @@ def _split_micro(x: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
 
 
 def _loss_and_grad_sums(apply_fn, params, batch, grad_accum, mesh):
+    # With a mesh, the model's activations are laid out explicitly (rows over data × fsdp), not left to XLA's guess.
+    with sharding_lib.activation_sharding(None if mesh is None else mesh_lib.activation_context(mesh)):
+        return _accumulate(apply_fn, params, batch, grad_accum, mesh)
+
+
+def _accumulate(apply_fn, params, batch, grad_accum, mesh):
     grad_fn = jax.value_and_grad(lambda p, b: token_loss_sums(apply_fn, p, b), has_aux=True)
     if grad_accum == 1:
         (loss_sum, weight_sum), grad_sum = grad_fn(params, batch)
@@ -195,6 +233,7 @@ def make_step_fn(
             lr=lr,
             lr_sqrt_loss=lr * jnp.sqrt(jnp.maximum(loss, 0.0)),
         )
+        metrics.update(skip_metrics(opt_state))  # the divergence guard's counters (train.guard reads them)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, anchor=state.anchor, rng=rng)
         return new_state, metrics
@@ -225,7 +264,10 @@ def make_train_step(
     Returns:
       ``step(state, batch)``; ``batch`` holds int32 ``tokens``, ``targets``, ``positions``, ``segment_ids`` and
       float32 ``loss_mask``, all ``[global_batch, seq_len]``. Metrics (fp32/int32 scalars): ``loss``, ``tokens``
-      (non-padding tokens processed), ``loss_tokens`` (tokens with weight > 0), ``loss_weight`` (sum of weights), ``grad_norm``, ``lr`` (the rate the update used), ``lr_sqrt_loss``, and ``l2sp`` when on.
+      (non-padding tokens processed), ``loss_tokens`` (tokens with weight > 0), ``loss_weight`` (sum of weights), ``grad_norm``, ``lr`` (the rate the update used), ``lr_sqrt_loss``, ``l2sp`` when on, and with
+      :func:`train.optimizers.make_optimizer`'s optimizer ``skipped`` / ``consecutive_skips`` (steps skipped for a
+      NaN/inf loss or gradient: in all, and in a row up to this one; params and optimizer state are untouched by a
+      skipped step).
     """
     step_fn = make_step_fn(apply_fn, tx, grad_accum=grad_accum, l2sp_weight=l2sp_weight, mesh=mesh)
     if mesh is None or state_shardings is None:

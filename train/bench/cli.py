@@ -62,13 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=d.devices, help="use the first N devices (0 = all)")
     p.add_argument("--remat", action="store_true", help="rematerialise each block")
     p.add_argument("--scan-layers", action="store_true", help="lax.scan over the layers")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="the variants section: a model config change timed against the spec's model (repeatable)",
+    )
     p.add_argument("--sections", type=_csv, default=d.sections, help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per runner after compiling")
     p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved A B ... rounds")
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per runner per round")
+    p.add_argument("--profile-steps", type=int, default=d.profile_steps, help="steps traced by the profile section")
     p.add_argument("--torch-modes", type=_csv, default=d.torch_modes, help="eager,compile")
     p.add_argument("--scaling-devices", type=_int_csv, default=d.scaling_devices)
     p.add_argument("--scaling-layouts", type=_csv, default=d.scaling_layouts)
+    p.add_argument(
+        "--trees",
+        type=_csv,
+        default=d.trees,
+        help="the trees section: checkouts of this repository (before,after) whose steps are timed side by side",
+    )
     p.add_argument("--flag-sets", type=_csv, default=d.flag_sets, help=f"names from: {', '.join(FLAG_SETS)}")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this process (set before jax starts)")
     p.add_argument(
@@ -97,10 +111,13 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         devices=args.devices,
         remat=args.remat,
         scan_layers=args.scan_layers,
+        variants=tuple(args.variant),
+        trees=tuple(args.trees),
         sections=tuple(args.sections),
         warmup=args.warmup,
         rounds=args.rounds,
         steps=args.steps,
+        profile_steps=args.profile_steps,
         torch_modes=tuple(args.torch_modes),
         scaling_devices=tuple(args.scaling_devices),
         scaling_layouts=tuple(args.scaling_layouts),

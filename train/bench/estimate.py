@@ -37,6 +37,15 @@ def estimate_seconds(spec: BenchSpec, shape: flops_lib.TransformerShape, peak_fl
             # the PyTorch steps plus the JAX adamw reference steps interleaved with them
             torch_s += (compile_s if mode == "compile" else 0.0) + (timed + 1) * step_s * 1.3 + timed * step_s
         est["torch"] = torch_s
+    if "profile" in spec.sections:
+        profiled = (max(spec.warmup, 1) + spec.profile_steps) * step_s
+        est["profile"] = (
+            jax_compile + profiled * 1.2 + ((_SUBPROCESS_START_S + profiled) if "eager" in spec.torch_modes else 0.0)
+        )
+    if "variants" in spec.sections:
+        est["variants"] = (1 + len(spec.variants)) * jax_runner * 1.2
+    if "trees" in spec.sections:
+        est["trees"] = len(spec.trees) * (_SUBPROCESS_START_S + jax_runner * 1.2)
     if "remat" in spec.sections:
         est["remat"] = 4 * jax_runner * 1.2
     if "flags" in spec.sections:

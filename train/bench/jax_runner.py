@@ -16,6 +16,7 @@ import models
 from train import mesh as mesh_lib
 from train import optimizers
 from train import step as step_lib
+from train.bench.profile_xla import profile_jax_step
 from train.bench.runner import Runner, synthetic_batch
 from train.bench.spec import BenchSpec, mesh_sizes, model_settings
 from train.config import MeshConfig, OptimizerConfig
@@ -126,4 +127,8 @@ def build_jax_runner(
         "remat": bool(model_cfg.remat),
         "scan_layers": bool(model_cfg.scan_layers),
     }
-    return Runner(name=name, step=step, compile_s=compile_s, info=info, close=close)
+
+    def profile(steps: int) -> dict[str, Any]:
+        return profile_jax_step(step, compiled.as_text(), steps=steps)
+
+    return Runner(name=name, step=step, compile_s=compile_s, info=info, close=close, profile=profile)

@@ -17,7 +17,7 @@ import jax
 import jaxlib
 import optax
 
-__all__ = ["check_targets", "format_table", "meta", "write_json"]
+__all__ = ["check_targets", "format_profile", "format_table", "meta", "write_json"]
 
 
 def meta(argv: Sequence[str] | None) -> dict[str, Any]:
@@ -62,34 +62,42 @@ def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+# The issue's targets (#15): on CPU the step at >= 70% of the matmul peak measured in the run and >= 0.8x PyTorch
+# eager's tokens/s; on accelerators >= 45% of the chip's published peak; <= 2 GB of compiled temporaries at >= 2048
+# tokens; FINCH costing at most 1% over AdamW.
+TARGETS = {"finch_over_adamw": 1.01, "jax_over_torch_eager": 0.8, "mfu_cpu": 0.7, "mfu_spec": 0.45, "temp_bytes": 2e9}
+
+
 def check_targets(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The issue's targets against what was measured (``None`` where the run did not measure it)."""
+    """The targets (:data:`TARGETS`) against what was measured (``None`` where the run did not measure it)."""
     ratios = result.get("ratios") or {}
     runners = {r["name"]: r for r in result.get("runners") or [] if "error" not in r}
-    targets: dict[str, Any] = {}
-    finch = ratios.get("finch_over_adamw_step_time")
-    targets["finch_over_adamw_le_1.01"] = (
-        None if finch is None else {"value": finch["ratio"], "met": finch["ratio"] <= 1.01}
-    )
-    torch_ratios = [v["ratio"] for k, v in ratios.items() if k.startswith("jax_over_torch_")]
-    targets["jax_over_best_torch_ge_1.5"] = (
-        None if not torch_ratios else {"value": min(torch_ratios), "met": min(torch_ratios) >= 1.5}
-    )
-    main = runners.get("jax finch_adamw") or runners.get("jax adamw")
-    backend = (result.get("meta") or {}).get("backend")
-    mfu_goal = 0.5 if backend == "cpu" else 0.45
-    key = f"mfu_ge_{mfu_goal}"
     tokens = (result.get("flops") or {}).get("tokens_per_step", 0)
-    if main is None or main.get("mfu") is None:
-        targets[key] = None
+    targets: dict[str, Any] = {}
+
+    def target(key: str, value: float | None, met: bool, **extra: Any) -> None:
+        targets[key] = None if value is None else {"value": value, "met": met, **extra}
+
+    finch = (ratios.get("finch_over_adamw_step_time") or {}).get("ratio")
+    target("finch_over_adamw_le_1.01", finch, finch is not None and finch <= TARGETS["finch_over_adamw"])
+    eager = (ratios.get("jax_over_torch_eager_tokens_per_s") or {}).get("ratio")
+    target("jax_over_torch_eager_ge_0.8", eager, eager is not None and eager >= TARGETS["jax_over_torch_eager"])
+    main = runners.get("jax finch_adamw") or runners.get("jax adamw") or {}
+    if (result.get("meta") or {}).get("backend") == "cpu":
+        mfu = main.get("mfu")
+        target(
+            "mfu_ge_0.7_of_measured_peak", mfu, mfu is not None and mfu >= TARGETS["mfu_cpu"], applies=tokens >= 2048
+        )
     else:
-        targets[key] = {
-            "value": main["mfu"],
-            "met": main["mfu"] >= mfu_goal,
-            "tokens_per_step": tokens,
-            "applies": tokens >= 2048,
-        }
+        mfu = main.get("mfu_spec")
+        target("mfu_ge_0.45_of_spec_peak", mfu, mfu is not None and mfu >= TARGETS["mfu_spec"], applies=tokens >= 2048)
+    temp = (main.get("compiled_memory") or {}).get("temp_size_in_bytes")
+    target("temp_le_2GB", temp, temp is not None and temp <= TARGETS["temp_bytes"], applies=tokens >= 2048)
     return targets
+
+
+# Where each section keeps its step-time ratios, and what they are relative to.
+_RATIO_KEYS = (("ratios_to_base", "base"), ("ratios_to_first", "first tree"), ("ratios_to_default", "default flags"))
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
@@ -98,6 +106,34 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_profile(profile: Mapping[str, Any] | None) -> list[str]:
+    """The ``profile`` section as table lines: seconds per step by op class, share, and each matmul class's
+    achieved GFLOP/s, JAX beside PyTorch eager."""
+    if not profile:
+        return []
+    sides = [(k, profile[k]) for k in ("jax", "torch") if isinstance(profile.get(k), Mapping)]
+    lines = ["", f"where the step's time goes ({profile['steps']} profiled steps each; s per step, share, GFLOP/s)"]
+    for label, side in sides:
+        if "error" in side:
+            lines.append(f"{label} profile: error: {side['error'][:120]}")
+    sides = [(k, s) for k, s in sides if "seconds" in s]
+    if not sides:
+        return lines
+    lines.append("| op class | " + " | ".join(f"{k} s | {k} % | {k} GFLOP/s" for k, _ in sides) + " |")
+    lines.append("|---|" + "---:|---:|---:|" * len(sides))
+    for cls in sides[0][1]["seconds"]:
+        cells = []
+        for _, side in sides:
+            secs = side["seconds"].get(cls, 0.0)
+            rate = (side.get("matmul_flops_per_s") or {}).get(cls)
+            cells.append(
+                f"{secs:.3f} | {_pct(secs / side['step_s'])} | {_fmt(None if rate is None else rate / 1e9, '.0f')}"
+            )
+        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+    lines.append("| step (wall) | " + " | ".join(f"{s['step_s']:.3f} | 100% | " for _, s in sides) + " |")
+    return lines
 
 
 def format_table(result: Mapping[str, Any]) -> str:
@@ -118,46 +154,61 @@ def format_table(result: Mapping[str, Any]) -> str:
             if peak.get("interleaved_flops_per_s")
             else ""
         )
+        + (f"; spec peak {peak['spec_flops_per_s'] / 1e12:.0f} TFLOP/s" if peak.get("spec_flops_per_s") else "")
     )
+    loads = [meta.get("load_average"), meta.get("load_average_end")]
+    if all(loads):
+        lines.append(
+            f"1-min load average {loads[0][0]:.2f} at the start, {loads[1][0]:.2f} at the end "
+            f"({meta['cpu_count']} CPUs; a load above the CPU count at the start means other work shared them)"
+        )
     rows = [r for r in result.get("runners") or []]
     if rows:
         lines.append("")
-        lines.append("| runner | compile s | step s (median) | spread | tokens/s | GFLOP/s | MFU |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        lines.append(
+            "| runner | compile s | step s (median) | spread | tokens/s | GFLOP/s | MFU (measured peak) "
+            "| MFU (spec peak) |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['name']} | error: {r['error'][:80]} | | | | | |")
+                lines.append(f"| {r['name']} | error: {r['error'][:80]} | | | | | | |")
                 continue
             lines.append(
                 f"| {r['name']} | {_fmt(r['compile_s'], '.1f')} | {r['median_s']:.4g} | "
                 f"{100 * r['spread']:.1f}% | {r['tokens_per_s']:.4g} | "
-                f"{r['achieved_flops_per_s'] / 1e9:.1f} | {_pct(r['mfu'])} |"
+                f"{r['achieved_flops_per_s'] / 1e9:.1f} | {_pct(r['mfu'])} | {_pct(r.get('mfu_spec'))} |"
             )
     ratios = result.get("ratios") or {}
     if ratios:
         lines.append("")
         for k, v in ratios.items():
             lines.append(f"{k}: {v['ratio']:.3f} (per-round {v['low']:.3f} .. {v['high']:.3f})")
-    for section in ("remat", "flags", "scaling"):
+    lines.extend(format_profile(result.get("profile")))
+    for section in ("variants", "trees", "remat", "flags", "scaling"):
         block = result.get(section)
         if not block:
             continue
         lines.append("")
-        lines.append(f"| {section} | compile s | step s (median) | tokens/s | MFU |")
-        lines.append("|---|---:|---:|---:|---:|")
+        lines.append(f"| {section} | compile s | step s (median) | tokens/s | MFU | temp GB |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
         for r in block["results"]:
             label = r.get("flag_set") or (
-                f"{r.get('devices')} dev {r.get('layout')}" if section == "scaling" else r.get("name")
+                f"{r.get('devices')} dev {r.get('layout')}" if section == "scaling" else r.get("label") or r.get("name")
             )
             if "error" in r:
-                lines.append(f"| {label} | error: {r['error'][:90]} | | | |")
+                lines.append(f"| {label} | error: {r['error'][:90]} | | | | |")
             else:
+                temp = (r.get("compiled_memory") or {}).get("temp_size_in_bytes")
                 lines.append(
                     f"| {label} | {_fmt(r['compile_s'], '.1f')} | {r['median_s']:.4g} | "
-                    f"{r['tokens_per_s']:.4g} | {_pct(r.get('mfu'))} |"
+                    f"{r['tokens_per_s']:.4g} | {_pct(r.get('mfu'))} | {_fmt(None if temp is None else temp / 1e9, '.2f')} |"
                 )
         if block.get("fastest"):
             lines.append(f"fastest {section}: {block['fastest']}")
+        ratios, base = next(((block[k], label) for k, label in _RATIO_KEYS if block.get(k)), ({}, ""))
+        for name, v in ratios.items():
+            lines.append(f"{name} / {base} step time: {v['ratio']:.3f} (per-round {v['low']:.3f} .. {v['high']:.3f})")
     targets = result.get("targets") or {}
     if targets:
         lines.append("")

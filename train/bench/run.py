@@ -15,12 +15,21 @@ from typing import Any
 import jax
 
 from train.bench import flops as flops_lib
+from train.bench.chips import spec_peak_flops
 from train.bench.estimate import estimate_seconds, shrink_advice
 from train.bench.jax_runner import device_memory
 from train.bench.peak import measure_matmul_peak
 from train.bench.report import check_targets, meta, write_json
 from train.bench.runner import log
-from train.bench.sections import run_flags_section, run_main_sections, run_remat_section, run_scaling_section
+from train.bench.sections import (
+    run_flags_section,
+    run_main_sections,
+    run_profile_section,
+    run_remat_section,
+    run_scaling_section,
+    run_trees_section,
+    run_variants_section,
+)
 from train.bench.spec import BenchSpec, BenchTooLong, compute_dtype_name, model_config, spec_to_json, validate
 
 __all__ = ["SCHEMA_VERSION", "run_bench"]
@@ -70,6 +79,9 @@ def run_bench(
         "runners": [],
         "ratios": {},
         "targets": {},
+        "profile": None,
+        "variants": None,
+        "trees": None,
         "remat": None,
         "flags": None,
         "scaling": None,
@@ -80,6 +92,7 @@ def run_bench(
 
     def checkpoint() -> None:
         result["wall_s"] = time.perf_counter() - wall_start
+        result["meta"]["load_average_end"] = list(os.getloadavg())
         result["targets"] = check_targets(result)
         if out is not None:
             write_json(result, out)
@@ -88,6 +101,9 @@ def run_bench(
     log(f"measuring the {dtype_name} matmul peak on {backend}")
     peak_info = measure_matmul_peak(dtype_name, sizes=spec.peak_sizes or None)
     peak = peak_info["peak_flops_per_s"]
+    spec_peak = spec_peak_flops(jax.devices()[0].device_kind, dtype_name)
+    # The chip's published peak, for the MFU MaxText and Levanter report (accelerators only; see chips.py).
+    peak_info["spec_flops_per_s"] = None if spec_peak is None else spec_peak * peak_info["devices_counted"]
     result["peak"] = peak_info
     log(f"peak {peak / 1e9:.1f} GFLOP/s")
     est = estimate_seconds(spec, shape, peak)
@@ -106,10 +122,23 @@ def run_bench(
     counts = {"tokens": tokens, "step_flops": step_flops}
     if {"step", "finch", "torch"} & set(spec.sections):
         result["runners"], result["ratios"] = run_main_sections(spec, dtype_name, peak_info, **counts)
+        for r in result["runners"]:
+            if "achieved_flops_per_s" in r:
+                spec_total = peak_info["spec_flops_per_s"]
+                r["mfu_spec"] = None if spec_total is None else r["achieved_flops_per_s"] / spec_total
         result["memory"] = {
             "device": device_memory(),
             "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+        checkpoint()
+    if "profile" in spec.sections:
+        result["profile"] = run_profile_section(spec, dtype_name, forward_per_token=forward, tokens=tokens)
+        checkpoint()
+    if "variants" in spec.sections:
+        result["variants"] = run_variants_section(spec, dtype_name, peak=peak, **counts)
+        checkpoint()
+    if "trees" in spec.sections:
+        result["trees"] = run_trees_section(spec, worker_timeout, peak=peak, **counts)
         checkpoint()
     if "remat" in spec.sections:
         result["remat"] = run_remat_section(spec, dtype_name, peak=peak, **counts)

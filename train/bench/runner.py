@@ -26,6 +26,8 @@ class Runner:
     compile_s: float | None
     info: dict[str, Any]
     close: Callable[[], None] = lambda: None
+    # profile(steps) -> the step's time split by op class (train.bench.profile_xla / profile_torch), or None
+    profile: Callable[[int], dict[str, Any]] | None = None
 
 
 def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:

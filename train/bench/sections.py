@@ -10,18 +10,29 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 from train.bench.jax_runner import build_jax_runner, spec_devices
 from train.bench.peak import build_peak_probe
+from train.bench.profile_xla import ATTN, LMHEAD, MLP, PROJ
 from train.bench.runner import Runner, log
-from train.bench.spec import FLAG_SETS, BenchError, BenchSpec, spec_to_json
+from train.bench.spec import FLAG_SETS, BenchError, BenchSpec, spec_to_json, variant_spec
 from train.bench.stats import interleaved, ratio_of_medians, step_result, timed_steps
 from train.bench.worker import Worker, run_worker_section, worker_env, worker_results
 
-__all__ = ["run_flags_section", "run_main_sections", "run_remat_section", "run_scaling_section"]
+__all__ = [
+    "run_flags_section",
+    "run_main_sections",
+    "run_profile_section",
+    "run_remat_section",
+    "run_scaling_section",
+    "run_trees_section",
+    "run_variants_section",
+]
 
 
 def _time_runners(runners: list[Runner], spec: BenchSpec, label: str) -> dict[str, list[list[float]]]:
@@ -202,6 +213,63 @@ def run_remat_section(spec: BenchSpec, dtype_name: str, *, tokens: int, step_flo
     }
 
 
+def run_variants_section(
+    spec: BenchSpec, dtype_name: str, *, tokens: int, step_flops: float, peak: float
+) -> dict[str, Any]:
+    """The spec's model (``base``) and each ``--variant`` of it, all in ``finch_adamw`` steps timed side by side:
+    compile time, step time, memory, and each variant's step-time ratio to the base (below 1 = faster)."""
+    names = ["base", *spec.variants]
+    runners = []
+    for name in names:
+        log(f"variants: compiling {name}")
+        vspec = spec if name == "base" else variant_spec(spec, name)
+        runners.append(
+            build_jax_runner(name, vspec, dtype_name, "finch_adamw", mesh_text=spec.mesh, devices=spec_devices(spec))
+        )
+    try:
+        times = _time_runners(runners, spec, "variants")
+    finally:
+        for r in runners:
+            r.close()
+        _release_memory()
+    counts = {"tokens": tokens, "step_flops": step_flops, "peak": peak}
+    results = [step_result(r.name, r.compile_s, times[r.name], r.info, **counts) for r in runners]
+    ratios = {name: ratio_of_medians(times[name], times["base"]) for name in names[1:]}
+    return {
+        "results": results,
+        "ratios_to_base": ratios,
+        "fastest": min(results, key=lambda r: r["median_s"])["name"],
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def run_trees_section(
+    spec: BenchSpec, timeout_s: float, *, tokens: int, step_flops: float, peak: float
+) -> dict[str, Any]:
+    """The same step from two or more checkouts of this repository (a code change and the tree before it), one
+    worker each, timed side by side; step-time ratios to the first tree (below 1 = faster)."""
+    trees = [str(Path(t).resolve()) for t in spec.trees]
+    # Workers are keyed by position, so one checkout given twice (an A/A run: the noise floor) stays two runners.
+    labels = [f"{i + 1}:{tree}" for i, tree in enumerate(trees)]
+    jobs = [
+        (label, {"spec": spec_to_json(spec), "layouts": ["single"]}, worker_env(1, "", source=tree))
+        for label, tree in zip(labels, trees)
+    ]
+    ready, times = run_worker_section("trees", jobs, spec, timeout_s)
+    results = worker_results(ready, times, tokens=tokens, step_flops=step_flops, peak=peak)
+    by_label = dict(zip(labels, trees))
+    for r in results:
+        r["label"] = r.pop("worker")
+        r["name"] = by_label[r["label"]]
+    out: dict[str, Any] = {"results": results, "ratios_to_first": {}, "load_average": list(os.getloadavg())}
+    base = (labels[0], "single")
+    if base in times:
+        for (label, runner), t in times.items():
+            if (label, runner) != base:
+                out["ratios_to_first"][label] = ratio_of_medians(t, times[base])
+    return out
+
+
 def run_flags_section(
     spec: BenchSpec, timeout_s: float, *, tokens: int, step_flops: float, peak: float
 ) -> dict[str, Any]:
@@ -245,3 +313,60 @@ def run_scaling_section(
         "note": "simulated CPU devices share the machine's cores: this measures the cost of partitioning, "
         "not a speed-up",
     }
+
+
+# Which model FLOPs (train.bench.flops parts) each matmul class of the profile does: its achieved FLOP/s.
+_CLASS_FLOPS = {
+    PROJ: ("attention_projections",),
+    MLP: ("mlp",),
+    ATTN: ("attention_scores", "attention_values"),
+    LMHEAD: ("lm_head",),
+}
+
+
+def _class_rates(split: dict[str, Any], forward_per_token: dict[str, float], tokens: int) -> dict[str, float]:
+    """Achieved FLOP/s of each matmul class: its training FLOPs (3x forward) over its profiled seconds."""
+    rates = {}
+    for cls, parts in _CLASS_FLOPS.items():
+        secs = split["seconds"].get(cls, 0.0)
+        if secs > 0:
+            rates[cls] = 3 * tokens * sum(forward_per_token[p] for p in parts) / secs
+    return rates
+
+
+def run_profile_section(
+    spec: BenchSpec, dtype_name: str, *, forward_per_token: dict[str, float], tokens: int
+) -> dict[str, Any]:
+    """Where each framework's step spends its time, by op class: the JAX ``finch_adamw`` step (XLA's per-op trace,
+    in this process) and, in a worker, PyTorch eager (``torch.profiler``); ``--profile-steps`` steps each, after
+    the warm-up."""
+    out: dict[str, Any] = {"steps": spec.profile_steps, "load_average_before": list(os.getloadavg())}
+    runner = _compile_jax(spec, dtype_name, "finch_adamw")
+    try:
+        for _ in range(max(spec.warmup, 1)):
+            runner.step()
+        log(f"profile: tracing {spec.profile_steps} JAX steps")
+        out["jax"] = runner.profile(spec.profile_steps)
+        out["jax"]["matmul_flops_per_s"] = _class_rates(out["jax"], forward_per_token, tokens)
+    finally:
+        runner.close()
+        _release_memory()
+    if "eager" in spec.torch_modes:
+        name = "torch eager"
+        job = {"spec": spec_to_json(spec), "layouts": [name], "dtype": dtype_name}
+        worker = Worker(name, job, worker_env(1, "", platform=None), max(600.0, spec.max_minutes * 60))
+        try:
+            ready = worker.receive()["ready"]
+            if ready["errors"]:
+                out["torch"] = {"error": ready["errors"][0]["error"]}
+            else:
+                worker.run(name, max(spec.warmup, 1))
+                log(f"profile: profiling {spec.profile_steps} PyTorch eager steps")
+                out["torch"] = worker.profile(name, spec.profile_steps)
+                out["torch"]["matmul_flops_per_s"] = _class_rates(out["torch"], forward_per_token, tokens)
+        except BenchError as e:
+            out["torch"] = {"error": str(e)[:500]}
+        finally:
+            worker.close()
+    out["load_average_after"] = list(os.getloadavg())
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -31,10 +32,11 @@ __all__ = [
     "spec_from_json",
     "spec_to_json",
     "validate",
+    "variant_spec",
 ]
 
-SECTIONS = ("step", "finch", "torch", "remat", "flags", "scaling")
-DEFAULT_SECTIONS = ("step", "finch", "torch")
+SECTIONS = ("step", "finch", "torch", "profile", "variants", "trees", "remat", "flags", "scaling")
+DEFAULT_SECTIONS = ("step", "finch", "torch", "profile")
 LAYOUTS = ("data", "fsdp", "tensor")
 
 # Named XLA CPU flag sets for the ``flags`` section. XLA parses XLA_FLAGS once per process, so each set runs in its
@@ -47,6 +49,11 @@ FLAG_SETS: dict[str, str] = {
     "no-xnnpack": "--xla_cpu_use_xnnpack=false",
     "onednn": "--xla_cpu_use_onednn=true",
     "fast-math": "--xla_cpu_enable_fast_math=true",
+    # jaxlib 0.10 sends dots and reductions to YNNPACK by default; these take reductions, or everything, back to
+    # XLA's own emitters (Eigen for the dots).
+    "ynn-no-reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
+    "no-ynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    "xnn-dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
 }
 DEFAULT_FLAG_SETS = ("default", "xnn-greedy", "xnn-greedy-slinky", "onednn", "no-xnnpack")
 
@@ -72,10 +79,13 @@ class BenchSpec:
     devices: int = 0  # use the first N devices (0 = all)
     remat: bool = False
     scan_layers: bool = False
+    variants: tuple[str, ...] = ()  # the ``variants`` section: each "key=value,key=value" of model config overrides
+    trees: tuple[str, ...] = ()  # the ``trees`` section: checkouts of this repository whose steps are compared
     sections: tuple[str, ...] = DEFAULT_SECTIONS
     warmup: int = 1
     rounds: int = 4
     steps: int = 1  # timed steps per runner per round (1: the finest interleaving, most robust to drift)
+    profile_steps: int = 2  # steps traced per framework by the ``profile`` section
     torch_modes: tuple[str, ...] = ("eager", "compile")
     scaling_devices: tuple[int, ...] = (1, 2, 4, 8)
     scaling_layouts: tuple[str, ...] = LAYOUTS
@@ -177,14 +187,22 @@ def model_settings(
     if spec.preset not in models.PRESETS:
         raise BenchError(f"unknown model preset {spec.preset!r}; available: {', '.join(sorted(models.PRESETS))}")
     preset = models.get_preset(spec.preset)
-    settings = dict(_parse_override(item, preset) for item in spec.overrides)
-    settings.update(
-        dtype=getattr(jnp, dtype_name),
-        param_dtype=jnp.float32,
-        remat=spec.remat if remat is None else remat,
-        scan_layers=spec.scan_layers if scan is None else scan,
-    )
+    settings = {"remat": spec.remat, "scan_layers": spec.scan_layers}  # --override remat=... wins over --remat
+    settings.update(_parse_override(item, preset) for item in spec.overrides)
+    settings.update(dtype=getattr(jnp, dtype_name), param_dtype=jnp.float32)
+    if remat is not None:
+        settings["remat"] = remat
+    if scan is not None:
+        settings["scan_layers"] = scan
     return settings
+
+
+def variant_spec(spec: BenchSpec, variant: str) -> BenchSpec:
+    """The spec with one ``--variant``'s overrides ("key=value,key=value") added after its own."""
+    items = tuple(item.strip() for item in variant.split(",") if item.strip())
+    if not items:
+        raise BenchError(f"--variant {variant!r} names no key=value override")
+    return dataclasses.replace(spec, overrides=spec.overrides + items)
 
 
 def model_config(
@@ -207,9 +225,10 @@ def validate(spec: BenchSpec, num_devices: int) -> None:
     """Cheap checks of the whole request, so nothing heavy starts on a request that cannot finish."""
     if spec.batch_size <= 0 or spec.seq_len <= 0:
         raise BenchError(f"--batch-size and --seq-len must be positive, got {spec.batch_size} and {spec.seq_len}")
-    if spec.rounds < 1 or spec.steps < 1 or spec.warmup < 0:
+    if spec.rounds < 1 or spec.steps < 1 or spec.warmup < 0 or spec.profile_steps < 1:
         raise BenchError(
-            f"need --rounds >= 1, --steps >= 1, --warmup >= 0; got {spec.rounds}, {spec.steps}, {spec.warmup}"
+            "need --rounds >= 1, --steps >= 1, --warmup >= 0, --profile-steps >= 1; got "
+            f"{spec.rounds}, {spec.steps}, {spec.warmup}, {spec.profile_steps}"
         )
     bad = [s for s in spec.sections if s not in SECTIONS]
     if bad or not spec.sections:
@@ -226,6 +245,15 @@ def validate(spec: BenchSpec, num_devices: int) -> None:
     if any(n < 1 for n in spec.scaling_devices):
         raise BenchError(f"--scaling-devices must be positive, got {spec.scaling_devices}")
     model_config(spec, "float32")  # unknown preset / bad override / too long a sequence
+    for variant in spec.variants:
+        model_config(variant_spec(spec, variant), "float32")
+    if "variants" in spec.sections and not spec.variants:
+        raise BenchError("--sections variants needs at least one --variant KEY=VALUE[,KEY=VALUE...]")
+    if "trees" in spec.sections and len(spec.trees) < 2:
+        raise BenchError("--sections trees needs --trees with two or more checkouts, e.g. --trees /tmp/before,.")
+    for tree in spec.trees:
+        if not (Path(tree) / "train" / "bench" / "worker.py").is_file():
+            raise BenchError(f"--trees: {tree!r} is not a checkout of this repository (no train/bench/worker.py)")
     if spec.devices < 0 or spec.devices > num_devices:
         raise BenchError(f"--devices {spec.devices}: this process has {num_devices} device(s) (0 = all)")
     mesh_sizes(spec.mesh, spec.devices or num_devices, spec.batch_size)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 import numpy as np
 
+from train.bench.profile_torch import profile_torch_step
 from train.bench.runner import Runner, synthetic_batch
 from train.bench.spec import BenchSpec, model_config
 from train.bench.stats import timed_steps
@@ -77,4 +79,7 @@ def build_torch_runner(name: str, spec: BenchSpec, dtype_name: str, mode: str) -
         nonlocal model, optimizer, forward
         del model, optimizer, forward
 
-    return Runner(name=name, step=step, compile_s=max(first - second, 0.0), info=info, close=close)
+    def profile(steps: int) -> dict[str, Any]:
+        return profile_torch_step(step, steps=steps, vocab=model_cfg.vocab_size, mlp_dim=model_cfg.mlp_dim)
+
+    return Runner(name=name, step=step, compile_s=max(first - second, 0.0), info=info, close=close, profile=profile)

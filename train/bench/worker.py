@@ -3,7 +3,8 @@
 XLA reads its flags and the simulated device count once per process, and PyTorch steps slower next to a live XLA
 client, so the ``flags``, ``scaling`` and ``torch`` runners live in ``python -m train.bench.worker JOB`` processes.
 Protocol, one JSON object per line: the worker prints ``TAG {"ready": ...}`` once its runners are compiled, answers
-each ``{"op": "run", "name": N, "steps": k}`` with ``TAG {"times": [...]}`` (timed inside the worker) and exits on
+each ``{"op": "run", "name": N, "steps": k}`` with ``TAG {"times": [...]}`` (timed inside the worker), each
+``{"op": "profile", ...}`` with ``TAG {"profile": {...}}`` (the runner's time by op class) and exits on
 ``{"op": "quit"}``. Only one worker computes at a time, so workers take turns like in-process runners.
 """
 
@@ -36,8 +37,11 @@ TAG = "BENCH_WORKER "
 Job = tuple[str, dict[str, Any], dict[str, str]]
 
 
-def worker_env(device_count: int, xla_flags: str, platform: str | None = "cpu") -> dict[str, str]:
-    """This process's environment with ``device_count`` simulated devices and ``xla_flags`` added to XLA_FLAGS."""
+def worker_env(
+    device_count: int, xla_flags: str, platform: str | None = "cpu", source: str | os.PathLike | None = None
+) -> dict[str, str]:
+    """This process's environment with ``device_count`` simulated devices and ``xla_flags`` added to XLA_FLAGS;
+    the worker imports ``models``/``train`` from ``source`` (a checkout of this repository; default this one)."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     flags.append(f"--xla_force_host_platform_device_count={device_count}")
@@ -45,7 +49,7 @@ def worker_env(device_count: int, xla_flags: str, platform: str | None = "cpu") 
     env["XLA_FLAGS"] = " ".join(flags)
     if platform is not None:
         env.setdefault("JAX_PLATFORMS", platform)
-    repo = str(Path(__file__).resolve().parents[2])
+    repo = str(Path(source).resolve() if source is not None else Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else repo
     return env
 
@@ -56,7 +60,8 @@ class Worker:
     def __init__(self, label: str, job: dict[str, Any], env: dict[str, str], timeout_s: float):
         self.label, self.timeout_s = label, timeout_s
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "train.bench.worker", json.dumps(job)]
+        # -P: the working directory is not put on sys.path, so PYTHONPATH alone says which checkout is imported.
+        cmd = [sys.executable, "-P", "-m", "train.bench.worker", json.dumps(job)]
         self.proc = subprocess.Popen(
             cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
         )
@@ -90,6 +95,12 @@ class Worker:
         self.proc.stdin.write(json.dumps({"op": "run", "name": name, "steps": steps}) + "\n")
         self.proc.stdin.flush()
         return self.receive()["times"]
+
+    def profile(self, name: str, steps: int) -> dict[str, Any]:
+        """The runner's time split by op class over ``steps`` profiled steps (:attr:`Runner.profile`)."""
+        self.proc.stdin.write(json.dumps({"op": "profile", "name": name, "steps": steps}) + "\n")
+        self.proc.stdin.flush()
+        return self.receive()["profile"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -208,7 +219,11 @@ def serve(job: dict[str, Any]) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
             break
-        times = timed_steps(runners[cmd["name"]].step, int(cmd["steps"]))
+        runner = runners[cmd["name"]]
+        if cmd["op"] == "profile":
+            print(TAG + json.dumps({"profile": runner.profile(int(cmd["steps"]))}), flush=True)
+            continue
+        times = timed_steps(runner.step, int(cmd["steps"]))
         print(TAG + json.dumps({"times": times}), flush=True)
 
 

@@ -1,8 +1,9 @@
 """``finch-train compare``: FINCH against the baselines on one base model, one task, the same steps and seeds.
 
-Fine-tunes one copy of the base model per (method, seed), evaluates each, and writes ``results.json``,
-``results.md``, ``forgetting_vs_task.png``, ``lr_traces.png`` and ``loss_curves.png`` to ``--out``; finished runs
-are kept in ``--out/runs`` and skipped when started again. Methods and metrics: ``docs/lab.md``.
+Fine-tunes one copy of the base model per (method, seed), evaluates its checkpoints, and writes ``results.json``,
+``results.md`` and the plots (:mod:`train.lab.report`) to ``--out``; finished runs are kept in ``--out/runs`` and
+skipped when started again. ``--task file:PATH`` and ``--retain file:PATH`` run the protocol on your own data.
+Methods, metrics and the statistic: ``docs/lab.md``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from train.lab import evaluate as eval_lib
 from train.lab.config import CompareConfig
+from train.lab.evalsets import EvalConfig
 from train.lab.methods import METHODS, expand_runs
 from train.lab.report import markdown_table, summary_lines
 from train.lab.runner import run_compare, train_config
@@ -54,7 +55,7 @@ def _build_parser(prog: str, defaults: CompareConfig, out: str, description: str
             )
         else:
             p.add_argument(f"--{f.name.replace('_', '-')}", default=None, type=typ)
-    for f in dataclasses.fields(eval_lib.EvalConfig):
+    for f in dataclasses.fields(EvalConfig):
         p.add_argument(f"--eval-{f.name.replace('_', '-')}", default=None, type=type(f.default), dest=f"eval_{f.name}")
     p.add_argument(
         "--set",
@@ -98,7 +99,7 @@ def config_from_args(
         v = getattr(args, f.name, None)
         if f.name not in ("methods", "seeds", "eval", "train_overrides") and v is not None:
             values[f.name] = v
-    for f in dataclasses.fields(eval_lib.EvalConfig):
+    for f in dataclasses.fields(EvalConfig):
         v = getattr(args, f"eval_{f.name}")
         if v is not None:
             values["eval"][f.name] = v
@@ -108,7 +109,7 @@ def config_from_args(
         values["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.train_overrides:
         values["train_overrides"] = list(values.get("train_overrides") or []) + args.train_overrides
-    values["eval"] = eval_lib.EvalConfig(**values["eval"])
+    values["eval"] = EvalConfig(**values["eval"])
     values["methods"] = tuple(values["methods"])
     values["seeds"] = tuple(int(s) for s in values["seeds"])
     values["train_overrides"] = tuple(values["train_overrides"])
@@ -148,10 +149,7 @@ def run_cli(
     if results.get("answers"):
         print("\nGreedy answers to held-out questions (✓ = the answer contains the truth):\n")
         print(results["answers"])
-    print(
-        f"\nwrote {out}/results.json, results.md, forgetting_vs_task.png, lr_traces.png, loss_curves.png "
-        f"({time.perf_counter() - t0:.0f}s)"
-    )
+    print(f"\nwrote {out}/results.json, results.md and the plots ({time.perf_counter() - t0:.0f}s)")
     return 0
 
 

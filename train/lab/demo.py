@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from train.lab.compare import run_cli
 from train.lab.config import CompareConfig
-from train.lab.evaluate import EvalConfig
+from train.lab.evalsets import EvalConfig
 from train.lab.sources import prepare
 
 __all__ = ["DEMO_CONFIG", "main"]

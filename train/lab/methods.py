@@ -21,16 +21,27 @@ class _MethodKind:
     options: dict[str, type]
 
 
-# A small table of data: the method kinds and the options each accepts (anything else is an error).
+# A small table of data: the method kinds and the options each accepts (anything else is an error). Every kind also
+# takes `seeds=N` (run on the first N seeds of the comparison only) and `probe=N` (record the per-step retain probe
+# on the first N seeds).
 METHODS: dict[str, _MethodKind] = {
     "sft": _MethodKind("AdamW at constant lr_max", {}),
     "sft_cosine": _MethodKind("AdamW warmup+cosine, peak lr_max", {"warmup": int}),
-    "finch": _MethodKind("finch_adamw, cap lr_max", {"base": float, "ema": float}),
+    "finch": _MethodKind(
+        "FINCH, cap lr (lr_max), lr_base = lr*sqrt(lstar) or base",
+        {"lstar": float, "base": float, "ema": float, "lr": float, "direction": str},
+    ),
     "sweep": _MethodKind("AdamW at each constant lr of lrs", {"lrs": list}),
+    "warmup_const": _MethodKind(
+        "AdamW, linear warmup over frac of the steps to lr_max, then constant", {"frac": float}
+    ),
     "warmup_matched": _MethodKind("AdamW replaying FINCH's lr trace", {"source": str, "replay": str}),
     "l2sp": _MethodKind("AdamW at lr_max + L2-SP", {"weight": float}),
     "stm": _MethodKind("AdamW at lr_max, high-loss tokens dropped", {"threshold": float}),
 }
+_COMMON_OPTIONS: dict[str, type] = {"seeds": int, "probe": int}
+# FINCH directions (train.optimizers: finch_<direction>).
+_FINCH_DIRECTIONS = ("adamw", "adam", "sgd", "momentum", "lion", "adafactor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +61,7 @@ def parse_method(spec: str | Mapping[str, Any]) -> MethodSpec:
       >>> parse_method("l2sp:threshold=3")
       Traceback (most recent call last):
       ...
-      ValueError: method 'l2sp' has no option 'threshold' (valid: weight); threshold is an option of stm
+      ValueError: method 'l2sp' has no option 'threshold' (valid: weight, seeds, probe); threshold is an option of stm
     """
     if isinstance(spec, Mapping):
         values = dict(spec)
@@ -66,13 +77,13 @@ def parse_method(spec: str | Mapping[str, Any]) -> MethodSpec:
             raw[key.strip()] = value.strip()
     if kind not in METHODS:
         raise ValueError(f"unknown method {kind!r}; valid: {', '.join(METHODS)}")
-    allowed = METHODS[kind].options
+    allowed = {**METHODS[kind].options, **_COMMON_OPTIONS}
     options: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in allowed:
             owners = [k for k, m in METHODS.items() if key in m.options]
             hint = f"; {key} is an option of {', '.join(owners)}" if owners else ""
-            raise ValueError(f"method {kind!r} has no option {key!r} (valid: {', '.join(allowed) or 'none'}){hint}")
+            raise ValueError(f"method {kind!r} has no option {key!r} (valid: {', '.join(allowed)}){hint}")
         typ = allowed[key]
         try:
             if typ is list:
@@ -99,7 +110,8 @@ class RunSpec:
     stm_threshold: float | None = None
     trace_source: str | None = None  # label of the run whose lr trace this one replays
     trace_seed: int | None = None  # ... recorded with this seed
-    on_front: bool = False  # a constant-lr AdamW run: part of the lr front
+    on_front: bool = False  # a constant-lr AdamW run: its checkpoints make up the lr front
+    probe: bool = False  # record the per-step retain probe (does not change training)
 
     @property
     def run_id(self) -> str:
@@ -107,72 +119,100 @@ class RunSpec:
 
 
 def _lr_label(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-")
+    """``1e-4``, ``2.5e-5``, ``1.4e-4``: short, and distinct for the rates a sweep uses."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def _finch(cfg: CompareConfig, o: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    direction = o.get("direction", "adamw")
+    if direction not in _FINCH_DIRECTIONS:
+        raise ValueError(f"method finch: direction={direction!r} must be one of {', '.join(_FINCH_DIRECTIONS)}")
+    if "base" in o and "lstar" in o:
+        raise ValueError("method finch: give base or lstar, not both (base = lr * sqrt(lstar))")
+    lr = float(o.get("lr", cfg.lr_max))
+    lstar = float(o.get("lstar", 1.0))
+    if not lr > 0 or not lstar > 0:
+        raise ValueError(f"method finch: lr and lstar must be > 0, got lr={lr}, lstar={lstar}")
+    # lr_base = lr_max * sqrt(L*): the rate reaches its cap once the running loss is <= L*.
+    base = float(o.get("base", lr * lstar**0.5))
+    parts = [f"L*={lstar:g}"] if "lstar" in o else []
+    parts += [f"base={base:g}"] if "base" in o else []
+    parts += [f"ema={float(o['ema']):g}"] if "ema" in o else []
+    parts += [f"lr={lr:g}"] if "lr" in o else []
+    name = "finch" if direction == "adamw" else f"finch_{direction}"
+    label = name + (f"({', '.join(parts)})" if parts else "")
+    optimizer = {
+        "name": f"finch_{direction}",
+        "learning_rate": lr,
+        "base_learning_rate": base,
+        "ema_decay": float(o.get("ema", 0.9)),
+        "weight_decay": cfg.weight_decay,
+        "schedule": "constant",
+    }
+    return label, optimizer
+
+
+def _per_seed_runs(cfg: CompareConfig, spec: MethodSpec) -> list[tuple[str, str, dict, dict]]:
+    """``(label, kind, optimizer, extras)`` of each run one method makes per seed."""
+    o = spec.options
+    adamw = {"name": "adamw", "schedule": "constant", "learning_rate": cfg.lr_max, "weight_decay": cfg.weight_decay}
+    if spec.kind == "sft":
+        return [(f"sft@{_lr_label(cfg.lr_max)}", "sft", adamw, {"on_front": True})]
+    if spec.kind == "sft_cosine":
+        warmup = int(o.get("warmup", max(cfg.steps // 10, 1)))
+        if not 0 <= warmup < cfg.steps:
+            raise ValueError(f"method sft_cosine: warmup={warmup} must be in [0, steps={cfg.steps})")
+        optimizer = dict(adamw, schedule="warmup_cosine", warmup_steps=warmup, decay_steps=cfg.steps)
+        return [("sft_cosine", "sft_cosine", optimizer, {})]
+    if spec.kind == "finch":
+        label, optimizer = _finch(cfg, o)
+        return [(label, "finch", optimizer, {})]
+    if spec.kind == "sweep":
+        lrs = o.get("lrs", [cfg.lr_max / 10, cfg.lr_max / 3])
+        return [(f"const@{_lr_label(lr)}", "sweep", dict(adamw, learning_rate=lr), {"on_front": True}) for lr in lrs]
+    if spec.kind == "warmup_const":
+        frac = float(o.get("frac", 0.3))
+        warmup = round(frac * cfg.steps)
+        if not 0 < warmup < cfg.steps:
+            raise ValueError(f"method warmup_const: frac={frac} gives {warmup} warmup steps of {cfg.steps}")
+        # Cosine from the peak to the peak (final ratio 1) is constant: warmup, then lr_max to the end.
+        optimizer = dict(
+            adamw, schedule="warmup_cosine", warmup_steps=warmup, decay_steps=cfg.steps, final_lr_ratio=1.0
+        )
+        return [(f"warmup{frac:.0%}+const", "warmup_const", optimizer, {})]
+    if spec.kind == "warmup_matched":
+        replay = o.get("replay", "other")
+        if replay not in ("other", "same"):
+            raise ValueError(f"method warmup_matched: replay={replay!r} must be 'other' or 'same'")
+        extras = {"trace_source": o.get("source", "finch"), "replay": replay}
+        return [("warmup_matched", "warmup_matched", dict(adamw, schedule="trace"), extras)]
+    if spec.kind == "l2sp":
+        weight = float(o.get("weight", 1.0))
+        return [(f"l2sp(w={weight:g})", "l2sp", adamw, {"l2sp_weight": weight})]
+    threshold = float(o.get("threshold", 6.0))
+    return [(f"stm(t={threshold:g})", "stm", adamw, {"stm_threshold": threshold})]
 
 
 def expand_runs(cfg: CompareConfig) -> list[RunSpec]:
-    """The runs of ``cfg`` in execution order; errors (duplicate labels, a missing trace source) before any run."""
-    specs = [parse_method(m) for m in cfg.methods]
-    adamw = {"name": "adamw", "schedule": "constant", "learning_rate": cfg.lr_max, "weight_decay": cfg.weight_decay}
-    per_seed: list[tuple[str, str, dict, dict]] = []  # (label, kind, optimizer, extras)
-    for spec in specs:
-        o = spec.options
-        if spec.kind == "sft":
-            per_seed.append((f"sft@{_lr_label(cfg.lr_max)}", "sft", adamw, {"on_front": True}))
-        elif spec.kind == "sft_cosine":
-            warmup = int(o.get("warmup", max(cfg.steps // 10, 1)))
-            if not 0 <= warmup < cfg.steps:
-                raise ValueError(f"method sft_cosine: warmup={warmup} must be in [0, steps={cfg.steps})")
-            per_seed.append(
-                (
-                    "sft_cosine",
-                    "sft_cosine",
-                    dict(adamw, schedule="warmup_cosine", warmup_steps=warmup, decay_steps=cfg.steps),
-                    {},
-                )
+    """The runs of ``cfg`` in execution order; errors (duplicate labels, a missing trace source) before any run.
+
+    The order is seed-major, so complete seeds of every method finish first: all runs of the first seed, then of
+    the second, ... A run replaying another run's lr trace goes right after the seed block in which its source
+    finished (with ``replay=other`` it replays the next seed's trace of the source, cyclically).
+    """
+    per_seed: list[tuple[str, str, dict, dict, int, int]] = []  # (label, kind, optimizer, extras, seeds, probes)
+    for spec in (parse_method(m) for m in cfg.methods):
+        n = int(spec.options.get("seeds", len(cfg.seeds)))
+        probes = int(spec.options.get("probe", 0))
+        if not 1 <= n <= len(cfg.seeds) or not 0 <= probes <= n:
+            raise ValueError(
+                f"method {spec.kind}: seeds={n} must be in [1, {len(cfg.seeds)}] and probe={probes} in [0, seeds]"
             )
-        elif spec.kind == "finch":
-            base = float(o.get("base", cfg.lr_max))
-            per_seed.append(
-                (
-                    "finch",
-                    "finch",
-                    {
-                        "name": "finch_adamw",
-                        "learning_rate": cfg.lr_max,
-                        "base_learning_rate": base,
-                        "ema_decay": float(o.get("ema", 0.9)),
-                        "weight_decay": cfg.weight_decay,
-                        "schedule": "constant",
-                    },
-                    {},
-                )
-            )
-        elif spec.kind == "sweep":
-            for lr in o.get("lrs", [cfg.lr_max / 10, cfg.lr_max / 3]):
-                per_seed.append((f"const@{_lr_label(lr)}", "sweep", dict(adamw, learning_rate=lr), {"on_front": True}))
-        elif spec.kind == "warmup_matched":
-            source = o.get("source", "finch")
-            replay = o.get("replay", "other")
-            if replay not in ("other", "same"):
-                raise ValueError(f"method warmup_matched: replay={replay!r} must be 'other' or 'same'")
-            per_seed.append(
-                (
-                    "warmup_matched",
-                    "warmup_matched",
-                    dict(adamw, schedule="trace"),
-                    {"trace_source": source, "replay": replay},
-                )
-            )
-        elif spec.kind == "l2sp":
-            weight = float(o.get("weight", 1.0))
-            per_seed.append((f"l2sp(w={weight:g})", "l2sp", adamw, {"l2sp_weight": weight}))
-        elif spec.kind == "stm":
-            threshold = float(o.get("threshold", 6.0))
-            per_seed.append((f"stm(t={threshold:g})", "stm", adamw, {"stm_threshold": threshold}))
+        per_seed += [(*run, n, probes) for run in _per_seed_runs(cfg, spec)]
     labels = [p[0] for p in per_seed]
     seen: dict[str, str] = {}
-    for label, _, optimizer, extras in per_seed:
+    for label, _, optimizer, extras, *_ in per_seed:
         # Same label, or the same training under another name (sft at lr_max == a sweep point at lr_max).
         for key in (
             label,
@@ -183,25 +223,39 @@ def expand_runs(cfg: CompareConfig) -> list[RunSpec]:
                     f"compare: methods give duplicate runs {seen[key]!r} and {label!r}; list each method/lr once"
                 )
             seen[key] = label
-    for label, _kind, _, extras in per_seed:
+    source_seeds = {label: n for label, *_, n, _ in per_seed}
+    for label, _, _, extras, n, _ in per_seed:
         source = extras.get("trace_source")
-        if source is not None and source not in [lab for lab, *_ in per_seed if lab != label]:
+        if source is None:
+            continue
+        if source not in [lab for lab in labels if lab != label]:
             raise ValueError(
                 f"method warmup_matched replays the lr trace of {source!r}, which is not among the "
                 f"methods (have {labels}); add `finch` (or set source=<label>)"
             )
-    # Runs that replay another run's lr trace go last, so every seed's source run has finished before them.
-    runs, replays = [], []
+        if n > source_seeds[source]:
+            raise ValueError(
+                f"method warmup_matched: seeds={n} is more than its source {source!r} runs ({source_seeds[source]})"
+            )
+
+    runs: list[RunSpec] = []
+    pending: list[tuple[int, RunSpec]] = []  # replays waiting for the seed block of their trace
     for i, seed in enumerate(cfg.seeds):
-        for label, kind, optimizer, extras in per_seed:
-            if "trace_source" in extras:
-                replay = dict(extras)
-                mode = replay.pop("replay")
-                # "other": the trace of the next seed in the list (cyclic): a fixed schedule that did not see this
-                # run's own losses. With one seed there is no other; the replay is then the same-seed trace, which
-                # reproduces the source run exactly (a check that FINCH acts only through its lr).
-                replay["trace_seed"] = cfg.seeds[(i + 1) % len(cfg.seeds)] if mode == "other" else seed
-                replays.append(RunSpec(label=label, kind=kind, seed=seed, optimizer=optimizer, **replay))
-            else:
-                runs.append(RunSpec(label=label, kind=kind, seed=seed, optimizer=optimizer, **extras))
-    return runs + replays
+        for label, kind, optimizer, extras, n, probes in per_seed:
+            if i >= n:
+                continue
+            extras = dict(extras)
+            run = dict(label=label, kind=kind, seed=seed, optimizer=optimizer, probe=i < probes)
+            if "trace_source" not in extras:
+                runs.append(RunSpec(**run, **extras))
+                continue
+            mode = extras.pop("replay")
+            # "other": the trace of the next seed the source ran with (cyclic): a fixed schedule that did not see
+            # this run's own losses. With one seed there is no other; the replay is then the same-seed trace,
+            # which reproduces the source run exactly (a check that FINCH acts only through its lr).
+            source_n = source_seeds[extras["trace_source"]]
+            j = (i + 1) % source_n if mode == "other" else i
+            pending.append((max(i, j), RunSpec(**run, **extras, trace_seed=cfg.seeds[j])))
+        runs += [r for ready, r in pending if ready <= i]
+        pending = [(ready, r) for ready, r in pending if ready > i]
+    return runs + [r for _, r in pending]

@@ -1,8 +1,8 @@
 r"""Metrics of the forgetting lab: token log-probs, KL to the base model, multiple-choice scoring and calibration.
 
-Token-level functions take logits ``[B, T, V]``, work under ``jax.jit`` and return sums and counts (accumulate, divide
-once); ``targets`` are already shifted, ``mask`` is a float weight. The masked NLL sum is
-:func:`train.step.token_loss_sums`. Item-level functions take small NumPy arrays and return Python floats.
+Token-level functions take logits ``[B, T, V]``, work under ``jax.jit`` and return per-token values ``[B, T]``
+(the caller masks and sums them per example); ``targets`` are already shifted. Item-level functions take small
+NumPy arrays and return Python floats.
 """
 
 from __future__ import annotations
@@ -14,22 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "TokenSums",
     "token_log_probs",
-    "kl_sums",
+    "token_kl",
     "perplexity",
     "MultipleChoiceResult",
     "score_multiple_choice",
     "expected_calibration_error",
     "brier_score",
 ]
-
-
-class TokenSums(NamedTuple):
-    """Sum of a per-token quantity over masked positions, and the total mask weight."""
-
-    total: jax.Array
-    count: jax.Array
 
 
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -45,25 +37,20 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def kl_sums(base_logits: jax.Array, tuned_logits: jax.Array, mask: jax.Array) -> TokenSums:
-    r"""Masked sum of per-position :math:`\mathrm{KL}(p_\text{base} \,\|\, p_\text{ft})` over the full vocabulary.
+def token_kl(base_log_probs: jax.Array, tuned_logits: jax.Array) -> jax.Array:
+    r"""Per-position :math:`\mathrm{KL}(p_\text{base} \,\|\, p_\text{ft})` over the full vocabulary, ``[B, T]``.
 
     .. math::
       \mathrm{KL}_{bt} = \sum_v p_\text{base}(v) \left(\log p_\text{base}(v) - \log p_\text{ft}(v)\right)
 
     Args:
-      base_logits: logits of the base (pre-fine-tuning) model, ``[B, T, V]``.
-      tuned_logits: logits of the fine-tuned model on the same tokens, ``[B, T, V]``.
-      mask: ``[B, T]`` weights.
-
-    Returns:
-      :class:`TokenSums` whose ``total / count`` is the mean KL in nats per token.
+      base_log_probs: log-softmax of the base (pre-fine-tuning) model, ``[B, T, V]`` (computed once and kept: the
+        base model's forward pass is as expensive as the fine-tuned one's).
+      tuned_logits: logits (or log-probs) of the fine-tuned model on the same tokens, ``[B, T, V]``.
     """
-    base_log_probs = jax.nn.log_softmax(base_logits.astype(jnp.float32), axis=-1)
+    base_log_probs = base_log_probs.astype(jnp.float32)
     tuned_log_probs = jax.nn.log_softmax(tuned_logits.astype(jnp.float32), axis=-1)
-    per_position = jnp.sum(jnp.exp(base_log_probs) * (base_log_probs - tuned_log_probs), axis=-1)
-    mask = mask.astype(jnp.float32)
-    return TokenSums(total=jnp.sum(per_position * mask), count=jnp.sum(mask))
+    return jnp.sum(jnp.exp(base_log_probs) * (base_log_probs - tuned_log_probs), axis=-1)
 
 
 def perplexity(mean_nll: float) -> float:
@@ -72,11 +59,12 @@ def perplexity(mean_nll: float) -> float:
 
 
 class MultipleChoiceResult(NamedTuple):
-    """Per-item outcome of scoring multiple-choice items by log-likelihood.
+    r"""Per-item outcome of scoring multiple-choice items by log-likelihood.
 
     Attributes:
-      scores: ``[N, K]`` the (normalised) log-likelihood score of each choice.
-      probs: ``[N, K]`` softmax of ``scores`` over the choices: the model's implied belief, used for calibration.
+      scores: ``[N, K]`` the (length-normalised) log-likelihood score of each choice: what accuracy ranks by.
+      probs: ``[N, K]`` the model's own probability of each choice, normalised over the choices:
+        :math:`p(c_k \mid q) / \sum_j p(c_j \mid q)`. Calibration (ECE, Brier) is measured on these.
       predictions: ``[N]`` index of the highest-scoring choice.
       correct: ``[N]`` bool, prediction equals the label.
     """
@@ -102,16 +90,17 @@ def score_multiple_choice(
 
     .. math::
       s_{ik} = \frac{\log p(c_{ik} \mid q_i)}{|c_{ik}|}, \qquad \hat y_i = \arg\max_k s_{ik}, \qquad
-      \pi_{ik} = \frac{e^{s_{ik}}}{\sum_j e^{s_{ij}}}
+      \pi_{ik} = \frac{p(c_{ik} \mid q_i)}{\sum_j p(c_{ij} \mid q_i)}
 
     Without normalisation, long choices are penalised merely for having more tokens; dividing by the length (in
-    whatever unit the caller counts: characters like lm-eval's ``acc_norm``, or tokens) removes that bias.
+    whatever unit the caller counts: characters like lm-eval's ``acc_norm``, or tokens) removes that bias. The
+    probabilities :math:`\pi` are not normalised by length: they are the model's own belief among the choices.
 
     Args:
       choice_log_likelihoods: ``[N, K]`` summed log-probability of each choice's tokens given the question.
       choice_lengths: ``[N, K]`` positive length of each choice.
       labels: ``[N]`` index of the correct choice.
-      length_normalize: divide by the length (``True``) or use the raw sum (``False``).
+      length_normalize: rank by the normalised score (``True``) or by the raw sum (``False``).
 
     Returns:
       A :class:`MultipleChoiceResult`.
@@ -135,24 +124,30 @@ def score_multiple_choice(
     if np.any(lengths <= 0):
         raise ValueError("score_multiple_choice: every choice length must be positive")
     scores = ll / lengths if length_normalize else ll
-    shifted = scores - scores.max(axis=1, keepdims=True)
+    shifted = ll - ll.max(axis=1, keepdims=True)
     probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
     predictions = scores.argmax(axis=1)
     return MultipleChoiceResult(scores=scores, probs=probs, predictions=predictions, correct=predictions == labels)
 
 
-def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, num_bins: int = 10) -> float:
-    r"""Expected calibration error with ``num_bins`` equal-width confidence bins.
+def expected_calibration_error(
+    confidences: np.ndarray, correct: np.ndarray, num_bins: int = 10, min_per_bin: int = 10
+) -> float:
+    r"""Expected calibration error over equal-count confidence bins.
 
     .. math::
       \mathrm{ECE} = \sum_{b=1}^{B} \frac{|S_b|}{N} \left| \mathrm{acc}(S_b) - \mathrm{conf}(S_b) \right|
 
-    Bin :math:`b` holds confidences in :math:`((b-1)/B, b/B]` (the first bin also holds 0).
+    The items, sorted by confidence, are cut into :math:`B = \min(\text{num\_bins}, \lfloor N /
+    \text{min\_per\_bin} \rfloor)` bins of (near) equal size, so every bin holds at least ``min_per_bin`` items:
+    equal-width bins leave most bins empty or holding one or two items on small sets, and then the ECE measures
+    noise.
 
     Args:
       confidences: ``[N]`` probability the model gave its own prediction, in ``[0, 1]``.
       correct: ``[N]`` whether each prediction was right.
-      num_bins: number of bins, at least 1.
+      num_bins: the most bins, at least 1.
+      min_per_bin: fewer bins when there are not this many items per bin.
 
     Returns:
       ECE in ``[0, 1]``.
@@ -167,15 +162,15 @@ def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, num
         raise ValueError(
             f"expected_calibration_error: need two equal non-empty 1-D arrays, got {confidences.shape}, {correct.shape}"
         )
-    if num_bins < 1:
-        raise ValueError(f"expected_calibration_error: num_bins must be >= 1, got {num_bins}")
-    # ceil(c * B) - 1 puts c in ((b-1)/B, b/B]; clip sends c == 0 to the first bin.
-    bins = np.clip(np.ceil(confidences * num_bins).astype(int) - 1, 0, num_bins - 1)
+    if num_bins < 1 or min_per_bin < 1:
+        raise ValueError(
+            f"expected_calibration_error: num_bins and min_per_bin must be >= 1, got {num_bins}, {min_per_bin}"
+        )
+    bins = max(1, min(num_bins, confidences.size // min_per_bin))
+    order = np.argsort(confidences, kind="stable")
     ece = 0.0
-    for b in range(num_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidences[in_bin].mean())
+    for idx in np.array_split(order, bins):
+        ece += idx.size / confidences.size * abs(correct[idx].mean() - confidences[idx].mean())
     return float(ece)
 
 

@@ -1,4 +1,10 @@
-"""What a comparison prints and writes: the Markdown table, the summary lines, the answers table and the plots."""
+"""What a comparison prints and writes: the Markdown table, the summary lines, the answers table and the plots.
+
+Plots (``plot_results``): ``forgetting_vs_task.png`` (every checkpoint, the fronts, each method's final points),
+``cumulative_lr.png`` (task loss and KL against Σηₜ for every run: if all points fall on one curve, no schedule can
+beat the front), ``probe.png`` (per-step retain-KL change against ηₜ·√Lₜ, for runs with the probe),
+``lr_traces.png`` and ``loss_curves.png``.
+"""
 
 from __future__ import annotations
 
@@ -9,123 +15,192 @@ from typing import Any
 import numpy as np
 
 from train.lab.config import CompareConfig
-from train.lab.front import mean_std, pareto_front
+from train.lab.front import envelope
+from train.lab.summary import fronts
 
-__all__ = ["answers_table", "markdown_table", "plot_results", "summary_lines"]
+__all__ = ["answers_table", "format_ratio", "markdown_table", "plot_results", "summary_lines"]
 
 
-def _pm(stat: Mapping[str, Any], fmt: str = "{:.3f}", pct: bool = False) -> str:
+def _pm(stat: Mapping[str, Any], fmt: str = "{:.3f}") -> str:
     if stat["mean"] is None:
         return "—"
-    scale = 100.0 if pct else 1.0
-    text = (fmt.format(stat["mean"] * scale)) + ("%" if pct else "")
-    if stat["n"] > 1:
-        text += " ± " + fmt.format(stat["std"] * scale) + ("%" if pct else "")
+    text = fmt.format(stat["mean"])
+    return text + (" ± " + fmt.format(stat["std"]) if stat["n"] > 1 else "")
+
+
+def format_ratio(ratio: Mapping[str, Any]) -> str:
+    """``0.93 [0.85, 1.02] t / [0.88, 0.99] boot`` (geometric mean of r over seeds and its two intervals)."""
+    if ratio["r"] is None:
+        if ratio["outside_front"]:
+            return "outside the front's range"
+        return "no constant-lr run of its seed(s) yet" if ratio["no_front"] else "—"
+    text = f"{ratio['r']:.3f}"
+    if ratio["t_interval"]:
+        text += " [{:.3f}, {:.3f}] t".format(*ratio["t_interval"])
+    if ratio["boot_interval"]:
+        text += " / [{:.3f}, {:.3f}] boot".format(*ratio["boot_interval"])
     return text
 
 
 def markdown_table(cfg: CompareConfig, results: Mapping[str, Any]) -> str:
-    """One row per method (mean ± std over seeds) plus the base model."""
+    """One row per method (mean ± std over seeds) plus the base model, and a line saying how to read it."""
     base = results["base_metrics"]
     cols = [
-        ("task_loss", "task loss ↓"),
-        ("recall_em", "recall EM ↑"),
-        ("retain_loss", "retain loss ↓"),
-        ("retain_kl", "KL(base‖ft) ↓"),
-        ("mc_acc", "quiz acc ↑"),
-        ("mc_ece", "ECE ↓"),
-        ("mc_brier", "Brier ↓"),
+        ("task_loss", "task loss ↓", "{:.4f}"),
+        ("recall_em", "recall EM ↑", "{:.3f}"),
+        ("retain_kl_B", "KL_B ↓", "{:.4f}"),
+        ("retain_loss", "retain loss ↓", "{:.4f}"),
+        ("mc_acc", "quiz acc ↑", "{:.3f}"),
+        ("mc_ece", "ECE ↓", "{:.3f}"),
+        ("mc_brier", "Brier ↓", "{:.3f}"),
     ]
-    cols = [(k, h) for k, h in cols if k in base or k == "retain_kl"]
-    header = ["method", *[h for _, h in cols], "less forgetting vs SFT", "vs lr front", "train s"]
+    cols = [c for c in cols if c[0] in base]
+    header = ["method", "seeds", *[c[1] for c in cols], "mean lr", "r = F/F_front [95%]", "reading", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| base | " + " | ".join(f"{base[k]:.4f}" if k in base else "0" for k, _ in cols) + " | — | — | — |")
-    summary = results["summary"]["methods"]
-    by_label: dict[str, list[Mapping[str, Any]]] = {}
-    for r in results["runs"]:
-        by_label.setdefault(r["run"]["label"], []).append(r)
-    for label, rs in by_label.items():
-        cells = [label]
-        for k, _ in cols:
-            cells.append(_pm(mean_std([r["metrics"].get(k) for r in rs]), "{:.4f}"))
-        s = summary[label]
-        cells.append(_pm(s["reduction_vs_sft"], "{:.0f}", pct=True) if rs[0]["run"]["kind"] != "sft" else "(ref)")
-        beaten_by = s.get("dominated_by") or []
-        if rs[0]["run"]["on_front"]:
-            cells.append("(front)")
-        elif beaten_by and all(beaten_by):
-            cells.append("dominated by " + ", ".join(sorted({n for names in beaten_by for n in names})))
-        else:
-            cells.append(_pm(s["reduction_vs_front"], "{:.0f}", pct=True))
-        cells.append(f"{np.mean([r['train_s'] for r in rs]):.0f}")
+    base_cells = [fmt.format(base[k]) for k, _, fmt in cols]
+    lines.append("| base | — | " + " | ".join(base_cells) + " | — | — | — | — |")
+    for label, s in results["summary"]["methods"].items():
+        cells = [label, str(len(s["seeds"]))]
+        cells += [_pm(s["metrics"][k], fmt) for k, _, fmt in cols]
+        cells.append(_pm(s["mean_lr"], "{:.2e}"))
+        ratio = s["ratio"]
+        cells.append(format_ratio(ratio) + (" (own run left out)" if s["on_front"] and ratio["r"] else ""))
+        cells.append(ratio["verdict"] if not s["on_front"] else "(front)")
+        cells.append(f"{s['train_s']['mean']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = ",".join(map(str, cfg.seeds))
     lines.append("")
     lines.append(
-        f"Model {cfg.model}, task {cfg.task}, {cfg.steps} steps × {cfg.batch_size}×{cfg.seq_len} tokens, "
-        f"lr_max {cfg.lr_max:g}, seeds {seeds} (± = std over seeds). Reductions are 1 − F/F_ref of forgetting "
-        f"F = {cfg.forgetting_metric} (positive = less forgetting), paired by seed; 'vs lr front' compares "
-        f"with the Pareto-efficient constant-lr runs interpolated at the same {cfg.task_metric} (— = outside "
-        "the swept range; 'dominated by' = a constant-lr run has both a better task score and less "
-        "forgetting)."
+        f"Model {cfg.model}, task {cfg.task}, retain {cfg.retain}, {cfg.steps} steps × {cfg.batch_size}×"
+        f"{cfg.seq_len} tokens, lr_max {cfg.lr_max:g}, seeds {seeds} (± = std over seeds), checkpoints evaluated at "
+        f"steps {cfg.eval_steps}. KL_B = KL(base‖ft) per token on retain half B. r = KL_B of the method at its final "
+        "task loss over the constant-lr front there (the envelope of every constant-lr checkpoint, chosen on half "
+        "A); geometric mean over seeds, 95% paired t-interval over seeds and bootstrap over half B's windows. "
+        "Reading: beats the front if the upper bound (of both intervals) < 0.90, on the front if both lie in "
+        "[0.90, 1.10], above it if the lower bound > 1.10, otherwise inconclusive."
     )
     return "\n".join(lines)
 
 
+def summary_lines(results: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for label, s in results["summary"]["methods"].items():
+        if s["on_front"]:
+            continue
+        lines.append(f"  {label}: r = {format_ratio(s['ratio'])}: {s['ratio']['verdict']}")
+    return lines
+
+
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab20")
+    return {lab: cmap(i % 20) for i, lab in enumerate(labels)}
+
+
 def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> list[Path]:
-    """forgetting_vs_task.png (with the constant-lr front), lr_traces.png, loss_curves.png."""
+    """Write the plots listed in the module docstring into ``out``; returns their paths."""
     # Lazy: only plotting needs matplotlib, and importing it builds a font cache on first use.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tm, fm = cfg.task_metric, cfg.forgetting_metric
     runs = results["runs"]
     labels = list(dict.fromkeys(r["run"]["label"] for r in runs))
-    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    colors = _colors(labels)
+    n = cfg.eval.retain_sequences
+    half_a, half_b = np.arange(0, n, 2), np.arange(1, n, 2)
     written = []
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    front_runs = [r for r in runs if r["run"]["on_front"]]
-    if front_runs:
-        by_lr: dict[float, list] = {}
-        for r in front_runs:
-            by_lr.setdefault(r["run"]["optimizer"]["learning_rate"], []).append(r)
-        pts = sorted(
-            (np.mean([r["metrics"][tm] for r in rs]), np.mean([r["forgetting"][fm] for r in rs]), lr)
-            for lr, rs in by_lr.items()
-        )
-        efficient = pareto_front([(x, y) for x, y, _ in pts], task_higher_is_better=cfg.task_higher_is_better)
-        ax.plot(
-            [p[0] for p in efficient],
-            [p[1] for p in efficient],
-            "-",
-            color="gray",
-            lw=1.5,
-            zorder=1,
-            marker="." if len(efficient) == 1 else None,
-            label="constant-lr Pareto front (seed mean)",
-        )
-        for x, y, lr in pts:
-            ax.annotate(f"{lr:.0e}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="gray")
+    def kl_b(c: Mapping[str, Any]) -> float:
+        return float(np.sum(np.asarray(c["retain_kl_sums"])[half_b]) / np.sum(np.asarray(c["retain_tokens"])[half_b]))
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for points in fronts(results["base"], runs).values():
+        env = envelope(points, half_a)
+        ax.plot([p.task for p in env], [p.kl(half_b) for p in env], "-", color="gray", lw=1, alpha=0.6, zorder=1)
+    for r in runs:
+        lab = r["run"]["label"]
+        cps = r["checkpoints"]
+        if r["run"]["on_front"]:
+            ax.plot([c["metrics"]["task_loss"] for c in cps], [kl_b(c) for c in cps], ".", color=colors[lab], ms=4)
+        else:
+            ax.plot(cps[-1]["metrics"]["task_loss"], kl_b(cps[-1]), "o", color=colors[lab], mec="black", ms=7)
     for lab in labels:
-        rs = [r for r in runs if r["run"]["label"] == lab]
-        xs = [r["metrics"][tm] for r in rs]
-        ys = [r["forgetting"][fm] for r in rs]
-        ax.scatter(xs, ys, color=colors[lab], alpha=0.45, s=20)
-        ax.scatter([np.mean(xs)], [np.mean(ys)], color=colors[lab], s=70, edgecolor="black", label=lab, zorder=3)
-    ax.set_xlabel(f"{tm} ({'higher' if cfg.task_higher_is_better else 'lower'} is better)")
-    ax.set_ylabel(f"forgetting: {fm} (lower is better)")
-    ax.set_title(f"{cfg.model} on {cfg.task}: forgetting vs task")
-    if not cfg.task_higher_is_better:
-        ax.invert_xaxis()  # better task score to the right either way
+        ax.plot([], [], "o", color=colors[lab], label=lab)
+    ax.plot([], [], "-", color="gray", label="front per seed (chosen on A, KL on B)")
+    ax.set_xlabel("task loss (held-out; lower is better)")
+    ax.set_ylabel("KL(base‖ft) per retain token, half B")
+    ax.set_title(f"{cfg.task}: every constant-lr checkpoint (dots), methods' final points (circles)")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "forgetting_vs_task.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "forgetting_vs_task.png")
+
+    # Σηₜ compares schedules of one update direction: the Adam-direction runs (AdamW and finch_adamw) only.
+    adam_runs = [r for r in runs if r["run"]["optimizer"]["name"] in ("adamw", "finch_adamw")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in adam_runs:
+        lab = r["run"]["label"]
+        cps = r["checkpoints"]
+        xs = [0.0] + [c["cum_lr"] for c in cps]
+        axes[0].plot(
+            xs,
+            [results["base_metrics"]["task_loss"]] + [c["metrics"]["task_loss"] for c in cps],
+            "-o",
+            color=colors[lab],
+            ms=3,
+            lw=1,
+        )
+        axes[1].plot(xs[1:], [kl_b(c) for c in cps], "-o", color=colors[lab], ms=3, lw=1)
+    for lab in dict.fromkeys(r["run"]["label"] for r in adam_runs):
+        axes[0].plot([], [], "-o", color=colors[lab], label=lab, ms=3)
+    axes[0].set_ylabel("task loss")
+    axes[1].set_ylabel("KL(base‖ft) per retain token, half B")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("Σ ηₜ (cumulative learning rate)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("AdamW-direction runs: one curve for every schedule means no schedule can beat the front")
+    save(fig, "cumulative_lr.png")
+
+    probed = [r for r in runs if r.get("probe")]
+    if probed:
+        fig, axes = plt.subplots(len(probed), 2, figsize=(12, 4 * len(probed)), squeeze=False)
+        for row, r in zip(axes, probed):
+            p = r["probe"]
+            x = np.array([q["lr"] * np.sqrt(max(q["loss"], 0.0)) for q in p])
+            steps = [q["step"] for q in p]
+            delta = np.diff(np.concatenate([[0.0], [q["kl_base"] for q in p]]))
+            drift = np.maximum([q["kl_step"] for q in p], 1e-12)
+            name = f"{r['run']['label']} seed {r['run']['seed']} ({r['run']['optimizer']['name']})"
+            row[0].scatter(x, delta, c=steps, cmap="viridis", s=12)
+            row[0].set_ylabel("per-step change of KL(base‖θₜ)")
+            points = row[1].scatter(x, drift, c=steps, cmap="viridis", s=12)
+            row[1].set_xscale("log")
+            row[1].set_yscale("log")
+            row[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            row[1].set_ylabel("KL(θₜ₋₁‖θₜ) per retain token")
+            title = name
+            if np.ptp(np.log(x)) > np.log(1.5):  # a power law needs some range of x to fit
+                slope = np.polyfit(np.log(x), np.log(drift), 1)[0]  # drift ∝ (ηₜ√Lₜ)^slope; SGD's premise: 2
+                title += f": drift ∝ (ηₜ√Lₜ)^{slope:.2f}"
+            for ax in row:
+                ax.set_xlabel("ηₜ·√Lₜ (applied lr × √batch loss)")
+                ax.set_title(title, fontsize=9)
+                ax.grid(alpha=0.3)
+            fig.colorbar(points, ax=row[1], label="step")
+        fig.suptitle("retain probe: does a step's forgetting scale with ηₜ·√Lₜ?")
+        save(fig, "probe.png")
 
     first_seed = cfg.seeds[0]
     for key, name, ylabel in (
@@ -141,10 +216,7 @@ def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> l
         ax.set_title(f"{ylabel} (seed {first_seed})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / name)
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save(fig, name)
     return written
 
 
@@ -166,24 +238,3 @@ def answers_table(
         question = prompt.replace("\n", " ")
         lines.append(f"| {question} | {truth} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def summary_lines(results: Mapping[str, Any]) -> list[str]:
-    s = results["summary"]
-    lines = []
-    for label, m in s["methods"].items():
-        parts = []
-        if m["reduction_vs_sft"]["mean"] is not None:
-            parts.append(f"vs SFT {m['reduction_vs_sft']['mean'] * 100:+.0f}%")
-        if m["reduction_vs_front"]["mean"] is not None:
-            parts.append(f"vs lr front {m['reduction_vs_front']['mean'] * 100:+.0f}%")
-        if parts:
-            lines.append(f"  {label}: less forgetting " + ", ".join(parts))
-        beaten = [seed_runs for seed_runs in m.get("dominated_by", []) if seed_runs]
-        if beaten:
-            names = sorted({name for seed_runs in beaten for name in seed_runs})
-            lines.append(
-                f"  {label}: beaten on both task score and forgetting by {', '.join(names)} "
-                f"in {len(beaten)} of {len(m['dominated_by'])} seed(s)"
-            )
-    return lines

@@ -1,7 +1,9 @@
-"""The resumable runner of a comparison: one fine-tune + evaluation per (method, seed), each stored when it ends.
+"""The resumable runner of a comparison: one fine-tune per (method, seed), its checkpoints evaluated as it trains.
 
-A stored run whose fingerprint (config, run and training data) still matches is not run again, so an interrupted
-``compare`` resumes where it stopped. Results go to ``results.json``, ``results.md`` and the plots.
+Every ``eval_every``-th step and the last are evaluated (task and retain; the quiz at the end only), so the
+constant-lr front can be the envelope over all checkpoints. Each run is stored when it ends; a stored run whose
+fingerprint (config, run and training data) still matches is not run again, so an interrupted ``compare`` resumes
+where it stopped. Results go to ``results.json``, ``results.md`` and the plots.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from train.generate import complete
 from train.lab import evaluate as eval_lib
 from train.lab import tasks as tasks_lib
 from train.lab.config import CompareConfig
-from train.lab.front import summarize
+from train.lab.evalsets import EvalRows, EvalSet, build_eval_set, random_windows
 from train.lab.methods import RunSpec, expand_runs
 from train.lab.metrics import token_log_probs
+from train.lab.probe import RetainProbe
 from train.lab.report import answers_table, markdown_table, plot_results
+from train.lab.summary import summarize
 from train.step import ApplyFn, split_model
 
-__all__ = ["run_compare", "train_config"]
+__all__ = ["progress", "report_finished", "run_compare", "train_config"]
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -49,11 +53,15 @@ def _fingerprint(cfg: CompareConfig, run: RunSpec | None, documents: Sequence[Do
         "train_data": data,
         "model": cfg.model,
         "dtype": cfg.dtype,
+        "scan_layers": cfg.scan_layers,
         "task": cfg.task,
+        "retain": cfg.retain,
         "facts_entities": cfg.facts_entities,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
+        "eval_steps": cfg.eval_steps,
+        "probe_windows": cfg.probe_windows,
         "train_overrides": list(cfg.train_overrides),
         "eval": dataclasses.asdict(cfg.eval),
         "run": None if run is None else dataclasses.asdict(run),
@@ -64,15 +72,17 @@ def _fingerprint(cfg: CompareConfig, run: RunSpec | None, documents: Sequence[Do
 def train_config(
     cfg: CompareConfig, run: RunSpec, lr_trace: Sequence[float] | None, run_dir: Path
 ) -> config_lib.TrainConfig:
-    """The :class:`train.config.TrainConfig` of one run: ``cfg.train_overrides`` first, then the run's own values."""
+    """The :class:`train.config.TrainConfig` of one run: ``cfg.train_overrides`` first, then the run's own values.
+
+    Lab runs keep everything in memory: no checkpoints, no Hugging Face export, no TensorBoard."""
     overrides = {
-        "model": {"source": cfg.model, "dtype": cfg.dtype},
+        "model": {"source": cfg.model, "dtype": cfg.dtype, "scan_layers": cfg.scan_layers},
         "steps": cfg.steps,
         "seed": run.seed,
         "l2sp_weight": run.l2sp_weight,
-        "output_dir": str(run_dir),
         "tensorboard": False,
-        "checkpoint": {"directory": ""},
+        "output": {"dir": str(run_dir), "hf_export": False},
+        "checkpoint": {"enabled": False},
         "data": {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": run.seed},
         "optimizer": dict(run.optimizer, **({"lr_trace": list(lr_trace)} if lr_trace is not None else {})),
     }
@@ -112,15 +122,22 @@ def _token_nll_fn(apply_fn: ApplyFn, params: Any, batch_size: int) -> Callable[[
         return -token_log_probs(logits, batch["targets"])
 
     def score(rows: PackedRows) -> np.ndarray:
-        return np.concatenate(
-            [np.asarray(nll(params, batch))[real] for batch, real in eval_lib.batches(rows, batch_size)]
-        )
+        out = []
+        for start in range(0, len(rows), batch_size):
+            idx = np.arange(start, start + batch_size)
+            real = idx < len(rows)
+            out.append(np.asarray(nll(params, rows.take(np.where(real, idx, 0))))[real])
+        return np.concatenate(out)
 
     return score
 
 
 def _log(msg: str) -> None:
     print(f"[compare] {msg}", flush=True)
+
+
+def _checkpoint(step: int, cum_lr: float, evaluation: eval_lib.Evaluation) -> dict[str, Any]:
+    return {"step": step, "cum_lr": cum_lr, **evaluation.record()}
 
 
 def run_compare(
@@ -149,7 +166,7 @@ def run_compare(
     # Data first: a missing prepared dataset or an oversized eval set fails before the model loads.
     cache = cfg.cache_dir or None
     task = tasks_lib.load_task(cfg.task, cache, num_entities=cfg.facts_entities)
-    retain = tasks_lib.load_retain(cache)
+    retain = tasks_lib.load_retain(cfg.retain, cache)
     quiz = (
         tasks_lib.load_quiz_items(cfg.eval.quiz_items, seed=cfg.eval.seed, cache_dir=cache)
         if cfg.eval.quiz_items
@@ -158,37 +175,57 @@ def run_compare(
     documents = task.train_documents()
 
     t_load = time.perf_counter()
-    model, tokenizer = models.load(cfg.model, dtype=cfg.dtype)
-    eval_set = eval_lib.build_eval_set(tokenizer, cfg.eval, task=task, retain_texts=retain, quiz_items=quiz)
+    model, tokenizer = models.load(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers)
+    eval_set = build_eval_set(tokenizer, cfg.eval, task=task, retain_texts=retain, quiz_items=quiz)
+    probe_rows = None
+    if any(r.probe for r in runs):
+        probe_rows = random_windows(
+            tokenizer, retain, cfg.probe_windows, cfg.eval.seq_len, cfg.eval.seed + 1, "retain probe"
+        )
+    eval_hash = _eval_hash(eval_set)
     apply_fn, base_params, _ = split_model(model)
-    scorer = eval_lib.make_scorer(apply_fn)
+    evaluator = eval_lib.Evaluator(apply_fn, eval_set, base_params)
     log(
         f"model {cfg.model} and data ready in {time.perf_counter() - t_load:.1f}s; eval sizes {eval_set.sizes()}; "
-        f"{len(runs)} runs of {cfg.steps} steps × {cfg.batch_size}×{cfg.seq_len} tokens"
+        f"{len(runs)} runs of {cfg.steps} steps × {cfg.batch_size}×{cfg.seq_len} tokens, evaluated at steps "
+        f"{cfg.eval_steps}"
     )
 
     base_path = out / "base.json"
     base_fp = _fingerprint(cfg, None, documents)
-    base_record = _load_if_fresh(base_path, base_fp)
+    base_record = _load_if_fresh(base_path, base_fp, eval_hash)
     if base_record is None:
         t0 = time.perf_counter()
-        base_metrics = eval_lib.evaluate(scorer, base_params, eval_set)
-        base_record = {"fingerprint": base_fp, "metrics": base_metrics, "eval_s": time.perf_counter() - t0}
+        evaluation = evaluator.evaluate(base_params)
+        base_record = {
+            "fingerprint": base_fp,
+            "eval_hash": eval_hash,
+            "metrics": evaluation.metrics,
+            "checkpoint": _checkpoint(0, 0.0, evaluation),
+            "eval_s": time.perf_counter() - t0,
+        }
         _atomic_json(base_path, base_record)
-        log(f"base model: {_fmt_metrics(base_metrics)} ({base_record['eval_s']:.1f}s)")
+        log(f"base model: {_fmt_metrics(evaluation.metrics)} ({base_record['eval_s']:.1f}s)")
     else:
         log("base model: evaluation found, skipped")
-    base_metrics = base_record["metrics"]
     questions = list(task.recall_questions[: cfg.show_answers])
     if questions and "answers" not in base_record:
         base_record["answers"] = _greedy_answers(model, tokenizer, questions)
         _atomic_json(base_path, base_record)
 
+    done, left, per_run = progress(cfg, out)
+    if done:
+        log(
+            f"{len(done)} of {len(runs)} runs finished before; {len(left)} left, about "
+            f"{len(left) * per_run / 3600:.1f} h at {per_run / 60:.1f} min per run (the mean of the finished ones)"
+        )
+    context = _Context(model, tokenizer, documents, evaluator, base_params, apply_fn, probe_rows)
     records: dict[str, dict[str, Any]] = {}
+    t_start, trained = time.perf_counter(), 0
     for i, run in enumerate(runs, 1):
         path = runs_dir / f"{_safe(run.run_id)}.json"
         fp = _fingerprint(cfg, run, documents)
-        record = _load_if_fresh(path, fp)
+        record = _load_if_fresh(path, fp, eval_hash)
         if record is not None:
             log(f"[{i}/{len(runs)}] {run.run_id}: finished before, skipped")
             records[run.run_id] = record
@@ -198,54 +235,164 @@ def run_compare(
             lr_trace = records[f"{run.trace_source}__seed{run.trace_seed}"]["lr_trace"]
         train_cfg = train_config(cfg, run, lr_trace, runs_dir / _safe(run.run_id))
         log(f"[{i}/{len(runs)}] {run.run_id}: training ...")
-        stm_stats: dict[str, float] = {}
-        t0 = time.perf_counter()
-        transform_rows = None
-        if run.stm_threshold is not None:
-            transform_rows = _suppress_high_loss_tokens(
-                _token_nll_fn(apply_fn, base_params, cfg.eval.batch_size), run.stm_threshold, stm_stats
-            )
-        result = finetune_run(
-            train_cfg, model=model, tokenizer=tokenizer, documents=documents, transform_rows=transform_rows
-        )
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        metrics = eval_lib.evaluate(scorer, result.params, eval_set, base_params=base_params)
-        eval_s = time.perf_counter() - t0
-        record = {
-            "fingerprint": fp,
-            "run": dataclasses.asdict(run),
-            "run_id": run.run_id,
-            "metrics": metrics,
-            "forgetting": eval_lib.forgetting(base_metrics, metrics),
-            "lr_trace": [float(x) for x in result.lr_trace],
-            "loss_curve": [float(m["loss"]) for m in result.metrics],
-            "train_s": train_s,
-            "eval_s": eval_s,
-            **({"stm_dropped_fraction": stm_stats.get("dropped_fraction")} if stm_stats else {}),
-            **(
-                {"answers": _greedy_answers(result.model, tokenizer, questions)}
-                if questions and result.model is not None
-                else {}
-            ),
-        }
+        record, final_model = _train_and_evaluate(cfg, run, train_cfg, finetune_run, context)
+        record["fingerprint"], record["eval_hash"] = fp, eval_hash
+        if questions and final_model is not None:
+            record["answers"] = _greedy_answers(final_model, tokenizer, questions)
+        del final_model
         _atomic_json(path, record)
         records[run.run_id] = record
-        log(f"[{i}/{len(runs)}] {run.run_id}: {_fmt_metrics(metrics)}; train {train_s:.1f}s, eval {eval_s:.1f}s")
-        del result
+        trained += 1
+        left = sum(1 for r in runs[i:] if not (runs_dir / f"{_safe(r.run_id)}.json").is_file())
+        eta = (time.perf_counter() - t_start) / trained * left
+        log(
+            f"[{i}/{len(runs)}] {run.run_id}: {_fmt_metrics(record['metrics'])}; train {record['train_s']:.0f}s, "
+            f"eval {record['eval_s']:.0f}s; {left} runs left, ETA {eta / 3600:.1f} h"
+        )
 
+    return _write_results(cfg, out, base_record, [records[r.run_id] for r in runs], questions)
+
+
+def _write_results(
+    cfg: CompareConfig,
+    out: Path,
+    base_record: Mapping[str, Any],
+    records: list[dict[str, Any]],
+    questions: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
     results = {
         "config": _config_to_dict(cfg),
-        "base_metrics": base_metrics,
-        "runs": [records[r.run_id] for r in runs],
-        "summary": summarize(cfg, base_metrics, [records[r.run_id] for r in runs]),
+        "base": base_record,
+        "base_metrics": base_record["metrics"],
+        "runs": records,
+        "summary": summarize(cfg, base_record, records, eval_set_halves(cfg)),
     }
     if questions:
-        results["answers"] = answers_table(questions, base_record.get("answers"), results["runs"])
+        results["answers"] = answers_table(questions, base_record.get("answers"), records)
+    out.mkdir(parents=True, exist_ok=True)
     _atomic_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(cfg, results) + "\n", encoding="utf-8")
     plot_results(cfg, results, out)
     return results
+
+
+def report_finished(cfg: CompareConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """``results.json``, ``results.md`` and the plots of the runs of ``cfg`` finished so far, in ``out_dir/report``
+    (a partial grid: every table says how many seeds each method has). Loads no model, trains nothing."""
+    out = Path(out_dir)
+    task = tasks_lib.load_task(cfg.task, cfg.cache_dir or None, num_entities=cfg.facts_entities)
+    documents = task.train_documents()
+    base_record = _load_if_fresh(out / "base.json", _fingerprint(cfg, None, documents))
+    if base_record is None:
+        raise ValueError(f"{out}/base.json is missing or from another config: nothing to report")
+    records = []
+    for run in expand_runs(cfg):
+        path = out / "runs" / f"{_safe(run.run_id)}.json"
+        record = _load_if_fresh(path, _fingerprint(cfg, run, documents))
+        if record is not None:
+            records.append(record)
+    if not records:
+        raise ValueError(f"{out}/runs holds no finished run of this config")
+    return _write_results(cfg, out / "report", base_record, records)
+
+
+def progress(cfg: CompareConfig, out_dir: str | os.PathLike) -> tuple[list[str], list[str], float]:
+    """``(finished run ids, run ids left, mean seconds per finished run)`` of ``cfg`` in ``out_dir``; loads no model."""
+    task = tasks_lib.load_task(cfg.task, cfg.cache_dir or None, num_entities=cfg.facts_entities)
+    documents = task.train_documents()
+    done, left, seconds = [], [], []
+    for run in expand_runs(cfg):
+        record = _load_if_fresh(Path(out_dir) / "runs" / f"{_safe(run.run_id)}.json", _fingerprint(cfg, run, documents))
+        if record is None:
+            left.append(run.run_id)
+        else:
+            done.append(run.run_id)
+            seconds.append(record["train_s"] + record["eval_s"])
+    return done, left, float(np.mean(seconds)) if seconds else float("nan")
+
+
+def eval_set_halves(cfg: CompareConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Window indices of retain halves A and B (see :attr:`train.lab.evalsets.EvalSet.retain_halves`)."""
+    n = cfg.eval.retain_sequences
+    return np.arange(0, n, 2), np.arange(1, n, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What every run of a comparison shares: the base model, its data and the evaluation machinery."""
+
+    model: Any
+    tokenizer: Any
+    documents: list[Document]
+    evaluator: eval_lib.Evaluator
+    base_params: Any
+    apply_fn: ApplyFn
+    probe_rows: EvalRows | None
+
+
+def _train_and_evaluate(
+    cfg: CompareConfig,
+    run: RunSpec,
+    train_cfg: config_lib.TrainConfig,
+    finetune_run: Callable[..., Any],
+    ctx: _Context,
+) -> tuple[dict[str, Any], Any]:
+    """One fine-tune, its checkpoints evaluated from an ``on_step`` hook: ``(record without fingerprint, model)``."""
+    checkpoints: list[dict[str, Any]] = []
+    eval_seconds = [0.0]
+    probe = RetainProbe(ctx.apply_fn, ctx.base_params, ctx.probe_rows) if run.probe else None
+    eval_at = set(cfg.eval_steps[:-1])  # the last step is evaluated after training, with the quiz
+
+    def on_step(step: int, state: Any) -> None:
+        t0 = time.perf_counter()
+        if probe is not None:
+            probe.measure(step, state.params)
+        if step in eval_at:
+            # cum_lr is filled in after training, from the full lr trace.
+            checkpoints.append(_checkpoint(step, 0.0, ctx.evaluator.evaluate(state.params, quiz=False)))
+        eval_seconds[0] += time.perf_counter() - t0
+
+    stm_stats: dict[str, float] = {}
+    transform_rows = None
+    if run.stm_threshold is not None:
+        transform_rows = _suppress_high_loss_tokens(
+            _token_nll_fn(ctx.apply_fn, ctx.base_params, cfg.eval.batch_size), run.stm_threshold, stm_stats
+        )
+    t0 = time.perf_counter()
+    result = finetune_run(
+        train_cfg,
+        model=ctx.model,
+        tokenizer=ctx.tokenizer,
+        documents=ctx.documents,
+        on_step=on_step,
+        transform_rows=transform_rows,
+    )
+    train_s = time.perf_counter() - t0 - eval_seconds[0]
+    lr_trace = [float(x) for x in result.lr_trace]
+    t0 = time.perf_counter()
+    final = ctx.evaluator.evaluate(result.params)
+    checkpoints.append(_checkpoint(cfg.steps, float(sum(lr_trace)), final))
+    eval_s = time.perf_counter() - t0 + eval_seconds[0]
+    for c in checkpoints:  # the hook saw only the rates logged so far; the full trace is known now
+        c["cum_lr"] = float(sum(lr_trace[: c["step"]]))
+    losses = [float(m["loss"]) for m in result.metrics]
+    record: dict[str, Any] = {
+        "run": dataclasses.asdict(run),
+        "run_id": run.run_id,
+        "metrics": final.metrics,
+        "checkpoints": checkpoints,
+        "lr_trace": lr_trace,
+        "loss_curve": losses,
+        "train_s": train_s,
+        "eval_s": eval_s,
+    }
+    if probe is not None:
+        for p in probe.records:
+            p["lr"], p["loss"] = lr_trace[p["step"] - 1], losses[p["step"] - 1]
+        record["probe"] = probe.records
+    if stm_stats:
+        record["stm_dropped_fraction"] = stm_stats.get("dropped_fraction")
+    return record, result.model
 
 
 def _greedy_answers(model: Any, tokenizer: Any, questions: Sequence[tuple[str, str]]) -> list[str]:
@@ -258,18 +405,34 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@=" else "_" for c in name)
 
 
-def _load_if_fresh(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def _load_if_fresh(path: Path, fingerprint: str, eval_hash: str | None = None) -> dict[str, Any] | None:
+    """The stored record if its fingerprint (and, when given, the hash of the eval set it was scored on) match."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None  # a torn write from an interrupted run: run it again
-    return record if record.get("fingerprint") == fingerprint else None
+    if record.get("fingerprint") != fingerprint or (eval_hash is not None and record.get("eval_hash") != eval_hash):
+        return None
+    return record
+
+
+def _eval_hash(eval_set: EvalSet) -> str:
+    """A hash of the tokens, weights and labels scored: a change in how eval rows are drawn (which the config does
+    not show) makes every stored run stale instead of silently mixing two eval sets in one front."""
+    h = hashlib.sha256()
+    for part in (eval_set.task, eval_set.retain, eval_set.quiz):
+        if part is not None:
+            for array in (part.rows.tokens, part.rows.loss_mask, part.rows.segment_ids, part.example):
+                h.update(np.ascontiguousarray(array).tobytes())
+    if eval_set.quiz_labels is not None:
+        h.update(np.ascontiguousarray(eval_set.quiz_labels).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _fmt_metrics(m: Mapping[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in m.items() if not k.endswith("_ppl"))
+    return ", ".join(f"{k}={v:.4g}" for k, v in m.items())
 
 
 def _config_to_dict(cfg: CompareConfig) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """What the lab fine-tunes on and measures forgetting with: tasks, held-out retain text and quiz items.
 
 Tasks are ``facts`` (generated, :mod:`train.lab.facts`), ``spanish``, ``science`` (prepared by
-:mod:`train.lab.sources`) or a user ``.txt`` / ``.jsonl`` file read by :func:`train.data.read_documents`.
+:mod:`train.lab.sources`) or a user file ``file:PATH`` (``.txt`` / ``.jsonl``, read by
+:func:`train.data.read_documents`); the retain text is the built-in one or a user file as well.
 """
 
 from __future__ import annotations
@@ -70,11 +71,29 @@ def split_documents(docs: Sequence[Document], split: str, eval_fraction: float =
     return [d for d, e in zip(docs, is_eval) if e == (split == "eval")]
 
 
-def load_retain(cache_dir: str | os.PathLike | None = None) -> list[str]:
-    """Held-out general-English text: Austen chapters and Brown texts except the "learned" genre (science)."""
-    docs = split_documents(load_documents("austen", cache_dir), "eval")
-    docs += split_documents([d for d in load_documents("brown", cache_dir) if d.group != "learned"], "eval")
+def load_retain(spec: str = "builtin", cache_dir: str | os.PathLike | None = None) -> list[str]:
+    """The retain text forgetting is measured on: ``builtin`` (held-out Austen chapters and Brown texts except the
+    "learned" genre, which is the science task) or ``file:PATH`` (``.txt`` documents separated by blank lines, or
+    ``.jsonl`` rows of ``{"text": ...}``; all of it is held out, since the lab never trains on retain text)."""
+    if spec == "builtin":
+        docs = split_documents(load_documents("austen", cache_dir), "eval")
+        docs += split_documents([d for d in load_documents("brown", cache_dir) if d.group != "learned"], "eval")
+        return [d.text for d in docs]
+    path = _file_spec(spec, "retain")
+    docs = read_documents([path])
+    if any(d.prompt for d in docs):
+        raise ValueError(f"{path}: retain text must be plain text rows, not prompt/completion pairs")
     return [d.text for d in docs]
+
+
+def _file_spec(spec: str, what: str) -> str:
+    """``file:PATH`` (or a bare path ending in .txt/.jsonl) -> PATH, which must exist."""
+    path = spec[len("file:") :] if spec.startswith("file:") else spec
+    if not (spec.startswith("file:") or Path(path).suffix in (".txt", ".jsonl", ".json")):
+        raise ValueError(f"unknown {what} {spec!r}: give file:PATH (a .txt or .jsonl file)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} file {path!r} does not exist")
+    return path
 
 
 def load_task(
@@ -102,10 +121,9 @@ def load_task(
         docs = load_documents("pydocs", cache_dir)
         docs += [d for d in load_documents("brown", cache_dir) if d.group == "learned"]
         return _text_task(name, docs)
-    path = Path(name)
-    if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
-        return load_user_task(path)
-    raise ValueError(f"unknown task {name!r}: choose one of {list(TASKS)} or give a .txt / .jsonl file path")
+    if name.startswith("file:") or Path(name).suffix in (".txt", ".jsonl", ".json"):
+        return load_user_task(_file_spec(name, "task"))
+    raise ValueError(f"unknown task {name!r}: choose one of {list(TASKS)} or give file:PATH (a .txt or .jsonl file)")
 
 
 def _text_task(name: str, docs: list[Document]) -> TaskData:

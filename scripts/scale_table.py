@@ -1,0 +1,146 @@
+"""Make the table of docs/scale.md: `finch-train compile --max-batch` for each model, TPU topology and slice count.
+
+    nice -n 19 .venv/bin/python scripts/scale_table.py            # compile what is missing, then write the table
+    .venv/bin/python scripts/scale_table.py --render               # only rewrite the table from runs/scale/*.json
+    .venv/bin/python scripts/scale_table.py --only qwen3-4b        # one model
+
+Every cell comes from a compile command this script runs (printed before it runs, and kept in the JSON next to its
+report in runs/scale/); a run that exists is not repeated, so the script resumes after an interruption. The two-slice
+search starts from the one-slice answer: per chip, two slices hold the same params and activations as one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "scale"
+DOC = ROOT / "docs" / "scale.md"
+START, END = "<!-- scale-table:start -->", "<!-- scale-table:end -->"
+
+PAPER_TOPOLOGIES = ("v5e-16", "v5e-64", "v5p-16", "v5p-64", "v4-32")
+# (model preset, sequence length, topologies, slice counts), in the order they are compiled
+RUNS = (
+    ("qwen3-4b", 2048, PAPER_TOPOLOGIES, (1, 2)),
+    ("llama3-8b", 4096, PAPER_TOPOLOGIES, (1, 2)),
+    ("qwen3-0.6b", 2048, ("v5e-16", "v5p-16"), (1,)),
+    ("smollm2-135m", 2048, ("v5e-16", "v5p-16"), (1,)),
+)
+# The paper's setting: finch_adamw (the default optimizer), fp32 master weights and Adam state, bf16 compute; layers
+# scanned and rematerialised (compile's pod defaults); TPU splash attention.
+SETTINGS = ("model.attention_impl=splash",)
+
+
+def _path(model: str, topology: str, slices: int) -> Path:
+    return OUT / f"{model}_{topology}_x{slices}.json"
+
+
+def command(model: str, seq: int, topology: str, slices: int, start_rows: int | None) -> list[str]:
+    cmd = ["python", "-m", "train", "compile", "--topology", topology, "--num-slices", str(slices), "--model", model]
+    cmd += [f"data.seq_len={seq}", *SETTINGS, "--max-batch"]
+    if start_rows:
+        cmd.append(str(start_rows))
+    return cmd + ["--out", str(_path(model, topology, slices).relative_to(ROOT))]
+
+
+def run_missing(only: set[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for model, seq, topologies, slice_counts in RUNS:
+        if only and model not in only:
+            continue
+        for topology in topologies:
+            for slices in slice_counts:
+                path = _path(model, topology, slices)
+                if path.exists():
+                    continue
+                start = None
+                one = _path(model, topology, 1)
+                if slices > 1 and one.exists():
+                    start = json.loads(one.read_text())["max_batch"]["rows_per_chip"] or None
+                cmd = command(model, seq, topology, slices, start)
+                print("$ " + shlex.join(cmd), flush=True)
+                began = time.time()
+                log = path.with_suffix(".log")
+                with open(log, "w") as f:
+                    code = subprocess.call([sys.executable, *cmd[1:]], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+                if code != 0:
+                    print(f"  failed (exit {code}); see {log}", flush=True)
+                    continue
+                report = json.loads(path.read_text())
+                report["command"] = shlex.join(cmd)
+                report["wall_seconds"] = time.time() - began
+                path.write_text(json.dumps(report, indent=2))
+                print(f"  {_row(report)}  [{report['wall_seconds'] / 60:.0f} min]", flush=True)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def _row(r: dict) -> str:
+    t, b, m, found = r["topology"], r["batch"], r["memory_per_chip"], r["max_batch"]
+    rows = found["rows_per_chip"]
+    name = r["model"]["source"].split(":", 1)[-1]
+    memory = f"{_gib(m['total'])} / {_gib(m['hbm'])}"
+    if rows:
+        e = r["estimate"]
+        batch = f"{found['global_batch']} × {b['seq_len']} ({rows}/chip)"
+        tail = f"{e['step_seconds']:.2f} | {e['tokens_per_second'] / 1e3:,.0f}k | {100 * e['mfu']:.0f}%"
+    else:
+        batch, tail = "— (1 row/chip does not fit)", "— | — | —"
+    fits = "yes" if rows else "**no**"
+    return (
+        f"| {name} | {b['seq_len']} | {t['name']} | {t['slices']} | {t['chips']} | {memory} | {fits} | {batch} | "
+        f"{tail} |"
+    )
+
+
+def render() -> str:
+    lines = [
+        "| model | seq | topology | slices | chips | GiB per chip (at that batch) / HBM | fits | largest global "
+        "batch (rows × seq) | est. step s | est. tokens/s | est. MFU |",
+        "|---|---:|---|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    commands = []
+    for model, _, topologies, slice_counts in RUNS:
+        for topology in topologies:
+            for slices in slice_counts:
+                path = _path(model, topology, slices)
+                if not path.exists():
+                    lines.append(f"| {model} | | {topology} | {slices} | | not compiled yet | | | | | |")
+                    continue
+                report = json.loads(path.read_text())
+                lines.append(_row(report))
+                commands.append(f"{report.get('command', '?')}   # {report.get('wall_seconds', 0) / 60:.0f} min")
+    return "\n".join(lines + ["", "Commands (run by `scripts/scale_table.py`, wall time on the shared 2-core VM):", "",
+                              "```", *commands, "```"])  # fmt: skip
+
+
+def write_doc(table: str) -> None:
+    text = DOC.read_text() if DOC.exists() else f"{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--render", action="store_true", help="only rewrite the table from existing runs")
+    parser.add_argument("--only", action="append", default=[], help="model preset(s) to compile")
+    args = parser.parse_args()
+    if not args.render:
+        run_missing(set(args.only))
+    table = render()
+    write_doc(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""`finch-train compile`: the real FINCH step compiled ahead of time for TPU topologies (libtpu, no TPU needed)."""
+
+import json
+
+import pytest
+
+from models.config import get_preset
+from train import cli
+from train import compile as compile_lib
+from train import mesh as mesh_lib
+from train import topology as topology_lib
+from train.config import MeshConfig, load_config
+
+pytest.importorskip("libtpu", reason="AOT compiles for TPU need libtpu (the test extra installs it)")
+
+TINY = ["model.source=preset:tiny", "data.seq_len=128"]
+
+
+def _cfg(*overrides):
+    return load_config(None, [*compile_lib.POD_DEFAULTS, *TINY, *overrides])
+
+
+def test_accelerator_names_map_to_slices():
+    shapes = {
+        "v5e-256": "v5e:16x16",
+        "v5e-16": "v5e:4x4",
+        "v5p-64": "v5p:2x4x4",  # v5p and v4 names count TensorCores: 64 cores = 32 chips
+        "v5p-16": "v5p:2x2x2",
+        "v4-32": "v4:2x2x4",
+        "v6e-16": "v6e:4x4",
+        "v5e:2x2": "v5e:2x2",
+    }
+    for name, libtpu in shapes.items():
+        assert topology_lib.parse_topology(name).libtpu_name == libtpu
+    assert topology_lib.parse_topology("v5p-64", num_slices=2).num_chips == 64
+    for bad, fragment in [
+        ("v5e-12", "no v5e slice has 12 chips"),
+        ("v9-8", "unknown TPU generation"),
+        ("gpu", "not a TPU"),
+    ]:
+        with pytest.raises(topology_lib.TopologyError, match=fragment):
+            topology_lib.parse_topology(bad)
+
+
+@pytest.mark.slow
+def test_tiny_finch_step_compiles_for_v5e_2x2_with_memory_flops_and_estimate(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = cli.main(["compile", "--topology", "v5e:2x2", "--model", "tiny", "data.seq_len=128", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "FITS" in printed and "ESTIMATE" in printed
+    report = json.loads(out.read_text())
+    assert report["topology"] == {
+        "name": "v5e:2x2",
+        "libtpu": "v5e:2x2",
+        "slices": 1,
+        "chips": 4,
+        "device_kind": "TPU v5 lite",
+    }
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "slices": 1}  # the default mesh is fsdp
+    assert report["optimizer"] == "finch_adamw" and report["batch"]["rows_per_chip_per_micro_batch"] == 1
+    memory = report["memory_per_chip"]
+    for key in ("arguments", "outputs", "aliased", "temporaries", "generated_code", "total", "hbm"):
+        assert isinstance(memory[key], int) and memory[key] >= 0, key
+    assert memory["hbm"] == 16 * 2**30 and memory["fits"] is True
+    # the whole train state is donated: every argument byte but the batch's is aliased to an output
+    assert 0 < memory["aliased"] <= memory["arguments"]
+    assert memory["state"]["params"] > 0 and memory["state"]["optimizer_state"] > 2 * memory["state"]["params"] * 0.9
+    assert report["flops"]["xla_flops_per_chip"] > 0 and "extrapolated" in report["flops"]["method"]
+    estimate = report["estimate"]
+    assert "ESTIMATE" in estimate["note"] and 0 < estimate["mfu"] < 1 and estimate["step_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_flops_extrapolated_from_one_and_two_layers_equal_the_unrolled_count(tmp_path):
+    """XLA counts a loop body once: the scanned step's FLOPs come from 1- and 2-layer compiles, and must agree."""
+    # A 4-layer model known only by its config.json: compile reads the shape, never weights.
+    (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny", num_layers=4).to_hf_config()))
+    topology = topology_lib.parse_topology("v5e:2x2")
+    flops = {}
+    for scan in ("false", "true"):
+        cfg = _cfg(f"model.source=hf:{tmp_path}", "model.remat=false", f"model.scan_layers={scan}", "data.batch_size=4")
+        flops[scan] = compile_lib.compile_step(cfg, topology)["flops"]
+    assert flops["false"]["method"] == "XLA cost analysis of the compiled step"
+    assert "extrapolated to 4 layers" in flops["true"]["method"]
+    assert flops["true"]["xla_flops_per_chip"] == pytest.approx(flops["false"]["xla_flops_per_chip"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_per_chip_params_shrink_with_the_fsdp_width():
+    topology = topology_lib.parse_topology("v5e:2x2")
+    params, arguments = [], []
+    for data, fsdp in [(4, 1), (2, 2), (1, 4)]:
+        report = compile_lib.compile_step(
+            _cfg(f"mesh.data={data}", f"mesh.fsdp={fsdp}", "data.batch_size=4"), topology, costs=False
+        )
+        params.append(report["memory_per_chip"]["state"]["params"])
+        arguments.append(report["memory_per_chip"]["arguments"])
+    assert params[0] > params[1] > params[2]
+    assert arguments[0] > arguments[1] > arguments[2]
+    assert params[0] / params[2] > 3  # everything but tiny vectors splits 4 ways
+
+
+def test_two_slices_compile_with_data_parallelism_across_slices():
+    topology = topology_lib.parse_topology("v5e:2x2", num_slices=2)
+    devices = topology_lib.topology_devices(topology)
+    mesh = mesh_lib.make_mesh(MeshConfig(), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    # each fsdp group (a row of the mesh) lies inside one slice: params never cross the data-center network
+    for row in mesh.devices.reshape(2, 4):
+        assert len({d.slice_index for d in row}) == 1
+    report = compile_lib.compile_step(_cfg("data.batch_size=8"), topology, costs=False)
+    assert report["topology"]["chips"] == 8 and report["mesh"]["slices"] == 2
+    assert report["memory_per_chip"]["fits"] is True and report["memory_per_chip"]["aliased"] > 0
+    one_slice = compile_lib.compile_step(_cfg("data.batch_size=4"), topology_lib.parse_topology("v5e:2x2"), costs=False)
+    assert report["memory_per_chip"]["state"] == one_slice["memory_per_chip"]["state"]  # per slice, as on one
+
+
+def test_splash_attention_kernel_compiles_for_tpu_inside_the_train_step():
+    report = compile_lib.compile_step(
+        _cfg("model.attention_impl=splash", "data.batch_size=4"), topology_lib.parse_topology("v5e:2x2"), costs=False
+    )
+    assert report["model"]["attention_impl"] == "splash" and report["memory_per_chip"]["fits"]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--topology", "v5e-12"], "no v5e slice has 12 chips"),
+        (["--topology", "v5e:2x2", "mesh.fsdp=3"], "needs 3 devices, but 4"),
+        (["--topology", "v5e:2x2", "mesh.data=-1", "mesh.fsdp=3"], "do not divide"),
+        (["--topology", "v5e:2x2", "mesh.data=2", "mesh.fsdp=4"], "needs 8 devices"),
+        (["--topology", "v5e:2x2", "data.batch_size=6"], "data.batch_size=6 does not divide"),
+        (["--topology", "v5e:2x2", "--num-slices", "0"], "positive"),
+    ],
+)
+def test_bad_topologies_meshes_and_batches_are_one_line_errors_before_compiling(args, fragment, capsys):
+    assert cli.main(["compile", "--model", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("start", [None, 13, 40])
+def test_largest_fitting_rows_takes_few_probes_and_confirms_its_answer(start):
+    limit = 16 * 2**30
+    probes = []
+
+    def measure(rows):  # about linear, like XLA's temporaries, with a bend so the first prediction overshoots
+        probes.append(rows)
+        return int(limit * (0.1 + 0.066 * rows + 0.0004 * rows**2))
+
+    best = compile_lib.largest_fitting(measure, limit, start=start)
+    assert measure(best) <= limit < measure(best + 1)
+    assert best in probes and best + 1 in probes and len(set(probes)) <= 7
+    assert compile_lib.largest_fitting(lambda rows: limit + rows, limit) == 0

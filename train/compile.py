@@ -1,0 +1,542 @@
+"""``finch-train compile``: compile the real FINCH train step for a TPU pod on this CPU and say whether it fits.
+
+    finch-train compile --topology v5p-64 --model qwen3-4b
+    finch-train compile --topology v5e-64 --num-slices 2 --config run.yaml data.batch_size=256
+    finch-train compile --topology v5e-16 --model qwen3-4b --max-batch
+
+The step is :func:`train.step.make_train_step`, built exactly as ``finetune`` builds it (the optimizer from
+:func:`train.optimizers.make_optimizer`, the mesh and its rules, gradient accumulation, remat, the attention
+implementation), lowered with abstract params and batches (no weights in memory) for the devices libtpu describes
+(:mod:`train.topology`), and compiled by XLA's TPU compiler. The report gives, per chip: XLA's memory analysis
+(arguments, outputs, aliased = donated state, temporaries) against the chip's HBM, fits or not and what to change;
+XLA's FLOPs and HBM bytes per step; and a roofline ESTIMATE of step time, tokens/s and MFU from the chip's published
+bf16 peak and HBM bandwidth. The estimate ignores communication and kernel efficiency: it is an upper bound on what
+the pod can do, not a measurement.
+
+XLA's cost analysis counts a loop body once, so for a program with loops (``scan_layers``, ``grad_accum > 1``) the
+FLOPs and bytes come from two small compiles of the same step with 1 and 2 unrolled layers, extrapolated to the
+model's depth (one micro-batch, times ``grad_accum``). Splash attention is a Pallas kernel XLA cannot see into; its
+FLOPs are added from the model's own count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import models
+from models import loss as loss_lib
+from models.config import ModelConfig
+from models.load import parse_source, resolve_dtype
+from models.weights import abstract_model
+from train import config as config_lib
+from train import mesh as mesh_lib
+from train import step as step_lib
+from train import topology as topology_lib
+from train.bench import flops as flops_lib  # the model-FLOPs count MFU is defined by (pure functions, no bench deps)
+from train.config import ConfigError, TrainConfig
+from train.optimizers import make_optimizer
+
+__all__ = ["compile_step", "find_max_batch", "format_report", "largest_fitting", "main", "model_config"]
+
+# Defaults for a pod run when no --config is given: one 2048-token row per data-parallel chip, layers under scan
+# (compiles in minutes instead of tens of minutes) and rematerialised (activations of one layer at a time).
+POD_DEFAULTS = ("data.seq_len=2048", "model.scan_layers=true", "model.remat=true")
+# A chip this full may still fail at run time (fragmentation, runtime buffers): flagged as tight.
+TIGHT_FRACTION = 0.95
+MAX_ROWS_PER_CHIP = 1024
+
+
+def model_config(settings: config_lib.ModelSettings, **overrides: Any) -> ModelConfig:
+    """The :class:`models.ModelConfig` ``settings.source`` names, read without loading any weight."""
+    source = parse_source(settings.source)
+    fields = dict(
+        dtype=resolve_dtype(settings.dtype, "model.dtype"),
+        param_dtype=resolve_dtype(settings.param_dtype, "model.param_dtype"),
+        remat=settings.remat,
+        remat_policy=settings.remat_policy,
+        scan_layers=settings.scan_layers,
+        attention_impl=settings.attention_impl,
+    )
+    fields.update(overrides)
+    if source.kind == "preset":
+        return models.get_preset(source.value, **fields)
+    if source.kind == "hf":
+        return ModelConfig.from_hf_config(Path(source.value) / "config.json", **fields)
+    from models.gguf_loader import config_from_gguf_fields, read_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path() if source.value == "smollm2" else Path(source.value)
+    if not path.is_file():
+        raise ConfigError(f"model gguf:{source.value}: GGUF file not found")
+    header, _ = read_gguf(path, tensors=False)
+    return config_from_gguf_fields(header, str(path), **fields)
+
+
+@dataclasses.dataclass
+class _Built:
+    """One lowered-and-compiled step and what it was built from."""
+
+    compiled: Any
+    mesh: jax.sharding.Mesh
+    state: Any  # ShapeDtypeStructs with shardings
+    seconds: float
+
+
+def _check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> int:
+    """Rows per data-parallel chip per micro-batch; a clear error when the batch does not divide."""
+    dp = mesh_lib.data_parallel_size(mesh)
+    d = cfg.data
+    if d.grad_accum < 1 or d.seq_len < 1 or d.batch_size < 1:
+        raise ConfigError(
+            f"data.batch_size={d.batch_size}, data.seq_len={d.seq_len} and data.grad_accum={d.grad_accum} must be >= 1"
+        )
+    if d.batch_size % (d.grad_accum * dp):
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} does not divide into data.grad_accum={d.grad_accum} micro-batches over "
+            f"{dp} data-parallel chips (mesh data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']}); use a multiple "
+            f"of {d.grad_accum * dp}"
+        )
+    return d.batch_size // (d.grad_accum * dp)
+
+
+def _build(cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, *, counting: bool = False) -> _Built:
+    """Lowers and compiles ``make_train_step`` for ``devices`` with abstract state and batch.
+
+    ``counting``: a compile only for XLA's FLOP and byte counts, with the loss's loop over chunks unrolled.
+    """
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    _check_batch(cfg, mesh)
+    rules = mesh_lib.parse_rules(cfg.mesh.rules)
+    tx = make_optimizer(cfg.optimizer, total_steps=cfg.steps)
+    model = abstract_model(model_cfg)
+    apply_fn, params, _ = step_lib.split_model(model, unroll_loss=counting)
+    params_shardings = mesh_lib.param_shardings(params, models.logical_axes(model), mesh, rules)
+    init = functools.partial(step_lib.init_train_state, tx=tx, seed=cfg.seed, l2sp=cfg.l2sp_weight > 0)
+    abstract = jax.eval_shape(init, params)
+    shardings = step_lib.train_state_shardings(abstract, params_shardings, mesh)
+    state = step_lib.abstract_like(shardings, abstract)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    shape = (cfg.data.batch_size, cfg.data.seq_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding)
+        for k in step_lib.BATCH_KEYS
+    }
+    step = step_lib.make_train_step(
+        apply_fn,
+        tx,
+        grad_accum=cfg.data.grad_accum,
+        l2sp_weight=cfg.l2sp_weight,
+        mesh=mesh,
+        state_shardings=shardings,
+    )
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    return _Built(compiled, mesh, state, time.perf_counter() - start)
+
+
+def _per_chip_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ``ShapeDtypeStruct``s (the largest shard of each leaf)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _xla_costs(compiled: Any) -> tuple[float, float]:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older jax: one dict per program
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+
+
+def _memory(compiled: Any, hbm: int) -> dict[str, Any]:
+    m = compiled.memory_analysis()
+    fields = {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "generated_code": m.generated_code_size_in_bytes,
+    }
+    # Donated state is both an argument and an output: count it once. (XLA's own heap-simulation peak is kept
+    # alongside; this sum is the conservative figure, as MaxText's train_compile reports it.)
+    total = fields["arguments"] + fields["outputs"] - fields["aliased"] + fields["temporaries"]
+    total += fields["generated_code"]
+    fields["xla_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    fields.update(total=int(total), hbm=hbm, fraction_of_hbm=total / hbm, fits=total <= hbm)
+    return fields
+
+
+def _splash_flops(model_cfg: ModelConfig, tokens: int, seq_len: int) -> float:
+    """Training FLOPs of the attention kernel XLA cannot see: causal half, forward + backward (+ remat's re-run)."""
+    per_token = flops_lib.forward_flops_per_token(flops_lib.shape_of(model_cfg), seq_len, causal_attention=True)
+    forward = (per_token["attention_scores"] + per_token["attention_values"]) * tokens
+    passes = 4 if model_cfg.remat else 3  # no remat policy saves a custom kernel's output: remat re-runs it
+    return forward * passes
+
+
+def _step_costs(cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, built: _Built) -> dict[str, Any]:
+    """XLA FLOPs and HBM bytes per chip per step, with every loop counted as often as it runs.
+
+    XLA counts a loop body once. The step's loops: the layers (``scan_layers``), the micro-batches (``grad_accum``)
+    and the loss's chunks (:func:`models.loss.token_nll`). Counting compiles unroll the loss; layers are
+    extrapolated from 1- and 2-layer compiles; micro-batches multiply one micro-batch's count.
+    """
+    accum = cfg.data.grad_accum
+    chunks, _ = loss_lib.chunk_layout(cfg.data.seq_len)
+    if not model_cfg.scan_layers and accum == 1 and chunks == 1:
+        flops, bytes_ = _xla_costs(built.compiled)
+        method = "XLA cost analysis of the compiled step"
+    else:
+        micro = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // accum, grad_accum=1)
+        )
+        if model_cfg.scan_layers:
+            costs = []
+            for layers in (1, 2):
+                small = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=False)
+                costs.append(_xla_costs(_build(micro, devices, small, counting=True).compiled))
+            (f1, b1), (f2, b2) = costs
+            depth = model_cfg.num_layers - 1
+            flops, bytes_ = f1 + depth * (f2 - f1), b1 + depth * (b2 - b1)
+            method = (
+                "XLA cost analysis of the same step with 1 and 2 unrolled layers, extrapolated to "
+                f"{model_cfg.num_layers} layers"
+            )
+        else:
+            flops, bytes_ = _xla_costs(_build(micro, devices, model_cfg, counting=True).compiled)
+            method = "XLA cost analysis of the same step with its loops unrolled"
+        flops, bytes_ = accum * flops, accum * bytes_
+        method += f", × {accum} micro-batches" if accum > 1 else ""
+    chips = len(devices)
+    if model_cfg.attention_impl == "splash":
+        tokens = cfg.data.batch_size * cfg.data.seq_len
+        flops += _splash_flops(model_cfg, tokens, cfg.data.seq_len) / chips
+        method += "; splash attention FLOPs added from the model's count"
+    return {"xla_flops_per_chip": flops, "xla_hbm_bytes_per_chip": bytes_, "method": method}
+
+
+def _estimate(cfg: TrainConfig, model_cfg: ModelConfig, chip: topology_lib.Chip, chips: int, costs: dict) -> dict:
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    model_flops = flops_lib.training_flops_per_step(
+        flops_lib.shape_of(model_cfg), cfg.data.batch_size, cfg.data.seq_len
+    )
+    compute_s = costs["xla_flops_per_chip"] / chip.peak_bf16_flops
+    memory_s = costs["xla_hbm_bytes_per_chip"] / chip.hbm_bytes_per_second
+    step_s = max(compute_s, memory_s)
+    return {
+        "note": "ESTIMATE: roofline max(FLOPs / bf16 peak, HBM bytes / HBM bandwidth) per chip; ignores ICI/DCN "
+        "communication and kernel efficiency, so real steps are slower and MFU lower",
+        "model_flops_per_step": model_flops,
+        "compute_seconds": compute_s,
+        "hbm_seconds": memory_s,
+        "bound": "compute" if compute_s >= memory_s else "HBM bandwidth",
+        "step_seconds": step_s,
+        "tokens_per_second": tokens / step_s,
+        "mfu": model_flops / chips / step_s / chip.peak_bf16_flops,
+    }
+
+
+def _advice(
+    cfg: TrainConfig, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, memory: dict, state_bytes: dict
+) -> list[str]:
+    """What to change when the step does not fit (or only just does)."""
+    if memory["fraction_of_hbm"] <= TIGHT_FRACTION:
+        return []
+    tips = []
+    if state_bytes["params"] + state_bytes["optimizer_state"] > 0.5 * memory["hbm"]:
+        if mesh.shape["data"] > 1 and cfg.mesh.fsdp != -1:
+            tips.append("shard params and optimizer state over every chip of a slice: mesh.data=1 mesh.fsdp=-1")
+        tips.append("params + optimizer state alone fill over half the HBM: use a larger slice (more fsdp chips)")
+    if not model_cfg.remat:
+        tips.append("recompute activations in the backward pass: model.remat=true")
+    elif model_cfg.remat_policy != "full":
+        tips.append("save less in the forward pass: model.remat_policy=full")
+    if model_cfg.attention_impl != "splash" and cfg.data.seq_len >= 1024:
+        tips.append("use the TPU attention kernel (no T×T scores in HBM): model.attention_impl=splash")
+    rows = cfg.data.batch_size // (cfg.data.grad_accum * mesh_lib.data_parallel_size(mesh))
+    if rows > 1:
+        tips.append(
+            f"fewer rows per chip per micro-batch ({rows} now): raise data.grad_accum (same global batch) or lower "
+            "data.batch_size"
+        )
+    elif cfg.data.seq_len > 1024:
+        tips.append("one row per chip is already the minimum: shorten data.seq_len or use a larger slice")
+    return tips
+
+
+def compile_step(cfg: TrainConfig, topology: topology_lib.Topology, *, costs: bool = True) -> dict[str, Any]:
+    """Compiles the train step ``cfg`` describes for ``topology``; returns the report (JSON-ready).
+
+    Args:
+      cfg: the run's config (model, mesh, batch, optimizer), as ``finetune`` would run it.
+      topology: the TPU slice(s) to compile for.
+      costs: also measure FLOPs and HBM bytes (two more, smaller compiles when the step loops) and add the
+        roofline ``estimate``.
+
+    Raises:
+      ConfigError (incl. TopologyError), ShardingError: a bad topology, mesh, batch or model, before compiling.
+    """
+    report, built = _memory_report(cfg, topology)
+    if costs:
+        _add_estimate(report, cfg, topology, built)
+    return report
+
+
+def _add_estimate(report: dict[str, Any], cfg: TrainConfig, topology: topology_lib.Topology, built: _Built) -> None:
+    devices = topology_lib.topology_devices(topology)
+    model_cfg = model_config(cfg.model)
+    step_costs = _step_costs(cfg, devices, model_cfg, built)
+    report["flops"] = step_costs
+    report["estimate"] = _estimate(cfg, model_cfg, topology.chip, topology.num_chips, step_costs)
+
+
+def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[dict[str, Any], _Built]:
+    devices = topology_lib.topology_devices(topology)
+    model_cfg = model_config(cfg.model)
+    built = _build(cfg, devices, model_cfg)
+    chip = topology.chip
+    mesh = built.mesh
+    memory = _memory(built.compiled, chip.hbm_bytes)
+    state_bytes = {
+        "params": _per_chip_bytes(built.state.params),
+        "optimizer_state": _per_chip_bytes(built.state.opt_state),
+    }
+    dp = mesh_lib.data_parallel_size(mesh)
+    report: dict[str, Any] = {
+        "topology": {
+            "name": topology.name,
+            "libtpu": topology.libtpu_name,
+            "slices": topology.num_slices,
+            "chips": topology.num_chips,
+            "device_kind": chip.device_kind,
+        },
+        "chip": {k: v for k, v in dataclasses.asdict(chip).items() if k != "slice_sizes"},
+        "model": {
+            "source": cfg.model.source,
+            "params": model_cfg.num_params,
+            "dtype": cfg.model.dtype,
+            "param_dtype": cfg.model.param_dtype,
+            "remat": model_cfg.remat_policy if model_cfg.remat else "none",
+            "scan_layers": model_cfg.scan_layers,
+            "attention_impl": model_cfg.attention_impl,
+        },
+        "optimizer": cfg.optimizer.name,
+        "mesh": {**{a: int(mesh.shape[a]) for a in mesh_lib.MESH_AXES}, "slices": topology.num_slices},
+        "batch": {
+            "global_rows": cfg.data.batch_size,
+            "seq_len": cfg.data.seq_len,
+            "grad_accum": cfg.data.grad_accum,
+            "rows_per_chip_per_micro_batch": cfg.data.batch_size // (cfg.data.grad_accum * dp),
+            "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
+        },
+        "memory_per_chip": memory | {"state": state_bytes},
+        "compile_seconds": built.seconds,
+    }
+    report["advice"] = _advice(cfg, model_cfg, mesh, memory, state_bytes)
+    return report, built
+
+
+def _with_rows(cfg: TrainConfig, rows: int, dp: int) -> TrainConfig:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=rows * dp * cfg.data.grad_accum))
+
+
+def largest_fitting(measure: Any, limit: int, *, start: int | None = None) -> int:
+    """The largest ``rows`` with ``measure(rows) <= limit`` (0 if even 1 row does not fit).
+
+    ``measure`` (bytes per chip at that many rows) is assumed to grow about linearly: after two sizes that fit, the
+    next probe is the linear prediction of the limit; the answer ``r`` is always confirmed by ``measure(r)`` fitting
+    and ``measure(r + 1)`` not (or ``r`` reaching :data:`MAX_ROWS_PER_CHIP`).
+    """
+    seen: dict[int, int] = {}
+
+    def fits(rows: int) -> bool:
+        if rows not in seen:
+            seen[rows] = measure(rows)
+        return seen[rows] <= limit
+
+    lo = start or 1
+    while not fits(lo):
+        if lo == 1:
+            return 0
+        lo = max(1, lo // 2)
+    probe = lo * 2 if start is None else lo + 1
+    while probe <= MAX_ROWS_PER_CHIP and fits(probe):
+        slope = (seen[probe] - seen[lo]) / (probe - lo)
+        lo = probe
+        guess = lo + int((limit - seen[lo]) // slope) if slope > 0 else lo * 2
+        probe = min(max(guess, lo + 1), MAX_ROWS_PER_CHIP + 1)
+    while probe - lo > 1 and probe <= MAX_ROWS_PER_CHIP:  # lo fits, probe does not: close the gap
+        mid = (lo + probe) // 2
+        lo, probe = (mid, probe) if fits(mid) else (lo, mid)
+    return lo
+
+
+def find_max_batch(
+    cfg: TrainConfig, topology: topology_lib.Topology, *, start: int | None = None, log: Any = print
+) -> dict[str, Any]:
+    """The largest global batch (rows per chip per micro-batch × data-parallel chips × grad_accum) that fits.
+
+    Each size tried is a real compile (:func:`largest_fitting` keeps them few: typically 1, 2, the predicted limit
+    and one more row). ``start`` (e.g. the answer for one slice, when asking about two) replaces the first guesses.
+
+    Returns:
+      ``{"rows_per_chip": r, "global_batch": ..., "report": the compile report at r (with FLOPs and estimate),
+      "tried": {rows: total bytes per chip}}``; when one row does not fit, ``rows_per_chip`` is 0 and ``report``
+      is the one-row compile's (memory and advice only).
+    """
+    dp = mesh_lib.data_parallel_size(mesh_lib.make_mesh(cfg.mesh, topology_lib.topology_devices(topology)))
+    hbm = topology.chip.hbm_bytes
+    tried: dict[int, int] = {}
+    compiled: dict[int, tuple[dict[str, Any], _Built]] = {}
+
+    def measure(rows: int) -> int:
+        report, built = _memory_report(_with_rows(cfg, rows, dp), topology)
+        compiled[rows] = (report, built)
+        tried[rows] = report["memory_per_chip"]["total"]
+        log(f"  {rows} rows/chip: {_gib(tried[rows])} of {_gib(hbm)} per chip ({built.seconds:.0f} s)")
+        return tried[rows]
+
+    rows = largest_fitting(measure, hbm, start=start)
+    if rows:
+        report, built = compiled[rows]
+        _add_estimate(report, _with_rows(cfg, rows, dp), topology, built)
+    else:
+        report = compiled[1][0]  # what one row needs, for the advice
+    return {"rows_per_chip": rows, "global_batch": rows * dp * cfg.data.grad_accum, "report": report, "tried": tried}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few human-readable lines."""
+    t, m, b, mem = report["topology"], report["model"], report["batch"], report["memory_per_chip"]
+    mesh = report["mesh"]
+    lines = [
+        f"topology  {t['name']} = {t['libtpu']}"
+        + (f" × {t['slices']} slices" if t["slices"] > 1 else "")
+        + f": {t['chips']} × {t['device_kind']}",
+        f"model     {m['source']} ({m['params'] / 1e6:,.0f}M params, {m['param_dtype']} master weights, {m['dtype']} "
+        f"compute), remat={m['remat']}, scan_layers={m['scan_layers']}, attention={m['attention_impl']}, "
+        f"optimizer={report['optimizer']}",
+        f"mesh      data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}"
+        + (f" (data spans {mesh['slices']} slices)" if mesh["slices"] > 1 else ""),
+        f"batch     {b['global_rows']} rows × {b['seq_len']} tokens = {b['tokens_per_step']} tokens/step, "
+        f"grad_accum={b['grad_accum']}, {b['rows_per_chip_per_micro_batch']} rows/chip/micro-batch",
+        f"memory per chip (XLA): arguments {_gib(mem['arguments'])}, outputs {_gib(mem['outputs'])}, aliased "
+        f"{_gib(mem['aliased'])}, temporaries {_gib(mem['temporaries'])}, code {_gib(mem['generated_code'])}",
+        f"          params {_gib(mem['state']['params'])} + optimizer state {_gib(mem['state']['optimizer_state'])}"
+        f" of the arguments; total {_gib(mem['total'])} of {_gib(mem['hbm'])} HBM ({100 * mem['fraction_of_hbm']:.0f}%)"
+        f" -> {'FITS' if mem['fits'] else 'DOES NOT FIT'}"
+        + (" (tight)" if mem["fits"] and mem["fraction_of_hbm"] > TIGHT_FRACTION else ""),
+    ]
+    lines += [f"  to change: {tip}" for tip in report["advice"]]
+    if "flops" in report:
+        f, e = report["flops"], report["estimate"]
+        lines += [
+            f"XLA FLOPs per chip per step {f['xla_flops_per_chip']:.3e}, HBM bytes {f['xla_hbm_bytes_per_chip']:.3e} "
+            f"({f['method']})",
+            f"ESTIMATE (roofline, not a measurement): step {e['step_seconds']:.3f} s ({e['bound']}-bound), "
+            f"{e['tokens_per_second']:,.0f} tokens/s, MFU {100 * e['mfu']:.0f}%",
+        ]
+    lines.append(f"compiled in {report['compile_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def _default_out(cfg: TrainConfig, topology: topology_lib.Topology) -> str:
+    model = parse_source(cfg.model.source).value.rstrip("/").split("/")[-1]
+    slices = f"_x{topology.num_slices}" if topology.num_slices > 1 else ""
+    return os.path.join("runs", "compile", f"{model}_{topology.name.replace(':', '-')}{slices}.json")
+
+
+def build_parser(prog: str = "finch-train compile") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Compile the FINCH train step ahead of time for a TPU pod topology on this machine (no TPU "
+        "needed): per-chip memory against HBM, fits or not, XLA FLOPs, and a roofline estimate of step time and MFU.",
+        epilog="Without --config the pod defaults apply: " + " ".join(POD_DEFAULTS) + ", and one row per "
+        "data-parallel chip. Any finetune config key can be overridden as key=value (see `finch-train finetune "
+        "--help`).\n\nexample: finch-train compile --topology v5p-64 --model qwen3-4b model.attention_impl=splash",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--topology", required=True, help="v5e-256, v5p-64, v4-32, v6e-16, ... or libtpu's v5e:4x4")
+    parser.add_argument("--num-slices", type=int, default=1, help="slices joined by the data-center network")
+    parser.add_argument("--model", default=None, help="a preset name (qwen3-4b) or model.source (hf:DIR, ...)")
+    parser.add_argument("--config", default=None, help="a finetune YAML config")
+    parser.add_argument(
+        "--max-batch",
+        nargs="?",
+        type=int,
+        const=0,
+        default=None,
+        metavar="ROWS",
+        help="search the largest global batch that fits (optionally starting from ROWS per chip)",
+    )
+    parser.add_argument(
+        "--no-estimate", action="store_true", help="memory only: skip the FLOPs compiles and the roofline estimate"
+    )
+    parser.add_argument("--out", default=None, help="JSON report path (default runs/compile/MODEL_TOPOLOGY.json)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The run's config and whether its batch size was chosen (else: one row per data-parallel chip)."""
+    overrides = list(args.overrides)
+    if args.model:
+        source = args.model if ":" in args.model else f"preset:{args.model}"
+        overrides.insert(0, f"model.source={source}")
+    if args.config is None:
+        overrides = list(POD_DEFAULTS) + overrides
+    cfg = config_lib.load_config(args.config, overrides)
+    chosen = args.config is not None or any(o.split("=", 1)[0].strip() == "data.batch_size" for o in args.overrides)
+    return cfg, chosen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    topology_lib.quiet_libtpu_without_tpus()
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")  # compiling needs no accelerator of this host
+    topology = topology_lib.parse_topology(args.topology, args.num_slices)
+    cfg, batch_chosen = _config(args)
+    if not batch_chosen:
+        dp = mesh_lib.data_parallel_size(mesh_lib.make_mesh(cfg.mesh, topology_lib.topology_devices(topology)))
+        cfg = _with_rows(cfg, 1, dp)
+    print(f"compiling {cfg.model.source} for {topology.describe()} ...", flush=True)
+    if args.max_batch is not None:
+        found = find_max_batch(cfg, topology, start=args.max_batch or None, log=lambda s: print(s, flush=True))
+        report = found["report"]
+        report["max_batch"] = {k: v for k, v in found.items() if k != "report"}
+        if found["rows_per_chip"]:
+            print(f"largest batch that fits: {found['rows_per_chip']} rows/chip = {found['global_batch']} rows")
+        else:
+            print("even one row per chip does not fit")
+    else:
+        report = compile_step(cfg, topology, costs=not args.no_estimate)
+    print(format_report(report))
+    out = args.out or _default_out(cfg, topology)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, default=str)
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Hugging Face export of a fine-tuned model, and loading a model back from a training checkpoint.
+
+A finetune exports ``<run>/hf`` at the end (and ``<run>/hf-step-N`` every ``output.hf_every`` steps);
+``finch-train export RUN_OR_CHECKPOINT [--step N]`` turns any checkpoint into the same kind of directory:
+safetensors weights, ``config.json``, ``tokenizer.json`` + ``tokenizer_config.json`` with the chat template the
+model was fine-tuned with, and ``generation_config.json``. ``transformers.AutoModelForCausalLM`` loads it with the
+same logits as ours (``tests/test_train_export.py``), and so does ``models.load("hf:DIR")``.
+
+An export is written beside its destination and renamed into place, so an interrupted export never leaves a
+half-written directory where a complete one was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+import models
+from train import config as config_lib
+from train import run_folder
+from train import step as step_lib
+from train.checkpoint import Checkpointer, CheckpointError
+from train.config import ConfigError
+from train.optimizers import make_optimizer
+
+__all__ = ["EXPORT_DTYPES", "LoadedCheckpoint", "export_hf", "host_params", "load_checkpoint", "main"]
+
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def host_params(params: Any) -> Any:
+    """The params as host NumPy arrays; in a multi-process run every process must call this (it gathers)."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils  # only multi-process runs need it
+
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
+def export_hf(
+    model: Any,
+    tokenizer: Any,
+    directory: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    chat_template: str | None = None,
+) -> Path:
+    """Writes ``model`` as a Hugging Face directory (see the module docstring), replacing ``directory`` atomically.
+
+    Args:
+      model: a ``models.CausalLM``.
+      tokenizer: its tokenizer (a preset's byte-level tokenizer is written as an equivalent ``tokenizer.json``).
+      directory: the destination.
+      dtype: storage dtype of the weights, one of :data:`EXPORT_DTYPES`.
+      chat_template: written instead of the tokenizer's own (the template the fine-tune rendered chats with).
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"output.hf_dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    models.save_hf(model, tokenizer, staging, dtype=EXPORT_DTYPES[dtype], chat_template=chat_template)
+    if directory.exists():
+        directory.rename(retired)
+    staging.rename(directory)
+    shutil.rmtree(retired, ignore_errors=True)
+    return directory
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A model rebuilt from a training checkpoint.
+
+    Attributes:
+      model: the ``models.CausalLM`` with the checkpoint's params.
+      tokenizer: the tokenizer of the run's base model.
+      config: the run's config.
+      step: the checkpoint's step.
+      directory: the orbax checkpoint directory it came from.
+      chat_template: the chat template the run rendered chats with (``None`` when it had none).
+    """
+
+    model: Any
+    tokenizer: Any
+    config: config_lib.TrainConfig
+    step: int
+    directory: str
+    chat_template: str | None
+
+
+def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = None) -> LoadedCheckpoint:
+    """Loads a run folder's (or checkpoint directory's) checkpoint at ``step`` (default: the newest).
+
+    The base model named in the checkpoint's config is loaded for its structure and tokenizer, then the fine-tuned
+    params are restored into it on one device. ``dtype`` overrides the run's compute dtype (e.g. float32 on CPU).
+
+    Raises:
+      CheckpointError: no such directory, no complete checkpoint in it, or unreadable files.
+    """
+    directory = run_folder.checkpoint_directory(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{path!r} is neither a run folder nor a checkpoint directory")
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {directory!r}")
+        if step not in steps:
+            raise CheckpointError(f"{directory!r} has no checkpoint for step {step}; it has steps {steps}")
+        meta = ckpt.read_meta(step)
+        cfg = config_lib.from_dict(meta["config"])
+        model, tokenizer = models.load(
+            cfg.model.source,
+            dtype=dtype or cfg.model.dtype,
+            param_dtype=cfg.model.param_dtype,
+            seed=cfg.model.init_seed,
+            remat=cfg.model.remat,
+            scan_layers=cfg.model.scan_layers,
+        )
+        _, params, merge = step_lib.split_model(model)
+        tx = make_optimizer(cfg.optimizer, total_steps=cfg.steps)
+        abstract = jax.eval_shape(
+            lambda p: step_lib.init_train_state(p, tx, seed=cfg.seed, l2sp=cfg.l2sp_weight > 0), params
+        )
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        del params, model  # the restored params replace the base weights
+        state, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    template = meta.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    return LoadedCheckpoint(merge(state.params), tokenizer, cfg, step, directory, template)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="finch-train export",
+        description="Write a Hugging Face model directory (safetensors, config, tokenizer, chat template) from a "
+        "fine-tuning checkpoint.",
+    )
+    parser.add_argument("path", help="a run folder (runs/NAME) or an orbax checkpoint directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("--out", default=None, help="destination (default: <run folder>/hf-step-<step>)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="weight storage dtype")
+    args = parser.parse_args(argv)
+    loaded = load_checkpoint(args.path, args.step)
+    run_dir = os.path.dirname(os.path.abspath(loaded.directory))
+    out = args.out or run_folder.hf_directory(run_dir, loaded.step)
+    export_hf(loaded.model, loaded.tokenizer, out, dtype=args.dtype, chat_template=loaded.chat_template)
+    print(
+        f"exported step {loaded.step} of {loaded.directory} to {out} ({args.dtype} safetensors, tokenizer"
+        f"{', chat template' if loaded.chat_template else ''})"
+    )
+    print(f"  chat with it:  finch-train chat {out}")
+    print(f"  transformers:  AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0

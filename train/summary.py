@@ -1,0 +1,176 @@
+"""What a fine-tuning run says about itself: the start summary, the random-init warning and the final summary.
+
+Each is built from what the run already holds (config, params and their shardings, the data splits, the resume
+step) and returned as text, so ``finetune`` decides where it goes (stdout of process 0) and tests read it as is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from train import data as data_lib
+from train.config import TrainConfig
+
+__all__ = ["count_parameters", "end_summary", "random_init_warning", "start_summary"]
+
+
+def count_parameters(params: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def _amount(n: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: float) -> str:
+    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def _mesh_line(cfg: TrainConfig, mesh: jax.sharding.Mesh, params: Any, shardings: Any) -> str:
+    sizes = " ".join(f"{axis}={mesh.shape[axis]}" for axis in mesh.axis_names)
+    devices = mesh.devices.size
+    platform = mesh.devices.flat[0].platform
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    leaves, specs = jax.tree.leaves(params), jax.tree.leaves(shardings)
+    total = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+    per_device = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, specs))
+    axes = sorted({a for s in specs for part in s.spec if part for a in ((part,) if isinstance(part, str) else part)})
+    where = (
+        "replicated on every device"
+        if per_device == total
+        else f"sharded over {'+'.join(axes)}: {_bytes(per_device)} of {_bytes(total)} per device"
+    )
+    return (
+        f"mesh       {sizes} on {devices} {platform} device{'s' * (devices > 1)}: batch rows split over {dp} "
+        f"data-parallel device{'s' * (dp > 1)}; "
+        f"params and optimizer state {where}"
+    )
+
+
+def _optimizer_line(cfg: TrainConfig) -> str:
+    o = cfg.optimizer
+    if o.name.startswith("finch_"):
+        rates = f"lr_max {o.learning_rate:g}, lr_base {o.base_learning_rate:g}, loss EMA decay {o.ema_decay:g}"
+    else:
+        rates = f"lr {o.learning_rate:g}"
+    schedule = o.schedule
+    if schedule == "warmup_cosine":
+        schedule += f" (warmup {o.warmup_steps} steps)"
+    extra = f", clip {o.clip_norm:g}" if o.clip_norm else ""
+    return f"optimizer  {o.name}: {rates}, {schedule}, weight decay {o.weight_decay:g}{extra}"
+
+
+def _split_lines(title: str, split: data_lib.DataSplit, seq_len: int) -> list[str]:
+    lines = []
+    for s in split.sources:
+        extra = f", {s.skipped} rows skipped" if s.skipped else ""
+        if s.untrained_replies:
+            extra += f", {s.untrained_replies} assistant replies kept as context only"
+        lines.append(
+            f"{title:<10} {s.name}: {s.documents:,} documents, {s.tokens:,} tokens ({s.trained_tokens:,} trained){extra}"
+        )
+        title = ""
+    rows = split.rows
+    fill = float((rows.segment_ids > 0).mean())
+    lines.append(f"{'':<10} -> {len(rows):,} rows of {seq_len} tokens ({fill:.0%} filled)")
+    if split.issues.skipped:
+        lines.append(f"{'':<10} {split.issues.describe()}")
+    return lines
+
+
+def random_init_warning(source: str) -> str:
+    return (
+        f"WARNING: model.source={source} is a randomly initialised model, not a pretrained one: fine-tuning it "
+        "teaches it nothing useful. Set model.source=gguf:smollm2, hf:DIR or gguf:PATH."
+    )
+
+
+def start_summary(
+    cfg: TrainConfig,
+    *,
+    model_name: str,
+    params: Any,
+    params_shardings: Any,
+    mesh: jax.sharding.Mesh,
+    train: data_lib.DataSplit,
+    validation: data_lib.DataSplit | None,
+    start_step: int,
+    chat_template: str | None,
+) -> str:
+    """The lines a run prints before its first step."""
+    m, d = cfg.model, cfg.data
+    n = count_parameters(params)
+    lines = [
+        f"model      {model_name}: {_amount(n)} parameters ({n:,}), stored {m.param_dtype}, computed in {m.dtype}",
+        _mesh_line(cfg, mesh, params, params_shardings),
+    ]
+    lines += _split_lines("data", train, d.seq_len)
+    if validation is not None:
+        every = f"every {d.validation_every} steps" if d.validation_every else "before and after training"
+        lines += _split_lines("validation", validation, d.seq_len)
+        lines[-1] += f"; loss measured {every}"
+    if chat_template:
+        lines.append(f"{'':<10} chats rendered with {chat_template}; loss on assistant replies only")
+    per_step = d.batch_size * d.seq_len
+    epochs = cfg.steps * d.batch_size / len(train.rows)
+    lines.append(
+        f"steps      {cfg.steps} x {d.batch_size} rows x {d.seq_len} tokens = {per_step:,} tokens per step "
+        f"({epochs:.1f} epochs of the training rows)" + (f", {d.grad_accum} micro-batches" if d.grad_accum > 1 else "")
+    )
+    lines.append(_optimizer_line(cfg))
+    out = cfg.output
+    lines.append(f"output     {out.dir}/")
+    if cfg.checkpoint.enabled and cfg.checkpoint.directory:
+        every = f"every {cfg.checkpoint.every} steps and " if cfg.checkpoint.every else ""
+        lines.append(f"{'':<10} checkpoints {cfg.checkpoint.directory} ({every}at the end, keep {cfg.checkpoint.keep})")
+    if out.hf_export:
+        every = f", and hf-step-N every {out.hf_every} steps" if out.hf_every else ""
+        lines.append(f"{'':<10} Hugging Face model {os.path.join(out.dir, 'hf')} at the end{every} ({out.hf_dtype})")
+    lines.append(
+        f"resume     from step {start_step} of {cfg.steps}" if start_step else "resume     none: starting at step 0"
+    )
+    return "\n".join(lines)
+
+
+def end_summary(
+    cfg: TrainConfig,
+    *,
+    start_step: int,
+    records: Sequence[dict[str, float]],
+    validation: Sequence[tuple[int, float]],
+    seconds: float,
+    checkpoint_steps: Sequence[int],
+    hf_dir: str | None,
+) -> str:
+    """The lines a run prints after its last step (or when there was nothing to train)."""
+    if not records:
+        lines = [f"nothing to train: the checkpoint is already at step {start_step} >= steps={cfg.steps}"]
+    else:
+        per_step = seconds / len(records)
+        lines = [
+            f"done       steps {start_step} -> {records[-1]['step']} in {seconds:.1f}s ({per_step:.2f}s/step); "
+            f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}"
+        ]
+    if validation:
+        lines[-1] += f"; validation loss {validation[0][1]:.4f} (step {validation[0][0]})"
+        if len(validation) > 1:
+            lines[-1] += f" -> {validation[-1][1]:.4f} (step {validation[-1][0]})"
+    out = cfg.output.dir
+    lines.append(f"metrics    {os.path.join(out, 'metrics.jsonl')}" + (" and tensorboard/" if cfg.tensorboard else ""))
+    if checkpoint_steps:
+        lines.append(f"checkpoint {cfg.checkpoint.directory} (steps {', '.join(map(str, checkpoint_steps))})")
+    if hf_dir:
+        lines.append(f"model      {hf_dir} (Hugging Face: transformers, vLLM and llama.cpp's converter load it)")
+        lines.append(f"next       finch-train chat {hf_dir}")
+    return "\n".join(lines)
