@@ -71,8 +71,11 @@ class ModelConfig:
         outputs, recomputing attention). Used only when ``remat`` is on.
       scan_layers: stack the blocks along a leading "layers" axis and ``lax.scan`` over them (faster compiles).
       attention_impl: a key of :data:`models.attention.ATTENTION_IMPLS` (``dense``, ``dot_product``, ``blockwise``,
-        ``splash``). Default ``blockwise``: on CPU it trains SmolLM2 at 4 x 512 tokens measurably faster than
-        ``dense`` with the same loss and gradients (docs/bench.md).
+        ``splash``). Default ``blockwise``: on CPU it trains SmolLM2 at 4 x 512 tokens 1.47× faster than ``dense``
+        (interleaved A/B, docs/bench.md) with the same loss and gradients.
+      loss_chunk_size: the training loss (:func:`models.loss.token_nll`) runs the LM head and cross-entropy this
+        many positions at a time, so the fp32 ``[B, T, vocab]`` logits never exist at once; a value ≥ the sequence
+        length computes them in one piece (the unchunked loss, e.g. to measure what chunking costs).
     """
 
     vocab_size: int
@@ -98,9 +101,19 @@ class ModelConfig:
     remat_policy: str = "full"
     scan_layers: bool = False
     attention_impl: str = "blockwise"
+    loss_chunk_size: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "mlp_dim",
+            "loss_chunk_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")

@@ -26,7 +26,8 @@ from models.sharding import constrain
 
 __all__ = ["CHUNK_SIZE", "chunk_layout", "token_nll"]
 
-# Positions per chunk: per row, 512 × vocab fp32 logits (311 MB for Qwen3's vocabulary) live at a time.
+# Positions per chunk (ModelConfig.loss_chunk_size's default): per row, 512 × vocab fp32 logits (311 MB for Qwen3's
+# vocabulary) live at a time.
 CHUNK_SIZE = 512
 
 

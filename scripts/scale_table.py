@@ -6,7 +6,8 @@
 
 Every cell comes from a compile command this script runs (printed before it runs, and kept in the JSON next to its
 report in runs/scale/); a run that exists is not repeated, so the script resumes after an interruption. The two-slice
-search starts from the one-slice answer: per chip, two slices hold the same params and activations as one.
+search starts from the one-slice answer: per chip, two slices hold the same params and activations as one; a
+one-slice search starts from the answer on a smaller slice of the same chip, if there is one.
 """
 
 from __future__ import annotations
@@ -49,34 +50,53 @@ def command(model: str, seq: int, topology: str, slices: int, start_rows: int | 
     return cmd + ["--out", str(_path(model, topology, slices).relative_to(ROOT))]
 
 
+def _compile_order() -> list[tuple[str, int, str, int]]:
+    """Every (model, seq, topology, slices) of RUNS: the paper's models on one slice first (the two-slice searches
+    start from their answers), then their two-slice runs, then the small models; in RUNS order within each."""
+    cells = [(m, seq, t, n) for m, seq, topologies, counts in RUNS for t in topologies for n in counts]
+    paper = {RUNS[0][0], RUNS[1][0]}
+    return sorted(cells, key=lambda cell: (cell[0] not in paper, cell[3] > 1))
+
+
+def _start_rows(model: str, topology: str, slices: int) -> int | None:
+    """Where the search for the largest batch starts: for two slices, the one-slice answer (per chip, two slices
+    hold the same params and activations as one); for one slice, the answer on a smaller slice of the same chip
+    (a wider fsdp leaves each chip at least as much room). None: start from 1 row."""
+    if slices > 1:
+        one = _path(model, topology, 1)
+        return json.loads(one.read_text())["max_batch"]["rows_per_chip"] or None if one.exists() else None
+    chip, size = topology.split("-")
+    smaller = [t for t in PAPER_TOPOLOGIES if t.startswith(chip + "-") and int(t.split("-")[1]) < int(size)]
+    answers = [
+        json.loads(_path(model, t, 1).read_text())["max_batch"]["rows_per_chip"]
+        for t in smaller
+        if _path(model, t, 1).exists()
+    ]
+    return max(answers) or None if answers else None
+
+
 def run_missing(only: set[str]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for model, seq, topologies, slice_counts in RUNS:
+    for model, seq, topology, slices in _compile_order():
         if only and model not in only:
             continue
-        for topology in topologies:
-            for slices in slice_counts:
-                path = _path(model, topology, slices)
-                if path.exists():
-                    continue
-                start = None
-                one = _path(model, topology, 1)
-                if slices > 1 and one.exists():
-                    start = json.loads(one.read_text())["max_batch"]["rows_per_chip"] or None
-                cmd = command(model, seq, topology, slices, start)
-                print("$ " + shlex.join(cmd), flush=True)
-                began = time.time()
-                log = path.with_suffix(".log")
-                with open(log, "w") as f:
-                    code = subprocess.call([sys.executable, *cmd[1:]], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-                if code != 0:
-                    print(f"  failed (exit {code}); see {log}", flush=True)
-                    continue
-                report = json.loads(path.read_text())
-                report["command"] = shlex.join(cmd)
-                report["wall_seconds"] = time.time() - began
-                path.write_text(json.dumps(report, indent=2))
-                print(f"  {_row(report)}  [{report['wall_seconds'] / 60:.0f} min]", flush=True)
+        path = _path(model, topology, slices)
+        if path.exists():
+            continue
+        cmd = command(model, seq, topology, slices, _start_rows(model, topology, slices))
+        print("$ " + shlex.join(cmd), flush=True)
+        began = time.time()
+        log = path.with_suffix(".log")
+        with open(log, "w") as f:
+            code = subprocess.call([sys.executable, *cmd[1:]], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        if code != 0:
+            print(f"  failed (exit {code}); see {log}", flush=True)
+            continue
+        report = json.loads(path.read_text())
+        report["command"] = shlex.join(cmd)
+        report["wall_seconds"] = time.time() - began
+        path.write_text(json.dumps(report, indent=2))
+        print(f"  {_row(report)}  [{report['wall_seconds'] / 60:.0f} min]", flush=True)
 
 
 def _gib(n: float) -> str:
@@ -87,7 +107,7 @@ def _row(r: dict) -> str:
     t, b, m, found = r["topology"], r["batch"], r["memory_per_chip"], r["max_batch"]
     rows = found["rows_per_chip"]
     name = r["model"]["source"].split(":", 1)[-1]
-    memory = f"{_gib(m['total'])} / {_gib(m['hbm'])}"
+    memory = f"{_gib(m['total'])} / {_gib(m['hbm'])}" if "total" in m else f"XLA refused / {_gib(m['hbm'])}"
     if rows:
         e = r["estimate"]
         batch = f"{found['global_batch']} × {b['seq_len']} ({rows}/chip)"

@@ -1,6 +1,7 @@
 """`finch-train compile`: the real FINCH step compiled ahead of time for TPU topologies (libtpu, no TPU needed)."""
 
 import json
+import math
 
 import pytest
 
@@ -153,3 +154,15 @@ def test_largest_fitting_rows_takes_few_probes_and_confirms_its_answer(start):
     assert measure(best) <= limit < measure(best + 1)
     assert best in probes and best + 1 in probes and len(set(probes)) <= 7
     assert compile_lib.largest_fitting(lambda rows: limit + rows, limit) == 0
+
+
+def test_largest_fitting_treats_a_compile_xla_refused_as_not_fitting():
+    # XLA's TPU compiler refuses (RESOURCE_EXHAUSTED) a step that cannot fit: find_max_batch measures that as inf.
+    probes = []
+
+    def measure(rows):
+        probes.append(rows)
+        return rows * 10 if rows <= 5 else math.inf
+
+    assert compile_lib.largest_fitting(measure, 1000) == 5
+    assert 6 in probes and len(probes) <= 10

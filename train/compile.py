@@ -142,8 +142,23 @@ def _build(cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, *, 
         state_shardings=shardings,
     )
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # XLA's TPU compiler refuses a program whose buffers cannot fit in HBM: an answer, not a crash.
+        if "RESOURCE_EXHAUSTED" in str(e):
+            raise DoesNotFitError(str(e).splitlines()[0], time.perf_counter() - start) from None
+        raise
     return _Built(compiled, mesh, state, time.perf_counter() - start)
+
+
+class DoesNotFitError(Exception):
+    """XLA refused to compile the step because its buffers exceed the chip's HBM (``RESOURCE_EXHAUSTED``)."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.seconds = seconds
 
 
 def _per_chip_bytes(tree: Any) -> int:
@@ -400,11 +415,18 @@ def find_max_batch(
     """
     dp = mesh_lib.data_parallel_size(mesh_lib.make_mesh(cfg.mesh, topology_lib.topology_devices(topology)))
     hbm = topology.chip.hbm_bytes
-    tried: dict[int, int] = {}
+    tried: dict[int, int | None] = {}
+    refused: dict[int, str] = {}
     compiled: dict[int, tuple[dict[str, Any], _Built]] = {}
 
-    def measure(rows: int) -> int:
-        report, built = _memory_report(_with_rows(cfg, rows, dp), topology)
+    def measure(rows: int) -> float:
+        try:
+            report, built = _memory_report(_with_rows(cfg, rows, dp), topology)
+        except DoesNotFitError as e:
+            tried[rows] = None  # XLA refused: more than the HBM
+            refused[rows] = str(e)
+            log(f"  {rows} rows/chip: does not fit, XLA refused to compile it ({e}) ({e.seconds:.0f} s)")
+            return math.inf
         compiled[rows] = (report, built)
         tried[rows] = report["memory_per_chip"]["total"]
         log(f"  {rows} rows/chip: {_gib(tried[rows])} of {_gib(hbm)} per chip ({built.seconds:.0f} s)")
@@ -414,9 +436,32 @@ def find_max_batch(
     if rows:
         report, built = compiled[rows]
         _add_estimate(report, _with_rows(cfg, rows, dp), topology, built)
-    else:
+    elif 1 in compiled:
         report = compiled[1][0]  # what one row needs, for the advice
-    return {"rows_per_chip": rows, "global_batch": rows * dp * cfg.data.grad_accum, "report": report, "tried": tried}
+    else:
+        report = _refused_report(cfg, topology, refused[1])
+    return {
+        "rows_per_chip": rows,
+        "global_batch": rows * dp * cfg.data.grad_accum,
+        "report": report,
+        "tried": tried,
+        "refused_by_xla": refused,
+    }
+
+
+def _refused_report(cfg: TrainConfig, topology: topology_lib.Topology, message: str) -> dict[str, Any]:
+    """The report of a step XLA would not compile for lack of HBM: what was asked, and XLA's reason."""
+    return {
+        "topology": {"name": topology.name, "slices": topology.num_slices, "chips": topology.num_chips},
+        "model": {"source": cfg.model.source},
+        "batch": {"global_rows": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "grad_accum": cfg.data.grad_accum},
+        "memory_per_chip": {"hbm": topology.chip.hbm_bytes, "fits": False, "xla_refused": message},
+        "advice": [
+            "XLA refused to compile the step: it needs more than the chip's HBM. Shard wider (mesh.fsdp), turn on "
+            "model.remat, put fewer rows on each chip (data.batch_size, or data.grad_accum micro-batches), or use a "
+            "chip with more HBM"
+        ],
+    }
 
 
 def _gib(n: float) -> str:
@@ -528,8 +573,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("even one row per chip does not fit")
     else:
-        report = compile_step(cfg, topology, costs=not args.no_estimate)
-    print(format_report(report))
+        try:
+            report = compile_step(cfg, topology, costs=not args.no_estimate)
+        except DoesNotFitError as e:
+            report = _refused_report(cfg, topology, str(e))
+    if "xla_refused" in report["memory_per_chip"]:
+        print(f"DOES NOT FIT: {report['memory_per_chip']['xla_refused']}\n{report['advice'][0]}")
+    else:
+        print(format_report(report))
     out = args.out or _default_out(cfg, topology)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:

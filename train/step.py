@@ -102,7 +102,9 @@ class ModelApply:
         """float32 ``[B, T]`` next-token losses, the LM head and cross-entropy run a chunk of positions at a time."""
         model = self.merge(params)
         hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-        return loss_lib.token_nll(hidden, batch["targets"], model.logits, unroll=self.unroll_loss)
+        return loss_lib.token_nll(
+            hidden, batch["targets"], model.logits, chunk_size=model.config.loss_chunk_size, unroll=self.unroll_loss
+        )
 
 
 def split_model(model: Any, *, unroll_loss: bool = False) -> tuple[ModelApply, Any, Callable[[Any], Any]]:
