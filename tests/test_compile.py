@@ -166,3 +166,14 @@ def test_largest_fitting_treats_a_compile_xla_refused_as_not_fitting():
 
     assert compile_lib.largest_fitting(measure, 1000) == 5
     assert 6 in probes and len(probes) <= 10
+
+
+def test_roofline_never_claims_more_than_the_peak():
+    # XLA's TPU count can fall below the model's FLOPs; the step time then follows the model's count at peak.
+    common = dict(tokens=2048, chips=4, peak_flops=1e12, hbm_bytes_per_second=1e9, xla_hbm_bytes_per_chip=1e8)
+    low = compile_lib.roofline(model_flops=8e12, xla_flops_per_chip=1e12, **common)
+    assert low["compute_seconds"] == pytest.approx(2.0) and low["mfu"] == pytest.approx(1.0)
+    assert low["compute_flops_source"].startswith("model")
+    high = compile_lib.roofline(model_flops=8e12, xla_flops_per_chip=4e12, **common)
+    assert high["compute_seconds"] == pytest.approx(4.0) and high["mfu"] == pytest.approx(0.5)
+    assert high["bound"] == "compute" and high["tokens_per_second"] == pytest.approx(512)
