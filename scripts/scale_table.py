@@ -1,11 +1,11 @@
 """Make the table of docs/scale.md: `finch-train compile --max-batch` for each model, TPU topology and slice count.
 
     nice -n 19 .venv/bin/python scripts/scale_table.py            # compile what is missing, then write the table
-    .venv/bin/python scripts/scale_table.py --render               # only rewrite the table from runs/scale/*.json
+    .venv/bin/python scripts/scale_table.py --render               # only rewrite the table from docs/scale/*.json
     .venv/bin/python scripts/scale_table.py --only qwen3-4b        # one model
 
 Every cell comes from a compile command this script runs (printed before it runs, and kept in the JSON next to its
-report in runs/scale/); a run that exists is not repeated, so the script resumes after an interruption. The two-slice
+report in docs/scale/); a run that exists is not repeated, so the script resumes after an interruption. The two-slice
 search starts from the one-slice answer: per chip, two slices hold the same params and activations as one; a
 one-slice search starts from the answer on a smaller slice of the same chip, if there is one.
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from train.compile import roofline  # noqa: E402
 
-OUT = ROOT / "runs" / "scale"
+OUT = ROOT / "docs" / "scale"  # the reports the table cites are committed beside docs/scale.md
 DOC = ROOT / "docs" / "scale.md"
 START, END = "<!-- scale-table:start -->", "<!-- scale-table:end -->"
 
