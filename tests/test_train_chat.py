@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import pytest
+import transformers
 from flax import nnx
 
 import models
@@ -54,7 +55,6 @@ CHAT = [
 @pytest.mark.parametrize("source", [CHATML, FEATURES], ids=["chatml", "features"])
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_rendering_matches_transformers(source, generation_prompt):
-    transformers = pytest.importorskip("transformers")
     hf = transformers.PreTrainedTokenizerFast(
         tokenizer_object=models.hf.byte_level_tokenizer().backend, bos_token="<|bos|>", eos_token="<|eos|>"
     )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import transformers
 import yaml
 from safetensors.numpy import load_file
 
@@ -118,8 +120,6 @@ def test_default_run_folder_holds_everything_and_the_summaries_say_so(run):
 
 @pytest.mark.torch
 def test_export_loads_in_transformers_with_our_logits_tokens_and_chat_template(run):
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
     hf_dir = run["dir"] / "hf"
     ours = load_checkpoint(str(run["dir"]), dtype="float32")
     assert ours.step == 4
@@ -217,8 +217,6 @@ def test_check_export_script_reports_a_match(run):
 def test_smollm2_chat_finetune_export_transformers_and_chat(tmp_path, monkeypatch, capsys):
     """The README's path on the real model, one step: fine-tune on the chats, load the export in transformers
     (same rendering, tokens and logits), chat with it."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
     run_dir = tmp_path / "run"
     argv = ["finetune", "--config", str(ROOT / "configs" / "smollm2-chat.yaml"), f"data.train_files=[{CHAT}]"]
     argv += [

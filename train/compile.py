@@ -46,6 +46,7 @@ from train import mesh as mesh_lib
 from train import step as step_lib
 from train import topology as topology_lib
 from train.bench import flops as flops_lib  # the model-FLOPs count MFU is defined by (pure functions, no bench deps)
+from train.compile_report import advice, format_report, gib, largest_fitting, memory_fields, roofline
 from train.config import ConfigError, TrainConfig
 from train.optimizers import make_optimizer
 
@@ -62,9 +63,6 @@ __all__ = [
 # Defaults for a pod run when no --config is given: one 2048-token row per data-parallel chip, layers under scan
 # (compiles in minutes instead of tens of minutes) and rematerialised (activations of one layer at a time).
 POD_DEFAULTS = ("data.seq_len=2048", "model.scan_layers=true", "model.remat=true")
-# A chip this full may still fail at run time (fragmentation, runtime buffers): flagged as tight.
-TIGHT_FRACTION = 0.95
-MAX_ROWS_PER_CHIP = 1024
 
 
 def model_config(settings: config_lib.ModelSettings, **overrides: Any) -> ModelConfig:
@@ -185,24 +183,6 @@ def _xla_costs(compiled: Any) -> tuple[float, float]:
     return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
 
 
-def _memory(compiled: Any, hbm: int) -> dict[str, Any]:
-    m = compiled.memory_analysis()
-    fields = {
-        "arguments": m.argument_size_in_bytes,
-        "outputs": m.output_size_in_bytes,
-        "aliased": m.alias_size_in_bytes,
-        "temporaries": m.temp_size_in_bytes,
-        "generated_code": m.generated_code_size_in_bytes,
-    }
-    # Donated state is both an argument and an output: count it once. (XLA's own heap-simulation peak is kept
-    # alongside; this sum is the conservative figure, as MaxText's train_compile reports it.)
-    total = fields["arguments"] + fields["outputs"] - fields["aliased"] + fields["temporaries"]
-    total += fields["generated_code"]
-    fields["xla_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
-    fields.update(total=int(total), hbm=hbm, fraction_of_hbm=total / hbm, fits=total <= hbm)
-    return fields
-
-
 def _splash_flops(model_cfg: ModelConfig, tokens: int, seq_len: int) -> float:
     """Training FLOPs of the attention kernel XLA cannot see: causal half, forward + backward (+ remat's re-run)."""
     per_token = flops_lib.forward_flops_per_token(flops_lib.shape_of(model_cfg), seq_len, causal_attention=True)
@@ -291,68 +271,6 @@ def _estimate(cfg: TrainConfig, model_cfg: ModelConfig, chip: topology_lib.Chip,
     )
 
 
-def roofline(
-    *,
-    tokens: int,
-    model_flops: float,
-    chips: int,
-    peak_flops: float,
-    hbm_bytes_per_second: float,
-    xla_flops_per_chip: float,
-    xla_hbm_bytes_per_chip: float,
-) -> dict[str, Any]:
-    """The roofline estimate of one step: ``max(FLOPs / peak, HBM bytes / bandwidth)`` per chip.
-
-    The FLOPs are the larger of XLA's count and the model's (6·N·tokens plus attention, per chip): XLA's TPU cost
-    analysis can count fewer than the model needs (we saw 25% fewer for Qwen3-4B), and a step cannot be faster
-    than its model FLOPs at peak, so the MFU this gives is at most 100%.
-    """
-    flops = max(xla_flops_per_chip, model_flops / chips)
-    compute_s = flops / peak_flops
-    memory_s = xla_hbm_bytes_per_chip / hbm_bytes_per_second
-    step_s = max(compute_s, memory_s)
-    return {
-        "note": "ESTIMATE: roofline max(FLOPs / bf16 peak, HBM bytes / HBM bandwidth) per chip; ignores ICI/DCN "
-        "communication and kernel efficiency, so real steps are slower and MFU lower",
-        "model_flops_per_step": model_flops,
-        "compute_seconds": compute_s,
-        "compute_flops_source": "XLA" if xla_flops_per_chip >= model_flops / chips else "model (above XLA's count)",
-        "hbm_seconds": memory_s,
-        "bound": "compute" if compute_s >= memory_s else "HBM bandwidth",
-        "step_seconds": step_s,
-        "tokens_per_second": tokens / step_s,
-        "mfu": model_flops / chips / step_s / peak_flops,
-    }
-
-
-def _advice(
-    cfg: TrainConfig, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, memory: dict, state_bytes: dict
-) -> list[str]:
-    """What to change when the step does not fit (or only just does)."""
-    if memory["fraction_of_hbm"] <= TIGHT_FRACTION:
-        return []
-    tips = []
-    if state_bytes["params"] + state_bytes["optimizer_state"] > 0.5 * memory["hbm"]:
-        if mesh.shape["data"] > 1 and cfg.mesh.fsdp != -1:
-            tips.append("shard params and optimizer state over every chip of a slice: mesh.data=1 mesh.fsdp=-1")
-        tips.append("params + optimizer state alone fill over half the HBM: use a larger slice (more fsdp chips)")
-    if not model_cfg.remat:
-        tips.append("recompute activations in the backward pass: model.remat=true")
-    elif model_cfg.remat_policy != "full":
-        tips.append("save less in the forward pass: model.remat_policy=full")
-    if model_cfg.attention_impl != "splash" and cfg.data.seq_len >= 1024:
-        tips.append("use the TPU attention kernel (no T×T scores in HBM): model.attention_impl=splash")
-    rows = cfg.data.batch_size // (cfg.data.grad_accum * mesh_lib.data_parallel_size(mesh))
-    if rows > 1:
-        tips.append(
-            f"fewer rows per chip per micro-batch ({rows} now): raise data.grad_accum (same global batch) or lower "
-            "data.batch_size"
-        )
-    elif cfg.data.seq_len > 1024:
-        tips.append("one row per chip is already the minimum: shorten data.seq_len or use a larger slice")
-    return tips
-
-
 def compile_step(cfg: TrainConfig, topology: topology_lib.Topology, *, costs: bool = True) -> dict[str, Any]:
     """Compiles the train step ``cfg`` describes for ``topology``; returns the report (JSON-ready).
 
@@ -385,7 +303,7 @@ def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[d
     built = _build(cfg, devices, model_cfg)
     chip = topology.chip
     mesh = built.mesh
-    memory = _memory(built.compiled, chip.hbm_bytes)
+    memory = memory_fields(built.compiled, chip.hbm_bytes)
     state_bytes = {
         "params": _per_chip_bytes(built.state.params),
         "optimizer_state": _per_chip_bytes(built.state.opt_state),
@@ -421,43 +339,12 @@ def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[d
         "memory_per_chip": memory | {"state": state_bytes},
         "compile_seconds": built.seconds,
     }
-    report["advice"] = _advice(cfg, model_cfg, mesh, memory, state_bytes)
+    report["advice"] = advice(cfg, model_cfg, mesh, memory, state_bytes)
     return report, built
 
 
 def _with_rows(cfg: TrainConfig, rows: int, dp: int) -> TrainConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=rows * dp * cfg.data.grad_accum))
-
-
-def largest_fitting(measure: Any, limit: int, *, start: int | None = None) -> int:
-    """The largest ``rows`` with ``measure(rows) <= limit`` (0 if even 1 row does not fit).
-
-    ``measure`` (bytes per chip at that many rows) is assumed to grow about linearly: after two sizes that fit, the
-    next probe is the linear prediction of the limit; the answer ``r`` is always confirmed by ``measure(r)`` fitting
-    and ``measure(r + 1)`` not (or ``r`` reaching :data:`MAX_ROWS_PER_CHIP`).
-    """
-    seen: dict[int, int] = {}
-
-    def fits(rows: int) -> bool:
-        if rows not in seen:
-            seen[rows] = measure(rows)
-        return seen[rows] <= limit
-
-    lo = start or 1
-    while not fits(lo):
-        if lo == 1:
-            return 0
-        lo = max(1, lo // 2)
-    probe = lo * 2 if start is None else lo + 1
-    while probe <= MAX_ROWS_PER_CHIP and fits(probe):
-        slope = (seen[probe] - seen[lo]) / (probe - lo)
-        lo = probe
-        guess = lo + int((limit - seen[lo]) // slope) if slope > 0 else lo * 2
-        probe = min(max(guess, lo + 1), MAX_ROWS_PER_CHIP + 1)
-    while probe - lo > 1 and probe <= MAX_ROWS_PER_CHIP:  # lo fits, probe does not: close the gap
-        mid = (lo + probe) // 2
-        lo, probe = (mid, probe) if fits(mid) else (lo, mid)
-    return lo
 
 
 def find_max_batch(
@@ -489,7 +376,7 @@ def find_max_batch(
             return math.inf
         compiled[rows] = (report, built)
         tried[rows] = report["memory_per_chip"]["total"]
-        log(f"  {rows} rows/chip: {_gib(tried[rows])} of {_gib(hbm)} per chip ({built.seconds:.0f} s)")
+        log(f"  {rows} rows/chip: {gib(tried[rows])} of {gib(hbm)} per chip ({built.seconds:.0f} s)")
         return tried[rows]
 
     rows = largest_fitting(measure, hbm, start=start)
@@ -522,45 +409,6 @@ def _refused_report(cfg: TrainConfig, topology: topology_lib.Topology, message: 
             "chip with more HBM"
         ],
     }
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The report as a few human-readable lines."""
-    t, m, b, mem = report["topology"], report["model"], report["batch"], report["memory_per_chip"]
-    mesh = report["mesh"]
-    lines = [
-        f"topology  {t['name']} = {t['libtpu']}"
-        + (f" × {t['slices']} slices" if t["slices"] > 1 else "")
-        + f": {t['chips']} × {t['device_kind']}",
-        f"model     {m['source']} ({m['params'] / 1e6:,.0f}M params, {m['param_dtype']} master weights, {m['dtype']} "
-        f"compute), remat={m['remat']}, scan_layers={m['scan_layers']}, attention={m['attention_impl']}, "
-        f"optimizer={report['optimizer']}",
-        f"mesh      data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}"
-        + (f" (data spans {mesh['slices']} slices)" if mesh["slices"] > 1 else ""),
-        f"batch     {b['global_rows']} rows × {b['seq_len']} tokens = {b['tokens_per_step']} tokens/step, "
-        f"grad_accum={b['grad_accum']}, {b['rows_per_chip_per_micro_batch']} rows/chip/micro-batch",
-        f"memory per chip (XLA): arguments {_gib(mem['arguments'])}, outputs {_gib(mem['outputs'])}, aliased "
-        f"{_gib(mem['aliased'])}, temporaries {_gib(mem['temporaries'])}, code {_gib(mem['generated_code'])}",
-        f"          params {_gib(mem['state']['params'])} + optimizer state {_gib(mem['state']['optimizer_state'])}"
-        f" of the arguments; total {_gib(mem['total'])} of {_gib(mem['hbm'])} HBM ({100 * mem['fraction_of_hbm']:.0f}%)"
-        f" -> {'FITS' if mem['fits'] else 'DOES NOT FIT'}"
-        + (" (tight)" if mem["fits"] and mem["fraction_of_hbm"] > TIGHT_FRACTION else ""),
-    ]
-    lines += [f"  to change: {tip}" for tip in report["advice"]]
-    if "flops" in report:
-        f, e = report["flops"], report["estimate"]
-        lines += [
-            f"XLA FLOPs per chip per step {f['xla_flops_per_chip']:.3e}, HBM bytes {f['xla_hbm_bytes_per_chip']:.3e} "
-            f"({f['method']})",
-            f"ESTIMATE (roofline, not a measurement): step {e['step_seconds']:.3f} s ({e['bound']}-bound), "
-            f"{e['tokens_per_second']:,.0f} tokens/s, MFU {100 * e['mfu']:.0f}%",
-        ]
-    lines.append(f"compiled in {report['compile_seconds']:.0f} s")
-    return "\n".join(lines)
 
 
 def _default_out(cfg: TrainConfig, topology: topology_lib.Topology) -> str:
