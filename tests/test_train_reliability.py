@@ -416,3 +416,41 @@ def test_stderr_filter_drops_only_the_closed_event_loop_tracebacks(tmp_path):
     )
     assert out.returncode == 2
     assert out.stderr == "before\n" + _REAL_TRACEBACK + "the one error line\n"
+
+
+# What the CI run of 2026-11-29 printed after a failed restore: several threads' tracebacks interleaved in pieces
+# (one piece with another's indent, pieces run together, whitespace-only lines).
+_INTERLEAVED_NOISE = (
+    "Traceback (most recent call last):\n"
+    "Traceback (most recent call last):\n"
+    '  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in call_soon_threadsafe\n'
+    "        raise RuntimeError('Event loop is closed')\n"
+    '    self._check_closed()  File "/usr/lib/python3.11/asyncio/base_events.py", line 519, in _check_closed\n'
+    "RuntimeError: Event loop is closed\n"
+    "    \n"
+    "RuntimeError: Event loop is closedRuntimeError: Event loop is closed\n"
+)
+
+
+def test_stderr_filter_drops_interleaved_tracebacks_and_keeps_a_real_one_split_by_them(tmp_path):
+    header, frame, last = _REAL_TRACEBACK.splitlines(keepends=True)
+    script = tmp_path / "interleaved.py"
+    script.write_text(
+        "import sys\n"
+        "from train.stderr_filter import EventLoopNoiseFilter\n"
+        "with EventLoopNoiseFilter() as f:\n"
+        f"    sys.stderr.write({_INTERLEAVED_NOISE!r})\n"
+        f"    sys.stderr.write({header!r} + {_INTERLEAVED_NOISE!r} + {frame!r} + {_NOISE!r} + {last!r})\n"
+        "    print('\\nafter a blank line', file=sys.stderr)\n"
+        f"    sys.stderr.write({_INTERLEAVED_NOISE!r})\n"
+        "    f.exit('the one error line', 2)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr == _REAL_TRACEBACK + "\nafter a blank line\n" + "the one error line\n"

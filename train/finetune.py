@@ -34,7 +34,7 @@ from train import mesh as mesh_lib
 from train import resume as resume_lib
 from train import step as step_lib
 from train import summary as summary_lib
-from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
+from train.checkpoint import Checkpointer, CheckpointError
 from train.config import ConfigError, TrainConfig
 from train.metrics_log import DelayedMetrics, MetricsLogger
 from train.optimizers import make_optimizer
@@ -487,9 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Preempted as e:
             sys.stderr.write(f"finch-train finetune: {e}\n")
             return PREEMPTED_EXIT_CODE
-        except CheckpointSaveError as e:
+        except CheckpointError as e:
             # Threads of a failed orbax save can be left waiting for a commit that never comes (up to orbax's
-            # 20-minute timeout) and are not daemons, so a normal interpreter exit could wait for them: report and
-            # leave at once (run() has already closed its files and released its locks).
+            # 20-minute timeout) and are not daemons, so a normal interpreter exit could wait for them; a failed
+            # restore leaves tensorstore threads that print after the filter would be gone. Report and leave at
+            # once (run() has already closed its files and released its locks).
             noise_filter.exit(f"finch-train finetune: error: {e}", 2)
     return 0

@@ -3,34 +3,42 @@
 When an orbax save fails (a full disk, a directory made read-only), orbax closes the asyncio loop of the save while
 tensorstore still has writes in flight; as each of them finishes, tensorstore's C++ threads try to hand the result
 to the closed loop and print a 6-line ``RuntimeError: Event loop is closed`` traceback straight to file descriptor 2
-— dozens of them, around the run's own one-line error. They come from C++, so no Python hook sees them;
-:class:`EventLoopNoiseFilter` puts a pipe on fd 2 and forwards everything except exactly those tracebacks.
+— dozens of them, around the run's own one-line error, and a failed restore of a corrupt checkpoint does the same.
+They come from C++ threads, so no Python hook sees them; :class:`EventLoopNoiseFilter` puts a pipe on fd 2 and
+forwards everything except the lines of those tracebacks (also when several threads' tracebacks interleave).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
 
 __all__ = ["EventLoopNoiseFilter"]
 
-_NOISE_EXCEPTION = "RuntimeError: Event loop is closed"
+_HEADER = "Traceback (most recent call last):"
+# The pieces of the closed-loop traceback. Several threads print it at once, and Python writes a traceback in pieces
+# (indent, then text), so on fd 2 the pieces interleave: a line can be one piece with another's indent, two pieces
+# run together, or only whitespace. A line made of nothing but these pieces is noise.
+_NOISE_TEXTS = ("self._check_closed()", "raise RuntimeError('Event loop is closed')", "RuntimeError: Event loop is closed")
+_NOISE_PIECES = (r'File "[^"]*asyncio/base_events\.py", line \d+, in \w+', *map(re.escape, (*_NOISE_TEXTS, _HEADER)))
+_NOISE_LINE = re.compile(r"\s*(?:(?:%s)\s*)+" % "|".join(_NOISE_PIECES))
 
 
-def _is_noise(block: list[str], *, complete: bool = True) -> bool:
-    """A traceback whose every frame is in asyncio's base_events.py and whose exception is the closed loop.
+def _is_noise_line(line: str) -> bool:
+    return _NOISE_LINE.fullmatch(line.rstrip("\n")) is not None
 
-    With ``complete=False`` (the process leaves mid-traceback): a block that could still become one.
-    """
-    frames = [line for line in block[1:] if line.startswith("  File ")]
-    if not all("asyncio/base_events.py" in line for line in frames):
-        return False
-    last = block[-1].rstrip("\n")
-    if complete:
-        return bool(frames) and last == _NOISE_EXCEPTION
-    return last.startswith(" ") or last.startswith("Traceback") or _NOISE_EXCEPTION.startswith(last)
+
+def _could_be_noise(fragment: str) -> bool:
+    """A last line cut off when the process left: whitespace, or the start of a noise piece or of the header."""
+    text = fragment.strip()
+    if not text or _HEADER.startswith(text) or _is_noise_line(text):
+        return True
+    if any(piece.startswith(text) for piece in _NOISE_TEXTS):
+        return True
+    return text.startswith('File "') and ("asyncio/base_events.py" in text or '"' not in text[6:])
 
 
 class EventLoopNoiseFilter:
@@ -104,22 +112,25 @@ class EventLoopNoiseFilter:
             with contextlib.suppress(OSError):
                 os.write(out_fd, "".join(lines).encode(errors="replace"))
 
-        block: list[str] = []  # a traceback being read
+        # A header is held until the next line that is not noise: a real traceback's first frame follows it;
+        # anything else means the header was noise's.
+        held_header: str | None = None
+        in_noise = False  # the last line with text was noise: whitespace-only lines there are its debris
         with os.fdopen(read_fd, "r", errors="replace", newline="") as pipe:
             for line in pipe:
-                if block and not line.endswith("\n"):  # the process left in the middle of this line
-                    block.append(line)
+                if not line.endswith("\n"):  # the process left in the middle of this line
+                    if not _could_be_noise(line):
+                        emit([line])
                     break
-                if block:
-                    block.append(line)
-                    if not line.startswith(" "):  # the exception line ends a traceback
-                        if not _is_noise(block):
-                            emit(block)
-                        block = []
-                elif line.startswith("Traceback (most recent call last):"):
-                    block = [line]
+                text = line.strip()
+                if text == _HEADER:
+                    held_header = line
+                elif _is_noise_line(line) or (not text and in_noise):
+                    in_noise = True
                 else:
+                    if held_header is not None and text.startswith('File "'):
+                        emit([held_header])
+                    held_header = None
+                    in_noise = False
                     emit([line])
-        if block and not _is_noise(block, complete=False):
-            emit(block)
         os.close(out_fd)
