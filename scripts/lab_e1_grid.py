@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="write the report of the finished runs and exit")
     args = parser.parse_args(argv)
     os.nice(max(0, 19 - os.nice(0)))  # the box is shared: run at the lowest priority
+    from train.topology import quiet_libtpu_without_tpus
+
+    quiet_libtpu_without_tpus()
     import jax
 
     # Each arm's train step compiles once for all its seeds (the same program, cached on disk), not once per run.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -34,7 +33,7 @@ from train import mesh as mesh_lib
 from train import resume as resume_lib
 from train import step as step_lib
 from train import summary as summary_lib
-from train.checkpoint import Checkpointer, CheckpointError
+from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, CorruptCheckpointError
 from train.config import ConfigError, TrainConfig
 from train.metrics_log import DelayedMetrics, MetricsLogger
 from train.optimizers import make_optimizer
@@ -392,19 +391,9 @@ def _run(cfg, model, tokenizer, documents, on_step, transform_rows, preemption: 
     final_model = merge(state.params) if jax.process_count() == 1 else None
     if is_main:
         checkpoint_steps = [] if checkpointer is None else checkpointer.all_steps()
-        print(
-            summary_lib.end_summary(
-                cfg,
-                start_step=start_step,
-                records=logger.records,
-                validation=validation,
-                seconds=seconds,
-                checkpoint_steps=checkpoint_steps,
-                hf_dir=hf_dir,
-            ),
-            flush=True,
-        )
-        _write_summary(cfg, start_step, logger.records, validation, seconds, checkpoint_steps, hf_dir)
+        run_end = summary_lib.RunEnd(cfg, start_step, logger.records, validation, seconds, checkpoint_steps, hf_dir)
+        print(run_end.text(), flush=True)
+        run_end.write()
     return FinetuneResult(
         state=state,
         params=state.params,
@@ -422,32 +411,6 @@ def _run(cfg, model, tokenizer, documents, on_step, transform_rows, preemption: 
 def _every(period: int, step: int, total: int) -> bool:
     """Whether a periodic action falls on ``step`` (the last step has its own, unconditional one)."""
     return period > 0 and step % period == 0 and step < total
-
-
-def _write_summary(
-    cfg: TrainConfig,
-    start_step: int,
-    records: Sequence[dict[str, float]],
-    validation: Sequence[tuple[int, float]],
-    seconds: float,
-    checkpoint_steps: Sequence[int],
-    hf_dir: str | None,
-) -> None:
-    """``<run>/summary.json``: the final summary for scripts."""
-    summary = {
-        "model": cfg.model.source,
-        "steps": [start_step, records[-1]["step"] if records else start_step],
-        "seconds": seconds,
-        "loss": [records[0]["loss"], records[-1]["loss"]] if records else None,
-        "validation": [{"step": s, "loss": v} for s, v in validation],
-        "metrics": os.path.join(cfg.output.dir, "metrics.jsonl"),
-        "checkpoints": {"directory": cfg.checkpoint.directory, "steps": list(checkpoint_steps)}
-        if checkpoint_steps
-        else None,
-        "hf": hf_dir,
-    }
-    with open(os.path.join(cfg.output.dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
 
 
 def build_parser(prog: str = "finch-train finetune") -> argparse.ArgumentParser:
@@ -487,10 +450,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Preempted as e:
             sys.stderr.write(f"finch-train finetune: {e}\n")
             return PREEMPTED_EXIT_CODE
-        except CheckpointError as e:
+        except CheckpointSaveError as e:
             # Threads of a failed orbax save can be left waiting for a commit that never comes (up to orbax's
-            # 20-minute timeout) and are not daemons, so a normal interpreter exit could wait for them; a failed
-            # restore leaves tensorstore threads that print after the filter would be gone. Report and leave at
-            # once (run() has already closed its files and released its locks).
+            # 20-minute timeout) and are not daemons, so a normal interpreter exit could wait for them: report and
+            # leave at once (run() has already closed its files and released its locks).
             noise_filter.exit(f"finch-train finetune: error: {e}", 2)
+        except CorruptCheckpointError:
+            # The reads still in flight when a restore fails report to orbax's closed loop a moment later: let them
+            # reach the filter before stderr is given back (the CLI then prints the one error line).
+            noise_filter.settle()
+            raise
     return 0

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 __all__ = ["EventLoopNoiseFilter"]
 
@@ -22,9 +23,13 @@ _HEADER = "Traceback (most recent call last):"
 # The pieces of the closed-loop traceback. Several threads print it at once, and Python writes a traceback in pieces
 # (indent, then text), so on fd 2 the pieces interleave: a line can be one piece with another's indent, two pieces
 # run together, or only whitespace. A line made of nothing but these pieces is noise.
-_NOISE_TEXTS = ("self._check_closed()", "raise RuntimeError('Event loop is closed')", "RuntimeError: Event loop is closed")
+_NOISE_TEXTS = (
+    "self._check_closed()",
+    "raise RuntimeError('Event loop is closed')",
+    "RuntimeError: Event loop is closed",
+)
 _NOISE_PIECES = (r'File "[^"]*asyncio/base_events\.py", line \d+, in \w+', *map(re.escape, (*_NOISE_TEXTS, _HEADER)))
-_NOISE_LINE = re.compile(r"\s*(?:(?:%s)\s*)+" % "|".join(_NOISE_PIECES))
+_NOISE_LINE = re.compile(r"\s*(?:(?:" + "|".join(_NOISE_PIECES) + r")\s*)+")
 
 
 def _is_noise_line(line: str) -> bool:
@@ -53,6 +58,7 @@ class EventLoopNoiseFilter:
         self._drain_seconds = drain_seconds
         self._saved_fd: int | None = None
         self._reader: threading.Thread | None = None
+        self._last_input = time.monotonic()  # when the pipe last received a line
 
     def __enter__(self) -> EventLoopNoiseFilter:
         try:
@@ -88,6 +94,15 @@ class EventLoopNoiseFilter:
         os.close(self._saved_fd)
         self._saved_fd, self._reader = None, None
 
+    def settle(self, quiet_seconds: float = 0.5, max_seconds: float = 5.0) -> None:
+        """Waits until nothing has been written to fd 2 for ``quiet_seconds`` (at most ``max_seconds``), so that
+        threads still finishing work print into the filter rather than after it."""
+        if self._reader is None:
+            return
+        start = time.monotonic()
+        while (now := time.monotonic()) < start + max_seconds and now - max(start, self._last_input) < quiet_seconds:
+            time.sleep(0.05)
+
     def exit(self, message: str, code: int) -> None:
         """Forwards what is pending, silences fd 2, writes ``message`` to the real stderr in one piece, and leaves
         the process with ``code`` without waiting for other threads."""
@@ -104,8 +119,7 @@ class EventLoopNoiseFilter:
             os.write(real, text)
         os._exit(code)
 
-    @staticmethod
-    def _forward(read_fd: int, out_fd: int) -> None:
+    def _forward(self, read_fd: int, out_fd: int) -> None:
         out_fd = os.dup(out_fd)  # ours to close: close() may close the saved one while we drain
 
         def emit(lines: list[str]) -> None:
@@ -118,6 +132,7 @@ class EventLoopNoiseFilter:
         in_noise = False  # the last line with text was noise: whitespace-only lines there are its debris
         with os.fdopen(read_fd, "r", errors="replace", newline="") as pipe:
             for line in pipe:
+                self._last_input = time.monotonic()
                 if not line.endswith("\n"):  # the process left in the middle of this line
                     if not _could_be_noise(line):
                         emit([line])

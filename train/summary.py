@@ -6,6 +6,8 @@ step) and returned as text, so ``finetune`` decides where it goes (stdout of pro
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -16,7 +18,7 @@ import jax
 from train import data as data_lib
 from train.config import TrainConfig
 
-__all__ = ["count_parameters", "end_summary", "random_init_warning", "start_summary"]
+__all__ = ["RunEnd", "count_parameters", "random_init_warning", "start_summary"]
 
 
 def count_parameters(params: Any) -> int:
@@ -143,34 +145,63 @@ def start_summary(
     return "\n".join(lines)
 
 
-def end_summary(
-    cfg: TrainConfig,
-    *,
-    start_step: int,
-    records: Sequence[dict[str, float]],
-    validation: Sequence[tuple[int, float]],
-    seconds: float,
-    checkpoint_steps: Sequence[int],
-    hf_dir: str | None,
-) -> str:
-    """The lines a run prints after its last step (or when there was nothing to train)."""
-    if not records:
-        lines = [f"nothing to train: the checkpoint is already at step {start_step} >= steps={cfg.steps}"]
-    else:
-        per_step = seconds / len(records)
-        lines = [
-            f"done       steps {start_step} -> {records[-1]['step']} in {seconds:.1f}s ({per_step:.2f}s/step); "
-            f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}"
-        ]
-    if validation:
-        lines[-1] += f"; validation loss {validation[0][1]:.4f} (step {validation[0][0]})"
-        if len(validation) > 1:
-            lines[-1] += f" -> {validation[-1][1]:.4f} (step {validation[-1][0]})"
-    out = cfg.output.dir
-    lines.append(f"metrics    {os.path.join(out, 'metrics.jsonl')}" + (" and tensorboard/" if cfg.tensorboard else ""))
-    if checkpoint_steps:
-        lines.append(f"checkpoint {cfg.checkpoint.directory} (steps {', '.join(map(str, checkpoint_steps))})")
-    if hf_dir:
-        lines.append(f"model      {hf_dir} (Hugging Face: transformers, vLLM and llama.cpp's converter load it)")
-        lines.append(f"next       finch-train chat {hf_dir}")
-    return "\n".join(lines)
+@dataclasses.dataclass(frozen=True)
+class RunEnd:
+    """How a run ended: printed by :meth:`text` after its last step, written by :meth:`write` as ``summary.json``."""
+
+    cfg: TrainConfig
+    start_step: int
+    records: Sequence[dict[str, float]]
+    validation: Sequence[tuple[int, float]]
+    seconds: float
+    checkpoint_steps: Sequence[int]
+    hf_dir: str | None
+
+    def text(self) -> str:
+        """The lines a run prints after its last step (or when there was nothing to train)."""
+        cfg, records, validation = self.cfg, self.records, self.validation
+        if not records:
+            lines = [f"nothing to train: the checkpoint is already at step {self.start_step} >= steps={cfg.steps}"]
+        else:
+            per_step = self.seconds / len(records)
+            lines = [
+                f"done       steps {self.start_step} -> {records[-1]['step']} in {self.seconds:.1f}s "
+                f"({per_step:.2f}s/step); loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}"
+            ]
+        if validation:
+            lines[-1] += f"; validation loss {validation[0][1]:.4f} (step {validation[0][0]})"
+            if len(validation) > 1:
+                lines[-1] += f" -> {validation[-1][1]:.4f} (step {validation[-1][0]})"
+        lines.append(f"metrics    {self._metrics_path()}" + (" and tensorboard/" if cfg.tensorboard else ""))
+        if self.checkpoint_steps:
+            lines.append(f"checkpoint {cfg.checkpoint.directory} (steps {', '.join(map(str, self.checkpoint_steps))})")
+        if self.hf_dir:
+            lines.append(
+                f"model      {self.hf_dir} (Hugging Face: transformers, vLLM and llama.cpp's converter load it)"
+            )
+            lines.append(f"next       finch-train chat {self.hf_dir}")
+        return "\n".join(lines)
+
+    def record(self) -> dict[str, Any]:
+        """The same facts for scripts (``summary.json``)."""
+        records = self.records
+        return {
+            "model": self.cfg.model.source,
+            "steps": [self.start_step, records[-1]["step"] if records else self.start_step],
+            "seconds": self.seconds,
+            "loss": [records[0]["loss"], records[-1]["loss"]] if records else None,
+            "validation": [{"step": s, "loss": v} for s, v in self.validation],
+            "metrics": self._metrics_path(),
+            "checkpoints": {"directory": self.cfg.checkpoint.directory, "steps": list(self.checkpoint_steps)}
+            if self.checkpoint_steps
+            else None,
+            "hf": self.hf_dir,
+        }
+
+    def write(self) -> None:
+        """``<output.dir>/summary.json``."""
+        with open(os.path.join(self.cfg.output.dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(self.record(), f, indent=2)
+
+    def _metrics_path(self) -> str:
+        return os.path.join(self.cfg.output.dir, "metrics.jsonl")
