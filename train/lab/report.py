@@ -211,8 +211,10 @@ def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> l
         for r in runs:
             if r["run"]["seed"] == first_seed and r[key]:
                 ax.plot(range(1, len(r[key]) + 1), r[key], label=r["run"]["label"], color=colors[r["run"]["label"]])
+        # Log scale: rates of SGD and Adam arms differ by 100x, and losses fall by orders of magnitude.
+        ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel + " (log scale)")
         ax.set_title(f"{ylabel} (seed {first_seed})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
