@@ -10,6 +10,7 @@ the runs of the full grid (only once all of them exist; before that use `--repor
     touch runs/e1/STOP; kill -TERM <pid>   # stop after the current step (a SIGTERM alone resumes after 30 s)
     scripts/lab_e1_grid.py --status        # how far it got, loads no model
     scripts/lab_e1_grid.py --report        # tables and plots from the finished runs only, trains nothing
+    scripts/lab_e1_grid.py --report --seeds 0,1,2   # the same for seeds 0-2 only (the seeds with full fronts)
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="", help="prepared data (default ./data_cache)")
     parser.add_argument("--status", action="store_true", help="print how far the grid got and exit")
     parser.add_argument("--report", action="store_true", help="write the report of the finished runs and exit")
+    parser.add_argument(
+        "--seeds",
+        default="",
+        help="with --report: only these seeds, e.g. 0,1,2 (the full fronts), into OUT/report-seeds-0-1-2",
+    )
     args = parser.parse_args(argv)
     os.nice(max(0, 19 - os.nice(0)))  # the box is shared: run at the lowest priority
     from train.topology import quiet_libtpu_without_tpus
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     choice = out / "choice.json"
     if args.status or args.report:
         rates = json.loads(choice.read_text())["five_seed_rates"] if choice.is_file() else [5e-5, 7e-5]
-        cfg = config(full_methods(rates), cache_dir=args.cache_dir)
+        seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else SEEDS
+        cfg = config(full_methods(rates), seeds, cache_dir=args.cache_dir)
         done, left, per_run = progress(cfg, out)
         print(
             f"[e1] {len(done)} of {len(done) + len(left)} runs finished; {len(left)} left, about "
@@ -123,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"[e1] next: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
         if args.report:
-            report_finished(cfg, out)
-            print(f"[e1] wrote {out}/report (finished runs only)")
+            name = "report" + ("-seeds-" + "-".join(map(str, seeds)) if args.seeds else "")
+            report_finished(cfg, out, name)
+            print(f"[e1] wrote {out}/{name} (finished runs only)")
         return 0
     from train.lab.sources import prepare
 

@@ -276,8 +276,8 @@ def _write_results(
     return results
 
 
-def report_finished(cfg: CompareConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """``results.json``, ``results.md`` and the plots of the runs of ``cfg`` finished so far, in ``out_dir/report``
+def report_finished(cfg: CompareConfig, out_dir: str | os.PathLike, name: str = "report") -> dict[str, Any]:
+    """``results.json``, ``results.md`` and the plots of the runs of ``cfg`` finished so far, in ``out_dir/name``
     (a partial grid: every table says how many seeds each method has). Loads no model, trains nothing."""
     out = Path(out_dir)
     task = tasks_lib.load_task(cfg.task, cfg.cache_dir or None, num_entities=cfg.facts_entities)
@@ -293,7 +293,7 @@ def report_finished(cfg: CompareConfig, out_dir: str | os.PathLike) -> dict[str,
             records.append(record)
     if not records:
         raise ValueError(f"{out}/runs holds no finished run of this config")
-    return _write_results(cfg, out / "report", base_record, records)
+    return _write_results(cfg, out / name, base_record, records)
 
 
 def progress(cfg: CompareConfig, out_dir: str | os.PathLike) -> tuple[list[str], list[str], float]:
