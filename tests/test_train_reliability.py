@@ -394,18 +394,15 @@ _NOISE = (
 _REAL_TRACEBACK = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\nValueError: kept\n'
 
 
-def test_stderr_filter_drops_only_the_closed_event_loop_tracebacks(tmp_path):
-    # A real process writing to its fd 2, as tensorstore's threads do after a failed save; it leaves mid-traceback.
+def _stderr_of_filtered_process(tmp_path, writes: list[str]) -> str:
+    """Runs a real process that writes ``writes`` to its fd 2 inside the filter, then leaves through ``exit``."""
     script = tmp_path / "noisy.py"
     script.write_text(
         "import sys\n"
         "from train.stderr_filter import EventLoopNoiseFilter\n"
         "with EventLoopNoiseFilter() as f:\n"
-        "    print('before', file=sys.stderr)\n"
-        f"    sys.stderr.write({_NOISE!r} * 3)\n"
-        f"    sys.stderr.write({_REAL_TRACEBACK!r})\n"
-        f"    sys.stderr.write({_NOISE[:-20]!r})\n"
-        "    f.exit('the one error line', 2)\n"
+        + "".join(f"    sys.stderr.write({text!r})\n" for text in writes)
+        + "    f.exit('the one error line', 2)\n"
     )
     out = subprocess.run(
         [sys.executable, str(script)],
@@ -415,7 +412,13 @@ def test_stderr_filter_drops_only_the_closed_event_loop_tracebacks(tmp_path):
         timeout=60,
     )
     assert out.returncode == 2
-    assert out.stderr == "before\n" + _REAL_TRACEBACK + "the one error line\n"
+    return out.stderr
+
+
+def test_stderr_filter_drops_only_the_closed_event_loop_tracebacks(tmp_path):
+    # As tensorstore's threads do after a failed save; the process leaves mid-traceback.
+    err = _stderr_of_filtered_process(tmp_path, ["before\n", _NOISE * 3, _REAL_TRACEBACK, _NOISE[:-20]])
+    assert err == "before\n" + _REAL_TRACEBACK + "the one error line\n"
 
 
 # What the CI run of 2026-11-29 printed after a failed restore: several threads' tracebacks interleaved in pieces
@@ -434,23 +437,8 @@ _INTERLEAVED_NOISE = (
 
 def test_stderr_filter_drops_interleaved_tracebacks_and_keeps_a_real_one_split_by_them(tmp_path):
     header, frame, last = _REAL_TRACEBACK.splitlines(keepends=True)
-    script = tmp_path / "interleaved.py"
-    script.write_text(
-        "import sys\n"
-        "from train.stderr_filter import EventLoopNoiseFilter\n"
-        "with EventLoopNoiseFilter() as f:\n"
-        f"    sys.stderr.write({_INTERLEAVED_NOISE!r})\n"
-        f"    sys.stderr.write({header!r} + {_INTERLEAVED_NOISE!r} + {frame!r} + {_NOISE!r} + {last!r})\n"
-        "    print('\\nafter a blank line', file=sys.stderr)\n"
-        f"    sys.stderr.write({_INTERLEAVED_NOISE!r})\n"
-        "    f.exit('the one error line', 2)\n"
+    split_real = header + _INTERLEAVED_NOISE + frame + _NOISE + last
+    err = _stderr_of_filtered_process(
+        tmp_path, [_INTERLEAVED_NOISE, split_real, "\nafter a blank line\n", _INTERLEAVED_NOISE]
     )
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 2
-    assert out.stderr == _REAL_TRACEBACK + "\nafter a blank line\n" + "the one error line\n"
+    assert err == _REAL_TRACEBACK + "\nafter a blank line\n" + "the one error line\n"
