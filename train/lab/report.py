@@ -1,6 +1,7 @@
 """What a comparison prints and writes: the Markdown table, the summary lines, the answers table and the plots.
 
-Plots (``plot_results``): ``forgetting_vs_task.png`` (every checkpoint, the fronts, each method's final points),
+Plots (``plot_results``): ``forgetting_vs_task.png`` (every checkpoint, the fronts, each method's final points;
+beside it a zoom on where the AdamW-direction methods end),
 ``cumulative_lr.png`` (task loss and KL against Σηₜ for every run: if all points fall on one curve, no schedule can
 beat the front), ``probe.png`` (per-step retain-KL change against ηₜ·√Lₜ, for runs with the probe),
 ``lr_traces.png`` and ``loss_curves.png``.
@@ -122,27 +123,44 @@ def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> l
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for points in fronts(results["base"], runs).values():
-        env = envelope(points, half_a)
-        ax.plot([p.task for p in env], [p.kl(half_b) for p in env], "-", color="gray", lw=1, alpha=0.6, zorder=1)
-    for r in runs:
-        lab = r["run"]["label"]
-        cps = r["checkpoints"]
-        if r["run"]["on_front"]:
-            ax.plot([c["metrics"]["task_loss"] for c in cps], [kl_b(c) for c in cps], ".", color=colors[lab], ms=4)
-        else:
-            ax.plot(cps[-1]["metrics"]["task_loss"], kl_b(cps[-1]), "o", color=colors[lab], mec="black", ms=7)
+    # Right panel: the corner where the AdamW-direction methods end, so that an arm far off (the SGD mechanism arm)
+    # does not squeeze them against the front into a few pixels.
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    for ax in axes:
+        for points in fronts(results["base"], runs).values():
+            env = envelope(points, half_a)
+            ax.plot([p.task for p in env], [p.kl(half_b) for p in env], "-", color="gray", lw=1, alpha=0.6, zorder=1)
+        for r in runs:
+            lab = r["run"]["label"]
+            cps = r["checkpoints"]
+            if r["run"]["on_front"]:
+                ax.plot([c["metrics"]["task_loss"] for c in cps], [kl_b(c) for c in cps], ".", color=colors[lab], ms=4)
+            else:
+                ax.plot(cps[-1]["metrics"]["task_loss"], kl_b(cps[-1]), "o", color=colors[lab], mec="black", ms=7)
+        ax.set_xlabel("task loss (held-out; lower is better)")
+        ax.set_ylabel("KL(base‖ft) per retain token, half B")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    finals = [
+        (r["checkpoints"][-1]["metrics"]["task_loss"], kl_b(r["checkpoints"][-1]))
+        for r in runs
+        if not r["run"]["on_front"] and r["run"]["optimizer"]["name"] in ("adamw", "finch_adamw")
+    ]
+    if finals:
+        task_hi = max(t for t, _ in finals) * 1.5 + 0.05
+        near = [kl_b(c) for r in runs for c in r["checkpoints"] if c["metrics"]["task_loss"] <= task_hi]
+        near += [k for _, k in finals]
+        axes[1].set_xlim(task_hi, 0)
+        axes[1].set_ylim(min(near) / 1.2, max(near) * 1.2)
+        axes[1].set_title("zoom: where the AdamW-direction methods end")
+    else:
+        axes[1].invert_xaxis()
+    axes[0].invert_xaxis()
+    axes[0].set_title(f"{cfg.task}: every constant-lr checkpoint (dots), methods' final points (circles)")
     for lab in labels:
-        ax.plot([], [], "o", color=colors[lab], label=lab)
-    ax.plot([], [], "-", color="gray", label="front per seed (chosen on A, KL on B)")
-    ax.set_xlabel("task loss (held-out; lower is better)")
-    ax.set_ylabel("KL(base‖ft) per retain token, half B")
-    ax.set_title(f"{cfg.task}: every constant-lr checkpoint (dots), methods' final points (circles)")
-    ax.set_yscale("log")
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        axes[0].plot([], [], "o", color=colors[lab], label=lab)
+    axes[0].plot([], [], "-", color="gray", label="front per seed (chosen on A, KL on B)")
+    axes[0].legend(fontsize=7)
     save(fig, "forgetting_vs_task.png")
 
     # Σηₜ compares schedules of one update direction: the Adam-direction runs (AdamW and finch_adamw) only.
