@@ -121,6 +121,7 @@ def _refresh_estimate(r: dict) -> None:
         hbm_bytes_per_second=chip["hbm_bytes_per_second"],
         xla_flops_per_chip=flops["xla_flops_per_chip"],
         xla_hbm_bytes_per_chip=flops["xla_hbm_bytes_per_chip"],
+        remat=r["model"]["remat"],
     )
 
 

@@ -177,3 +177,15 @@ def test_roofline_never_claims_more_than_the_peak():
     high = compile_lib.roofline(model_flops=8e12, xla_flops_per_chip=4e12, **common)
     assert high["compute_seconds"] == pytest.approx(4.0) and high["mfu"] == pytest.approx(0.5)
     assert high["bound"] == "compute" and high["tokens_per_second"] == pytest.approx(512)
+
+
+def test_roofline_counts_full_remats_rerun_forward_as_the_floor():
+    # Full remat re-runs each block's forward in the backward pass: 8 of 6 model FLOPs, so MFU is at most 75%.
+    common = dict(tokens=2048, chips=4, peak_flops=1e12, hbm_bytes_per_second=1e9, xla_hbm_bytes_per_chip=1e8)
+    full = compile_lib.roofline(model_flops=6e12, xla_flops_per_chip=1e12, remat="full", **common)
+    assert full["compute_seconds"] == pytest.approx(2.0) and full["mfu"] == pytest.approx(0.75)
+    assert "remat full" in full["compute_flops_source"]
+    dots = compile_lib.roofline(model_flops=6e12, xla_flops_per_chip=1e12, remat="dots", **common)
+    assert dots["compute_seconds"] == pytest.approx(1.5) and dots["mfu"] == pytest.approx(1.0)
+    above = compile_lib.roofline(model_flops=6e12, xla_flops_per_chip=3e12, remat="full", **common)
+    assert above["compute_flops_source"] == "XLA" and above["mfu"] == pytest.approx(0.5)

@@ -256,6 +256,10 @@ def _counted_costs(
     return f1 + (rows - 1) * (f2 - f1), b1 + (rows - 1) * (b2 - b1)
 
 
+def _remat_name(model_cfg: ModelConfig) -> str:
+    return model_cfg.remat_policy if model_cfg.remat else "none"
+
+
 def _estimate(cfg: TrainConfig, model_cfg: ModelConfig, chip: topology_lib.Chip, chips: int, costs: dict) -> dict:
     model_flops = flops_lib.training_flops_per_step(
         flops_lib.shape_of(model_cfg), cfg.data.batch_size, cfg.data.seq_len
@@ -268,6 +272,7 @@ def _estimate(cfg: TrainConfig, model_cfg: ModelConfig, chip: topology_lib.Chip,
         hbm_bytes_per_second=chip.hbm_bytes_per_second,
         xla_flops_per_chip=costs["xla_flops_per_chip"],
         xla_hbm_bytes_per_chip=costs["xla_hbm_bytes_per_chip"],
+        remat=_remat_name(model_cfg),
     )
 
 
@@ -323,7 +328,7 @@ def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[d
             "params": model_cfg.num_params,
             "dtype": cfg.model.dtype,
             "param_dtype": cfg.model.param_dtype,
-            "remat": model_cfg.remat_policy if model_cfg.remat else "none",
+            "remat": _remat_name(model_cfg),
             "scan_layers": model_cfg.scan_layers,
             "attention_impl": model_cfg.attention_impl,
         },

@@ -14,6 +14,7 @@ from train.config import TrainConfig
 
 __all__ = [
     "MAX_ROWS_PER_CHIP",
+    "REMAT_RECOMPUTE",
     "TIGHT_FRACTION",
     "advice",
     "format_report",
@@ -46,6 +47,13 @@ def memory_fields(compiled: Any, hbm: int) -> dict[str, Any]:
     return fields
 
 
+# The share of the model's FLOPs (forward 2 + backward 4 per parameter and token) that the backward pass runs again
+# under each remat policy: "full" saves nothing, so every block's forward (2 of the 6) is re-run; the dots policies
+# keep matmul outputs (dots_no_batch drops only attention's batched dots, which splash recomputes anyway) and re-run
+# mostly elementwise work, counted as 0 so that the floor stays a lower bound.
+REMAT_RECOMPUTE = {"none": 0.0, "full": 1 / 3, "dots": 0.0, "dots_no_batch": 0.0}
+
+
 def roofline(
     *,
     tokens: int,
@@ -55,23 +63,27 @@ def roofline(
     hbm_bytes_per_second: float,
     xla_flops_per_chip: float,
     xla_hbm_bytes_per_chip: float,
+    remat: str = "none",
 ) -> dict[str, Any]:
     """The roofline estimate of one step: ``max(FLOPs / peak, HBM bytes / bandwidth)`` per chip.
 
-    The FLOPs are the larger of XLA's count and the model's (6·N·tokens plus attention, per chip): XLA's TPU cost
-    analysis can count fewer than the model needs (we saw 25% fewer for Qwen3-4B), and a step cannot be faster
-    than its model FLOPs at peak, so the MFU this gives is at most 100%.
+    The FLOPs are the larger of XLA's count and the floor the step cannot go below: the model's FLOPs (6·N·tokens
+    plus attention) plus what ``remat`` re-runs (a third more under ``full``). XLA's TPU cost analysis can count
+    fewer than that (we saw 25% fewer for Qwen3-4B). MFU counts only the model's FLOPs, so under full remat it is
+    at most 75%.
     """
-    flops = max(xla_flops_per_chip, model_flops / chips)
+    floor = model_flops * (1 + REMAT_RECOMPUTE[remat]) / chips
+    flops = max(xla_flops_per_chip, floor)
     compute_s = flops / peak_flops
     memory_s = xla_hbm_bytes_per_chip / hbm_bytes_per_second
     step_s = max(compute_s, memory_s)
+    rerun = f" with remat {remat}'s re-run forward" if REMAT_RECOMPUTE[remat] else ""
     return {
         "note": "ESTIMATE: roofline max(FLOPs / bf16 peak, HBM bytes / HBM bandwidth) per chip; ignores ICI/DCN "
         "communication and kernel efficiency, so real steps are slower and MFU lower",
         "model_flops_per_step": model_flops,
         "compute_seconds": compute_s,
-        "compute_flops_source": "XLA" if xla_flops_per_chip >= model_flops / chips else "model (above XLA's count)",
+        "compute_flops_source": "XLA" if xla_flops_per_chip >= floor else f"model{rerun} (above XLA's count)",
         "hbm_seconds": memory_s,
         "bound": "compute" if compute_s >= memory_s else "HBM bandwidth",
         "step_seconds": step_s,
