@@ -1,6 +1,6 @@
 """Make the table of docs/scale.md: `finch-train compile --max-batch` for each model, TPU topology and slice count.
 
-    nice -n 19 .venv/bin/python scripts/scale_table.py            # compile what is missing, then write the table
+    nice -n 19 .venv/bin/python scripts/scale_table.py --jobs 2   # compile what is missing, then write the table
     .venv/bin/python scripts/scale_table.py --render               # only rewrite the table from docs/scale/*.json
     .venv/bin/python scripts/scale_table.py --only qwen3-4b        # one model
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -62,45 +63,83 @@ def _compile_order() -> list[tuple[str, int, str, int]]:
     return sorted(cells, key=lambda cell: (cell[0] not in paper, cell[3] > 1))
 
 
-def _start_rows(model: str, topology: str, slices: int) -> int | None:
-    """Where the search for the largest batch starts: for two slices, the one-slice answer (per chip, two slices
-    hold the same params and activations as one); for one slice, the answer on a smaller slice of the same chip
-    (a wider fsdp leaves each chip at least as much room). None: start from 1 row."""
+def _prerequisites(model: str, seq: int, topology: str, slices: int) -> list[tuple[str, int, str, int]]:
+    """The cells whose answers this cell's search starts from: for two slices, the one-slice cell (per chip, two
+    slices hold the same params and activations as one); for one slice, the smaller slices of the same chip (a
+    wider fsdp leaves each chip at least as much room)."""
     if slices > 1:
-        one = _path(model, topology, 1)
-        return json.loads(one.read_text())["max_batch"]["rows_per_chip"] or None if one.exists() else None
+        return [(model, seq, topology, 1)]
     chip, size = topology.split("-")
     smaller = [t for t in PAPER_TOPOLOGIES if t.startswith(chip + "-") and int(t.split("-")[1]) < int(size)]
-    answers = [
-        json.loads(_path(model, t, 1).read_text())["max_batch"]["rows_per_chip"]
-        for t in smaller
-        if _path(model, t, 1).exists()
-    ]
+    return [(model, seq, t, 1) for t in smaller]
+
+
+def _start_rows(model: str, seq: int, topology: str, slices: int) -> int | None:
+    """Where the search for the largest batch starts: the largest answer of the cell's prerequisites that ran.
+    None: start from 1 row."""
+    done = [_path(m, t, n) for m, _, t, n in _prerequisites(model, seq, topology, slices)]
+    answers = [json.loads(path.read_text())["max_batch"]["rows_per_chip"] for path in done if path.exists()]
     return max(answers) or None if answers else None
 
 
-def run_missing(only: set[str]) -> None:
+def run_missing(only: set[str], jobs: int) -> None:
+    """Compiles every missing cell, ``jobs`` at a time (an XLA compile keeps about one core busy). A cell waits
+    while a cell its search starts from is still to run, and is left to another run of this script that is
+    compiling it (its ``.running`` marker names a live process)."""
     OUT.mkdir(parents=True, exist_ok=True)
-    for model, seq, topology, slices in _compile_order():
-        if only and model not in only:
-            continue
-        path = _path(model, topology, slices)
-        if path.exists():
-            continue
-        cmd = command(model, seq, topology, slices, _start_rows(model, topology, slices))
-        print("$ " + shlex.join(cmd), flush=True)
-        began = time.time()
-        log = path.with_suffix(".log")
-        with open(log, "w") as f:
-            code = subprocess.call([sys.executable, *cmd[1:]], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        if code != 0:
-            print(f"  failed (exit {code}); see {log}", flush=True)
-            continue
-        report = json.loads(path.read_text())
-        report["command"] = shlex.join(cmd)
-        report["wall_seconds"] = time.time() - began
-        path.write_text(json.dumps(report, indent=2))
-        print(f"  {_row(report)}  [{report['wall_seconds'] / 60:.0f} min]", flush=True)
+    pending = [
+        (model, seq, topology, slices)
+        for model, seq, topology, slices in _compile_order()
+        if (not only or model in only) and not _path(model, topology, slices).exists()
+    ]
+    running: dict[tuple[str, int, str, int], tuple[subprocess.Popen, list[str], float]] = {}
+    while pending or running:
+        for cell in list(pending):
+            if _path(cell[0], cell[2], cell[3]).exists():  # finished by another run
+                pending.remove(cell)
+                continue
+            waiting = [c for c in _prerequisites(*cell) if c in pending or c in running]
+            if len(running) < jobs and not waiting and not _running_elsewhere(cell):
+                pending.remove(cell)
+                running[cell] = _start(*cell)
+        time.sleep(2)
+        for cell, (process, cmd, began) in list(running.items()):
+            if process.poll() is not None:
+                del running[cell]
+                _marker(cell).unlink(missing_ok=True)
+                _finish(_path(cell[0], cell[2], cell[3]), cmd, process.returncode, began)
+
+
+def _marker(cell: tuple[str, int, str, int]) -> Path:
+    return _path(cell[0], cell[2], cell[3]).with_suffix(".running")
+
+
+def _running_elsewhere(cell: tuple[str, int, str, int]) -> bool:
+    try:
+        os.kill(int(_marker(cell).read_text()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    return True
+
+
+def _start(model: str, seq: int, topology: str, slices: int) -> tuple[subprocess.Popen, list[str], float]:
+    cmd = command(model, seq, topology, slices, _start_rows(model, seq, topology, slices))
+    print("$ " + shlex.join(cmd), flush=True)
+    with open(_path(model, topology, slices).with_suffix(".log"), "w") as log:
+        process = subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    _marker((model, seq, topology, slices)).write_text(str(process.pid))
+    return process, cmd, time.time()
+
+
+def _finish(path: Path, cmd: list[str], code: int, began: float) -> None:
+    if code != 0:
+        print(f"  failed (exit {code}): {shlex.join(cmd)}; see {path.with_suffix('.log')}", flush=True)
+        return
+    report = json.loads(path.read_text())
+    report["command"] = shlex.join(cmd)
+    report["wall_seconds"] = time.time() - began
+    path.write_text(json.dumps(report, indent=2))
+    print(f"  {_row(report)}  [{report['wall_seconds'] / 60:.0f} min]", flush=True)
 
 
 def _gib(n: float) -> str:
@@ -110,7 +149,7 @@ def _gib(n: float) -> str:
 def _refresh_estimate(r: dict) -> None:
     """Recomputes the estimate from the report's counts with today's roofline (reports written before a fix to
     it keep their compiles; only the arithmetic is redone)."""
-    if not r["max_batch"]["rows_per_chip"]:
+    if not r["max_batch"]["rows_per_chip"] or "estimate" not in r:
         return
     e, chip, flops = r["estimate"], r["chip"], r["flops"]
     r["estimate"] = roofline(
@@ -131,9 +170,11 @@ def _row(r: dict) -> str:
     name = r["model"]["source"].split(":", 1)[-1]
     memory = f"{_gib(m['total'])} / {_gib(m['hbm'])}" if "total" in m else f"XLA refused / {_gib(m['hbm'])}"
     if rows:
-        e = r["estimate"]
         batch = f"{found['global_batch']} × {b['seq_len']} ({rows}/chip)"
-        tail = f"{e['step_seconds']:.2f} | {e['tokens_per_second'] / 1e3:,.0f}k | {100 * e['mfu']:.0f}%"
+        tail = "no estimate (the counting compiles did not fit) | — | —"
+        if "estimate" in r:
+            e = r["estimate"]
+            tail = f"{e['step_seconds']:.2f} | {e['tokens_per_second'] / 1e3:,.0f}k | {100 * e['mfu']:.0f}%"
     else:
         batch, tail = "— (1 row/chip does not fit)", "— | — | —"
     fits = "yes" if rows else "**no**"
@@ -176,9 +217,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--render", action="store_true", help="only rewrite the table from existing runs")
     parser.add_argument("--only", action="append", default=[], help="model preset(s) to compile")
+    parser.add_argument("--jobs", type=int, default=1, help="compiles at a time (each keeps about one core busy)")
     args = parser.parse_args()
     if not args.render:
-        run_missing(set(args.only))
+        run_missing(set(args.only), max(1, args.jobs))
     table = render()
     write_doc(table)
     print(table)

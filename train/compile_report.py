@@ -186,5 +186,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"ESTIMATE (roofline, not a measurement): step {e['step_seconds']:.3f} s ({e['bound']}-bound), "
             f"{e['tokens_per_second']:,.0f} tokens/s, MFU {100 * e['mfu']:.0f}%",
         ]
+    if "estimate_unavailable" in report:
+        lines.append(f"no estimate: {report['estimate_unavailable']}")
     lines.append(f"compiled in {report['compile_seconds']:.0f} s")
     return "\n".join(lines)
