@@ -88,23 +88,22 @@ def test_flops_extrapolated_from_one_and_two_layers_equal_the_unrolled_count(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows", [1, 3])
-def test_counts_extrapolated_from_shorter_sequences_equal_the_direct_count(rows):
+def test_counts_extrapolated_from_shorter_sequences_are_close_to_the_direct_count():
     """Where the counting compile does not fit, its counts come from the same rows at a quarter and half the
     sequence. Here the direct count fits, to compare them."""
     topology = topology_lib.parse_topology("v5e:2x2")
     devices = topology_lib.topology_devices(topology)
     # splash, as in the pod runs: XLA cannot see into the kernel (its FLOPs are added from the model's count), so
-    # what XLA counts is affine in the sequence; dense attention's T² terms would not extrapolate.
+    # what XLA counts is close to affine in the sequence; dense attention's T² terms would not extrapolate.
     splash = "model.attention_impl=splash"
-    cfg = _cfg("data.seq_len=1024", f"data.batch_size={4 * rows}", "model.scan_layers=false", splash)
+    cfg = _cfg("data.seq_len=1024", "data.batch_size=4", "model.scan_layers=false", splash)  # 1 row per chip
     model_cfg = compile_lib.model_config(cfg.model)
     flops, hbm_bytes = compile_lib._xla_costs(compile_lib._build(cfg, devices, model_cfg, counting=True).compiled)
     notes = set()
     extrapolated = compile_lib._extrapolated_costs(cfg, devices, model_cfg, 2, notes)
     print(f"extrapolated / direct: FLOPs {extrapolated[0] / flops:.3f}, HBM bytes {extrapolated[1] / hbm_bytes:.3f}")
-    # Measured here: FLOPs 0.92-0.93 of the direct count, HBM bytes 1.02-1.18 (XLA's count is not exactly affine
-    # in the sequence); docs/scale.md quotes these bounds for the cells whose counts were extrapolated.
+    # Measured here: FLOPs 0.924 of the direct count, HBM bytes 1.181 (0.928 and 1.016 at 3 rows per chip): XLA's
+    # count is not exactly affine in the sequence; docs/scale.md quotes these for the cells counted this way.
     assert extrapolated == (pytest.approx(flops, rel=0.1), pytest.approx(hbm_bytes, rel=0.2))
     assert notes == {"sequence extrapolated from 256 and 512 positions"}
 
