@@ -52,6 +52,8 @@ def command(model: str, seq: int, topology: str, slices: int, start_rows: int | 
     cmd += [f"data.seq_len={seq}", *SETTINGS, "--max-batch"]
     if start_rows:
         cmd.append(str(start_rows))
+    if slices > 1:  # per chip the step is the one-slice step (see _per_chip_as_one_slice): memory only
+        cmd.append("--no-estimate")
     return cmd + ["--out", str(_path(model, topology, slices).relative_to(ROOT))]
 
 
@@ -202,6 +204,19 @@ def _refresh_estimate(r: dict) -> None:
     )
 
 
+def _per_chip_as_one_slice(report: dict, one_slice: dict) -> None:
+    """A multi-slice cell's estimate, from the one-slice cell at the same rows per chip: each chip runs the same
+    program on the same rows (the slices only add a gradient all-reduce over the data-center network, which the
+    roofline ignores anyway), so step time and MFU are the one slice's and tokens/s scale with the chips."""
+    rows = report["max_batch"]["rows_per_chip"]
+    if not rows or rows != one_slice["max_batch"]["rows_per_chip"] or "estimate" not in one_slice:
+        return
+    _refresh_estimate(one_slice)
+    e = one_slice["estimate"]
+    scale = report["topology"]["chips"] / one_slice["topology"]["chips"]
+    report["estimate"] = {**e, "tokens_per_second": e["tokens_per_second"] * scale, "per_chip_as_one_slice": True}
+
+
 def _row(r: dict) -> str:
     t, b, m, found = r["topology"], r["batch"], r["memory_per_chip"], r["max_batch"]
     rows = found["rows_per_chip"]
@@ -213,6 +228,7 @@ def _row(r: dict) -> str:
         if "estimate" in r:
             e = r["estimate"]
             tail = f"{e['step_seconds']:.2f} | {e['tokens_per_second'] / 1e3:,.0f}k | {100 * e['mfu']:.0f}%"
+            tail += " (as 1 slice)" if e.get("per_chip_as_one_slice") else ""
     else:
         batch, tail = "— (1 row/chip does not fit)", "— | — | —"
     fits = "yes" if rows else "**no**"
@@ -238,6 +254,8 @@ def render() -> str:
                     continue
                 report = json.loads(path.read_text())
                 _refresh_estimate(report)
+                if slices > 1 and "estimate" not in report and _path(model, topology, 1).exists():
+                    _per_chip_as_one_slice(report, json.loads(_path(model, topology, 1).read_text()))
                 lines.append(_row(report))
                 commands.append(f"{report.get('command', '?')}   # {report.get('wall_seconds', 0) / 60:.0f} min")
                 if "recount_command" in report:

@@ -109,6 +109,19 @@ def test_counts_extrapolated_from_shorter_sequences_are_close_to_the_direct_coun
 
 
 @pytest.mark.slow
+def test_max_batch_search_reports_its_answer_and_skips_the_counts_with_no_estimate(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    # the search starts at the cap: the tiny model fits there, so one compile answers
+    args = ["compile", "--topology", "v5e:2x2", "--model", "tiny", "data.seq_len=128", "--max-batch", "1024"]
+    assert cli.main([*args, "--no-estimate", "--out", str(out)]) == 0
+    assert "largest batch that fits: 1024 rows/chip = 4096 rows" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["max_batch"]["rows_per_chip"] == 1024 and report["max_batch"]["global_batch"] == 4096
+    assert list(report["max_batch"]["tried"]) == ["1024"] and report["memory_per_chip"]["fits"] is True
+    assert "flops" not in report and "estimate" not in report
+
+
+@pytest.mark.slow
 def test_per_chip_params_shrink_with_the_fsdp_width():
     topology = topology_lib.parse_topology("v5e:2x2")
     params, arguments = [], []

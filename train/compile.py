@@ -387,12 +387,18 @@ def _with_seq(cfg: TrainConfig, seq_len: int) -> TrainConfig:
 
 
 def find_max_batch(
-    cfg: TrainConfig, topology: topology_lib.Topology, *, start: int | None = None, log: Any = print
+    cfg: TrainConfig,
+    topology: topology_lib.Topology,
+    *,
+    start: int | None = None,
+    costs: bool = True,
+    log: Any = print,
 ) -> dict[str, Any]:
     """The largest global batch (rows per chip per micro-batch × data-parallel chips × grad_accum) that fits.
 
     Each size tried is a real compile (:func:`largest_fitting` keeps them few: typically 1, 2, the predicted limit
     and one more row). ``start`` (e.g. the answer for one slice, when asking about two) replaces the first guesses.
+    ``costs``: add FLOPs and the roofline estimate at the answer (as :func:`compile_step`).
 
     Returns:
       ``{"rows_per_chip": r, "global_batch": ..., "report": the compile report at r (with FLOPs and estimate),
@@ -421,7 +427,8 @@ def find_max_batch(
     rows = largest_fitting(measure, hbm, start=start)
     if rows:
         report, built = compiled[rows]
-        _add_estimate(report, _with_rows(cfg, rows, dp), topology, built)
+        if costs:
+            _add_estimate(report, _with_rows(cfg, rows, dp), topology, built)
     elif 1 in compiled:
         report = compiled[1][0]  # what one row needs, for the advice
     else:
@@ -512,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _with_rows(cfg, 1, dp)
     print(f"compiling {cfg.model.source} for {topology.describe()} ...", flush=True)
     if args.max_batch is not None:
-        found = find_max_batch(cfg, topology, start=args.max_batch or None, log=lambda s: print(s, flush=True))
+        log = functools.partial(print, flush=True)
+        found = find_max_batch(cfg, topology, start=args.max_batch or None, costs=not args.no_estimate, log=log)
         report = found["report"]
         report["max_batch"] = {k: v for k, v in found.items() if k != "report"}
         if found["rows_per_chip"]:
