@@ -186,11 +186,11 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f}"
 
 
-def _refresh_estimate(r: dict) -> None:
+def _refresh_estimate(r: dict) -> bool:
     """Recomputes the estimate from the report's counts with today's roofline (reports written before a fix to
-    it keep their compiles; only the arithmetic is redone)."""
+    it keep their compiles; only the arithmetic is redone). True if it changed."""
     if not r["max_batch"]["rows_per_chip"] or "estimate" not in r:
-        return
+        return False
     e, chip, flops = r["estimate"], r["chip"], r["flops"]
     r["estimate"] = roofline(
         tokens=r["batch"]["tokens_per_step"],
@@ -202,6 +202,7 @@ def _refresh_estimate(r: dict) -> None:
         xla_hbm_bytes_per_chip=flops["xla_hbm_bytes_per_chip"],
         remat=r["model"]["remat"],
     )
+    return r["estimate"] != e
 
 
 def _per_chip_as_one_slice(report: dict, one_slice: dict) -> None:
@@ -224,7 +225,8 @@ def _row(r: dict) -> str:
     memory = f"{_gib(m['total'])} / {_gib(m['hbm'])}" if "total" in m else f"XLA refused / {_gib(m['hbm'])}"
     if rows:
         batch = f"{found['global_batch']} × {b['seq_len']} ({rows}/chip)"
-        tail = "no estimate (the counting compiles did not fit) | — | —"
+        why = "the counting compiles did not fit" if "estimate_unavailable" in r else "not counted"
+        tail = f"no estimate ({why}) | — | —"
         if "estimate" in r:
             e = r["estimate"]
             tail = f"{e['step_seconds']:.2f} | {e['tokens_per_second'] / 1e3:,.0f}k | {100 * e['mfu']:.0f}%"
@@ -253,7 +255,8 @@ def render() -> str:
                     lines.append(f"| {model} | | {topology} | {slices} | | not compiled yet | | | | | |")
                     continue
                 report = json.loads(path.read_text())
-                _refresh_estimate(report)
+                if _refresh_estimate(report):
+                    path.write_text(json.dumps(report, indent=2))
                 if slices > 1 and "estimate" not in report and _path(model, topology, 1).exists():
                     _per_chip_as_one_slice(report, json.loads(_path(model, topology, 1).read_text()))
                 lines.append(_row(report))
