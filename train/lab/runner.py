@@ -344,6 +344,10 @@ def _train_and_evaluate(
     eval_at = set(cfg.eval_steps[:-1])  # the last step is evaluated after training, with the quiz
 
     def on_step(step: int, state: Any) -> None:
+        if probe is None and step not in eval_at:
+            return
+        # The step was only dispatched: wait for it here, or its compute is timed as evaluation.
+        jax.block_until_ready(state.params)
         t0 = time.perf_counter()
         if probe is not None:
             probe.measure(step, state.params)
