@@ -144,44 +144,6 @@ def _finish(path: Path, cmd: list[str], code: int, began: float) -> None:
     print(f"  {_row(report)}  [{report['wall_seconds'] / 60:.0f} min]", flush=True)
 
 
-# How reports counted before the sequence-extrapolating fallback (train.compile._extrapolated_costs): over rows per
-# chip, which on the tiny model gave 0.74 of the HBM bytes. Such reports are recounted by --recount.
-RETIRED_COUNTING = "rows per chip extrapolated from 1 and 2"
-
-
-def recount_stale() -> None:
-    """Recounts the FLOPs and HBM bytes of every report whose counts came from the retired fallback: the same
-    compile at the batch its search found, without the search; its memory must match the search's."""
-    for path in sorted(OUT.glob("*_x[0-9].json")):
-        report = json.loads(path.read_text())
-        if RETIRED_COUNTING not in report.get("flops", {}).get("method", ""):
-            continue
-        model, topology, _ = path.stem.rsplit("_", 2)
-        slices = report["topology"]["slices"]
-        batch = report["max_batch"]["global_batch"]
-        out = path.with_suffix(".recount.json")
-        cmd = ["python", "-m", "train", "compile", "--topology", topology, "--num-slices", str(slices)]
-        cmd += ["--model", model, f"data.seq_len={report['batch']['seq_len']}", *SETTINGS, f"data.batch_size={batch}"]
-        cmd += ["--out", str(out.relative_to(ROOT))]
-        print("$ " + shlex.join(cmd), flush=True)
-        began = time.time()
-        with open(out.with_suffix(".log"), "w") as log:
-            code = subprocess.call([sys.executable, *cmd[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        if code != 0:
-            print(f"  failed (exit {code}); see {out.with_suffix('.log')}", flush=True)
-            continue
-        recount = json.loads(out.read_text())
-        if recount["memory_per_chip"]["total"] != report["memory_per_chip"]["total"]:
-            print(f"  not used: the recount compile needs other memory than the search found ({out})", flush=True)
-            continue
-        for key in ("flops", "estimate"):
-            report[key] = recount[key]
-        report["recount_command"] = shlex.join(cmd) + f"   # {(time.time() - began) / 60:.0f} min"
-        path.write_text(json.dumps(report, indent=2))
-        out.unlink()
-        print(f"  {_row(report)}", flush=True)
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f}"
 
@@ -212,7 +174,6 @@ def _per_chip_as_one_slice(report: dict, one_slice: dict) -> None:
     rows = report["max_batch"]["rows_per_chip"]
     if not rows or rows != one_slice["max_batch"]["rows_per_chip"] or "estimate" not in one_slice:
         return
-    _refresh_estimate(one_slice)
     e = one_slice["estimate"]
     scale = report["topology"]["chips"] / one_slice["topology"]["chips"]
     report["estimate"] = {**e, "tokens_per_second": e["tokens_per_second"] * scale, "per_chip_as_one_slice": True}
@@ -247,6 +208,7 @@ def render() -> str:
         "|---|---:|---|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     commands = []
+    rendered: dict[tuple[str, str, int], dict] = {}  # slice counts run upwards: a cell's one-slice report is here
     for model, _, topologies, slice_counts in RUNS:
         for topology in topologies:
             for slices in slice_counts:
@@ -257,8 +219,9 @@ def render() -> str:
                 report = json.loads(path.read_text())
                 if _refresh_estimate(report):
                     path.write_text(json.dumps(report, indent=2))
-                if slices > 1 and "estimate" not in report and _path(model, topology, 1).exists():
-                    _per_chip_as_one_slice(report, json.loads(_path(model, topology, 1).read_text()))
+                rendered[model, topology, slices] = report
+                if slices > 1 and "estimate" not in report and (model, topology, 1) in rendered:
+                    _per_chip_as_one_slice(report, rendered[model, topology, 1])
                 lines.append(_row(report))
                 commands.append(f"{report.get('command', '?')}   # {report.get('wall_seconds', 0) / 60:.0f} min")
                 if "recount_command" in report:
@@ -279,11 +242,8 @@ def main() -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite the table from existing runs")
     parser.add_argument("--only", action="append", default=[], help="model preset(s) to compile")
     parser.add_argument("--jobs", type=int, default=1, help="compiles at a time (each keeps about one core busy)")
-    parser.add_argument("--recount", action="store_true", help="only recount reports counted the retired way")
     args = parser.parse_args()
-    if args.recount:
-        recount_stale()
-    elif not args.render:
+    if not args.render:
         run_missing(set(args.only), max(1, args.jobs))
     table = render()
     write_doc(table)
