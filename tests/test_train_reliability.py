@@ -133,7 +133,7 @@ def test_unwritable_or_full_checkpoint_directory_exits_within_seconds(data_file,
     mount.mkdir()
     # 2) A read-only filesystem, and 3) a full one, need a real mount (root with CAP_SYS_ADMIN, as in CI here).
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here; the read-only and disk-full cases need one")
+        pytest.skip(reason="cannot mount a tmpfs here; the read-only and disk-full cases need one")
     try:
         (mount / "ro").mkdir()
         (mount / "ro" / "ckpt").mkdir()
@@ -170,7 +170,7 @@ def test_checkpoint_directory_made_unwritable_mid_run_stops_the_run_within_a_ste
                 break
         # Immutable: not even root can add the next step's directory (chattr needs ext2/3/4, xfs, btrfs...).
         if subprocess.run(["chattr", "+i", str(ckpt)], capture_output=True).returncode:
-            pytest.skip("chattr +i does not work on this filesystem")
+            pytest.skip(reason="chattr +i does not work on this filesystem")
         t0 = time.perf_counter()
         out, err = proc.communicate(timeout=300)
         print(
