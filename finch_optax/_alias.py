@@ -9,7 +9,7 @@ import jax
 import optax
 
 from finch_optax._finch import ScalarOrSchedule, scale_by_finch
-from finch_optax._skip import skip_nonfinite
+from finch_optax._skip import skip_nonfinite as _skip_nonfinite
 
 
 def finch_adamw(
@@ -28,6 +28,7 @@ def finch_adamw(
     min_loss: jax.typing.ArrayLike = 0.0,
     finch_eps: jax.typing.ArrayLike = 1e-8,
     check_updates: bool = True,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW whose learning rate is set by FINCH from the running loss.
 
@@ -48,7 +49,9 @@ def finch_adamw(
 
     The chain is wrapped in :func:`finch_optax.skip_nonfinite`: an update whose loss (or, with
     ``check_updates``, a gradient) is NaN or infinite returns zero updates and leaves the whole state untouched,
-    Adam's moments and counts included; :func:`finch_optax.skip_counts` reads how many were skipped.
+    Adam's moments and counts included; :func:`finch_optax.skip_counts` reads how many were skipped. Pass
+    ``skip_nonfinite=False`` to wrap a larger chain (clipping, say) in one ``skip_nonfinite`` of your own: one
+    wrapper, the loss read and checked once.
 
     Args:
         base_learning_rate: :math:`\eta_{\mathrm{base}}`, float or schedule; see
@@ -66,11 +69,13 @@ def finch_adamw(
         min_loss: :math:`L_{\min}`, the loss treated as zero.
         finch_eps: FINCH's :math:`\epsilon` under the square root (``eps`` is Adam's).
         check_updates: skip a step with a non-finite gradient too, not only one with a non-finite loss.
+        skip_nonfinite: wrap the chain in :func:`finch_optax.skip_nonfinite` (off: FINCH alone keeps its own
+            state through a non-finite loss, as :func:`scale_by_finch` does, and Adam's moments are not protected).
 
     Returns:
         A :class:`optax.GradientTransformationExtraArgs` whose state is a
-        :class:`finch_optax.SkipNonfiniteState` around the chain's states; its FINCH state is found by
-        :func:`finch_optax.current_learning_rate`.
+        :class:`finch_optax.SkipNonfiniteState` around the chain's states (the chain's states alone with
+        ``skip_nonfinite=False``); its FINCH state is found by :func:`finch_optax.current_learning_rate`.
 
     Examples:
         >>> import jax
@@ -100,13 +105,9 @@ def finch_adamw(
 
         Loshchilov and Hutter, `Decoupled Weight Decay Regularization <https://arxiv.org/abs/1711.05101>`_, 2019.
     """
-    return skip_nonfinite(
-        optax.chain(
-            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
-            optax.add_decayed_weights(weight_decay, mask),
-            scale_by_finch(
-                base_learning_rate, max_learning_rate, ema_decay=ema_decay, min_loss=min_loss, eps=finch_eps
-            ),
-        ),
-        check_updates=check_updates,
+    chain = optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+        optax.add_decayed_weights(weight_decay, mask),
+        scale_by_finch(base_learning_rate, max_learning_rate, ema_decay=ema_decay, min_loss=min_loss, eps=finch_eps),
     )
+    return _skip_nonfinite(chain, check_updates=check_updates) if skip_nonfinite else chain

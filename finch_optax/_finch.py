@@ -52,8 +52,10 @@ class FinchState(NamedTuple):
         ema_loss: the running loss :math:`\\bar{L}_t` (0 before the first accepted update).
         learning_rate: the learning rate applied at the last accepted update (0 before the first one). A record,
             not a setting: writing it (e.g. with ``optax.tree.set``) changes nothing.
-        skipped: int32, number of updates skipped because the loss was NaN or infinite; saturates at
-            :math:`2^{31} - 1`.
+        skipped: int32, number of updates FINCH itself skipped because the loss it was given was NaN or
+            infinite; saturates at :math:`2^{31} - 1`. Under :func:`finch_optax.skip_nonfinite` (every ``finch_*``
+            alias) the wrapper skips such a step first and FINCH never sees the loss, so this stays 0: read
+            :func:`finch_optax.skip_counts` there.
     """
 
     count: jax.Array

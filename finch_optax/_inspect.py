@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -103,20 +104,37 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
 class SkipCounts(NamedTuple):
     """The counters of a :func:`skip_nonfinite` wrapper: int32 scalars, both saturating at :math:`2^{31} - 1`.
 
+    The same names as the wrapper's state, the training metrics and ``guard.max_consecutive_skips``.
+
     Attributes:
-        total: steps skipped since ``init``.
-        consecutive: steps skipped in a row, up to the last update; 0 after an accepted step.
+        skipped: steps skipped since ``init``.
+        consecutive_skips: steps skipped in a row, up to the last update; 0 after an accepted step.
     """
 
-    total: jax.Array
-    consecutive: jax.Array
+    skipped: jax.Array
+    consecutive_skips: jax.Array
+
+    @property
+    def total(self) -> jax.Array:
+        """Deprecated (0.1 name): :attr:`skipped`."""
+        warnings.warn("SkipCounts.total is now .skipped", FutureWarning, stacklevel=2)
+        return self.skipped
+
+    @property
+    def consecutive(self) -> jax.Array:
+        """Deprecated (0.1 name): :attr:`consecutive_skips`."""
+        warnings.warn("SkipCounts.consecutive is now .consecutive_skips", FutureWarning, stacklevel=2)
+        return self.consecutive_skips
 
 
 _SKIP_FIELDS = frozenset(SkipNonfiniteState._fields)
+_SKIP_FIELDS_0_1 = frozenset(("total_skipped", "consecutive_skipped", "inner_state"))  # flattened states of 0.1
 
 
 def _is_skip_state(node: Any) -> bool:
-    return isinstance(node, SkipNonfiniteState) or (isinstance(node, Mapping) and set(node.keys()) == _SKIP_FIELDS)
+    return isinstance(node, SkipNonfiniteState) or (
+        isinstance(node, Mapping) and set(node.keys()) in (_SKIP_FIELDS, _SKIP_FIELDS_0_1)
+    )
 
 
 def skip_counts(opt_state: Any) -> SkipCounts:
@@ -144,7 +162,7 @@ def skip_counts(opt_state: Any) -> SkipCounts:
         >>> state = tx.init(params)
         >>> _, state = tx.update(jnp.ones(2), state, params, value=jnp.inf)
         >>> counts = finch_optax.skip_counts(state)
-        >>> print(int(counts.total), int(counts.consecutive))
+        >>> print(int(counts.skipped), int(counts.consecutive_skips))
         1 1
     """
     leaves = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_skip_state)[0]
@@ -158,5 +176,8 @@ def skip_counts(opt_state: Any) -> SkipCounts:
         paths = ", ".join(path for path, _ in found)
         raise ValueError(f"skip_counts: {len(found)} SkipNonfiniteStates side by side (at {paths}); read each one.")
     node = found[0][1]
-    get = (lambda name: getattr(node, name)) if isinstance(node, SkipNonfiniteState) else node.__getitem__
-    return SkipCounts(jnp.asarray(get("total_skipped")), jnp.asarray(get("consecutive_skipped")))
+    if isinstance(node, SkipNonfiniteState):
+        return SkipCounts(jnp.asarray(node.skipped), jnp.asarray(node.consecutive_skips))
+    if "skipped" in node:
+        return SkipCounts(jnp.asarray(node["skipped"]), jnp.asarray(node["consecutive_skips"]))
+    return SkipCounts(jnp.asarray(node["total_skipped"]), jnp.asarray(node["consecutive_skipped"]))

@@ -2,6 +2,7 @@ r"""Skipping a whole optimizer step when the loss (or a gradient) is NaN or infi
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -15,15 +16,27 @@ class SkipNonfiniteState(NamedTuple):
     """State of :func:`skip_nonfinite`.
 
     Attributes:
-        total_skipped: int32, steps skipped since ``init``; saturates at :math:`2^{31} - 1`.
-        consecutive_skipped: int32, steps skipped in a row up to and including the last one; 0 after an accepted
+        skipped: int32, steps skipped since ``init``; saturates at :math:`2^{31} - 1`.
+        consecutive_skips: int32, steps skipped in a row up to and including the last one; 0 after an accepted
             step. Saturates too.
         inner_state: the wrapped transformation's state, as the last accepted step left it.
     """
 
-    total_skipped: jax.Array
-    consecutive_skipped: jax.Array
+    skipped: jax.Array
+    consecutive_skips: jax.Array
     inner_state: optax.OptState
+
+    @property
+    def total_skipped(self) -> jax.Array:
+        """Deprecated (0.1 name): :attr:`skipped`."""
+        warnings.warn("SkipNonfiniteState.total_skipped is now .skipped", FutureWarning, stacklevel=2)
+        return self.skipped
+
+    @property
+    def consecutive_skipped(self) -> jax.Array:
+        """Deprecated (0.1 name): :attr:`consecutive_skips`."""
+        warnings.warn("SkipNonfiniteState.consecutive_skipped is now .consecutive_skips", FutureWarning, stacklevel=2)
+        return self.consecutive_skips
 
 
 def skip_nonfinite(
@@ -66,7 +79,7 @@ def skip_nonfinite(
         >>> params = jnp.ones(2)
         >>> state = tx.init(params)
         >>> updates, state = tx.update(jnp.full(2, jnp.nan), state, params, value=jnp.nan)
-        >>> print(updates, *map(int, finch_optax.skip_counts(state)))  # (total, consecutive)
+        >>> print(updates, *map(int, finch_optax.skip_counts(state)))  # (skipped, consecutive_skips)
         [0. 0.] 1 1
         >>> updates, state = tx.update(jnp.ones(2), state, params, value=1.0)  # as if it were the first step
         >>> print([round(float(u), 4) for u in updates], *map(int, finch_optax.skip_counts(state)))
@@ -76,8 +89,8 @@ def skip_nonfinite(
 
     def init_fn(params):
         return SkipNonfiniteState(
-            total_skipped=jnp.zeros([], jnp.int32),
-            consecutive_skipped=jnp.zeros([], jnp.int32),
+            skipped=jnp.zeros([], jnp.int32),
+            consecutive_skips=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
         )
 
@@ -103,9 +116,9 @@ def skip_nonfinite(
         )
         skipped = jnp.logical_not(finite)
         return jax.tree.map(zeros_unless_finite, new_updates), SkipNonfiniteState(
-            total_skipped=jnp.where(skipped, optax.safe_increment(state.total_skipped), state.total_skipped),
-            consecutive_skipped=jnp.where(
-                skipped, optax.safe_increment(state.consecutive_skipped), jnp.zeros_like(state.consecutive_skipped)
+            skipped=jnp.where(skipped, optax.safe_increment(state.skipped), state.skipped),
+            consecutive_skips=jnp.where(
+                skipped, optax.safe_increment(state.consecutive_skips), jnp.zeros_like(state.consecutive_skips)
             ),
             inner_state=jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_inner_state, state.inner_state),
         )

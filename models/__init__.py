@@ -17,13 +17,14 @@ from models.config import PRESETS, ConfigError, ModelConfig, RopeScaling, get_pr
 from models.generate import generate, generate_stream
 from models.gguf_loader import GGUFError, load_gguf, smollm2_gguf_path
 from models.hf import HFDirectoryError, load_hf, save_hf
-from models.load import ModelSource, load, parse_source
+from models.load import ModelSource, load, load_config, parse_source
 from models.tokenizer import ByteTokenizer, Tokenizer, TokenizerError
 from models.transformer import CausalLM, KVCache, init_cache, logical_axes, rope_inverse_frequencies
 from models.weights import WeightError, abstract_model
 
 __all__ = [
     "load",
+    "load_config",
     "parse_source",
     "ModelSource",
     "PRESETS",

@@ -296,6 +296,23 @@ class ModelConfig:
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
+_QWEN3_0_6B = ModelConfig(
+    vocab_size=151936,
+    d_model=1024,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    mlp_dim=3072,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    qk_norm=True,
+    architecture="qwen3",
+    max_position_embeddings=40960,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # Small enough for unit tests on CPU; vocab 512 covers a byte-level vocabulary plus specials.
     "tiny": ModelConfig(
@@ -323,38 +340,9 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
-    "qwen3-0.6b": ModelConfig(
-        vocab_size=151936,
-        d_model=1024,
-        num_layers=28,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        mlp_dim=3072,
-        rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
-        qk_norm=True,
-        architecture="qwen3",
-        max_position_embeddings=40960,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    ),
-    "qwen3-4b": ModelConfig(
-        vocab_size=151936,
-        d_model=2560,
-        num_layers=36,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        mlp_dim=9728,
-        rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
-        qk_norm=True,
-        architecture="qwen3",
-        max_position_embeddings=40960,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    ),
+    "qwen3-0.6b": _QWEN3_0_6B,
+    # Qwen3-4B: the same architecture at another size.
+    "qwen3-4b": dataclasses.replace(_QWEN3_0_6B, d_model=2560, num_layers=36, num_heads=32, mlp_dim=9728),
     "llama3-8b": ModelConfig(
         vocab_size=128256,
         d_model=4096,

@@ -7,19 +7,20 @@ a new source is added here once.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import PRESETS, ConfigError, get_preset
-from models.gguf_loader import load_gguf, smollm2_gguf_path
+from models.config import PRESETS, ConfigError, ModelConfig, get_preset
+from models.gguf_loader import config_from_gguf_fields, load_gguf, read_gguf, smollm2_gguf_path
 from models.hf import HFDirectoryError, load_hf
 from models.tokenizer import ByteTokenizer, Tokenizer
 from models.transformer import CausalLM
 
-__all__ = ["DTYPES", "SOURCE_KINDS", "ModelSource", "load", "parse_source", "resolve_dtype"]
+__all__ = ["DTYPES", "SOURCE_KINDS", "ModelSource", "load", "load_config", "parse_source", "resolve_dtype"]
 
 SOURCE_KINDS = ("preset", "gguf", "hf")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -42,15 +43,20 @@ class ModelSource:
 
 
 def parse_source(spec: str) -> ModelSource:
-    """Parses ``KIND:VALUE``; a bare ``smollm2`` means ``gguf:smollm2``.
+    """Parses ``KIND:VALUE``, the one way every command and config names a model.
+
+    Two bare names of 0.1 still parse, with a ``FutureWarning`` naming the new spelling: ``smollm2`` (now
+    ``gguf:smollm2``) and a preset name such as ``qwen3-4b`` (now ``preset:qwen3-4b``).
 
     >>> parse_source("hf:/models/qwen")
     ModelSource(kind='hf', value='/models/qwen')
-    >>> str(parse_source("smollm2"))
-    'gguf:smollm2'
+    >>> str(parse_source("preset:tiny"))
+    'preset:tiny'
     """
-    if spec == "smollm2":
-        return ModelSource("gguf", "smollm2")
+    if ":" not in spec and (spec == "smollm2" or spec in PRESETS):
+        source = ModelSource("gguf" if spec == "smollm2" else "preset", spec)
+        warnings.warn(f"model {spec!r} is now written {source}; bare names stop working in 0.3", FutureWarning, 2)
+        return source
     kind, sep, value = spec.partition(":")
     if not sep or kind not in SOURCE_KINDS or not value:
         raise ConfigError(f"model {spec!r}: {_HELP}")
@@ -66,6 +72,41 @@ def resolve_dtype(name: str | Any, what: str = "dtype") -> Any:
     if name not in DTYPES:
         raise ConfigError(f"{what}={name!r} is not a supported dtype; valid: {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def _gguf_path(source: ModelSource) -> Path:
+    path = smollm2_gguf_path() if source.value == "smollm2" else Path(source.value)
+    if not path.is_file():
+        raise ConfigError(f"model gguf:{source.value}: GGUF file not found")
+    return path
+
+
+def load_config(
+    spec: str | ModelSource, *, dtype: str | Any = "float32", param_dtype: str | Any = "float32", **overrides: Any
+) -> ModelConfig:
+    """The :class:`ModelConfig` a model name describes, read without loading any weight (for compiles and sizes).
+
+    Args:
+      spec: as for :func:`load`.
+      dtype, param_dtype, **overrides: as for :func:`load`.
+
+    Raises:
+      ConfigError: a malformed name, unknown preset or missing file.
+    """
+    source = spec if isinstance(spec, ModelSource) else parse_source(spec)
+    fields = dict(
+        dtype=resolve_dtype(dtype, "dtype"), param_dtype=resolve_dtype(param_dtype, "param_dtype"), **overrides
+    )
+    if source.kind == "preset":
+        return get_preset(source.value, **fields)
+    if source.kind == "hf":
+        config_json = Path(source.value) / "config.json"
+        if not config_json.is_file():
+            raise ConfigError(f"model hf:{source.value}: no config.json in that directory")
+        return ModelConfig.from_hf_config(config_json, **fields)
+    path = _gguf_path(source)
+    header, _ = read_gguf(path, tensors=False)
+    return config_from_gguf_fields(header, str(path), **fields)
 
 
 def load(
@@ -101,10 +142,7 @@ def load(
             )
         return CausalLM(cfg, rngs=nnx.Rngs(seed)), tokenizer
     if source.kind == "gguf":
-        path = smollm2_gguf_path() if source.value == "smollm2" else Path(source.value)
-        if not path.is_file():
-            raise ConfigError(f"model gguf:{source.value}: GGUF file not found")
-        return load_gguf(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+        return load_gguf(_gguf_path(source), dtype=dtype, param_dtype=param_dtype, **config_overrides)
     try:
         model, tokenizer = load_hf(source.value, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     except HFDirectoryError as e:

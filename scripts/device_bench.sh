@@ -41,13 +41,13 @@ run() {  # run NAME TIMEOUT ARGS...: one bench invocation, JSON to $OUT/NAME.jso
 # 1. The headline, one process: MFU at 64 x 512 = 32k tokens/step; FINCH vs AdamW in the same jit step and
 #    transformers' LlamaForCausalLM + torch.optim.AdamW (bf16 autocast, eager), all interleaved A B C ...
 #    The JSON is rewritten after every section, so a timeout still leaves the finished sections.
-run gpu_main 170 --preset smollm2-135m --dtype bfloat16 --batch-size 64 --seq-len 512 \
+run gpu_main 170 --model preset:smollm2-135m --dtype bfloat16 --batch-size 64 --seq-len 512 \
   --sections step,finch,torch --torch-modes eager --warmup 2 --rounds 4 --steps 4
 # 2. The issue's accelerator target: a Qwen3-0.6B-size model, >= 45% of the bf16 spec peak (MFU column 2).
-run gpu_qwen3_06b 150 --preset qwen3-0.6b --dtype bfloat16 --batch-size 16 --seq-len 1024 \
+run gpu_qwen3_06b 150 --model preset:qwen3-0.6b --dtype bfloat16 --batch-size 16 --seq-len 1024 \
   --sections step --warmup 2 --rounds 3 --steps 3
 # 3. If time is left: the attention implementations on the GPU (blockwise, the default, against cuDNN's).
-run gpu_qwen3_06b_attention 120 --preset qwen3-0.6b --dtype bfloat16 --batch-size 16 --seq-len 1024 \
+run gpu_qwen3_06b_attention 120 --model preset:qwen3-0.6b --dtype bfloat16 --batch-size 16 --seq-len 1024 \
   --sections variants --variant attention_impl=dot_product --warmup 2 --rounds 3 --steps 2
 echo "total $(( $(date +%s) - START ))s" >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"

@@ -9,7 +9,7 @@ OUT=${OUT:-runs/lab_cpu}
 TASKS=("$@")
 [ ${#TASKS[@]} -eq 0 ] && TASKS=(facts spanish science)
 
-COMMON=(--model gguf:smollm2 --seeds 0,1 --lr-max 1e-4 --steps 16 --batch-size 4 --seq-len 48
+COMMON=(--model gguf:smollm2 --seeds 0,1 --max-learning-rate 1e-4 --steps 16 --batch-size 4 --seq-len 48
         --eval-seq-len 48 --eval-retain-sequences 8 --eval-quiz-items 16)
 
 $PY -m train prepare all

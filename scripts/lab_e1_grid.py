@@ -45,7 +45,7 @@ def config(methods: tuple[str, ...], seeds: tuple[int, ...] = SEEDS, cache_dir: 
         methods=methods,
         steps=60,
         seeds=seeds,
-        lr_max=1e-4,
+        max_learning_rate=1e-4,
         batch_size=4,
         seq_len=48,
         weight_decay=0.0,
@@ -58,7 +58,7 @@ def config(methods: tuple[str, ...], seeds: tuple[int, ...] = SEEDS, cache_dir: 
     )
 
 
-FINCH = "finch:probe=1"  # L* = 1 (lr_base = lr_max), EMA 0.9; the per-step probe on seed 0
+FINCH = "finch:probe=1"  # L* = 1 (base_learning_rate = max_learning_rate), EMA 0.9; the per-step probe on seed 0
 
 
 def full_methods(five_seed_rates: list[float]) -> tuple[str, ...]:
@@ -70,7 +70,7 @@ def full_methods(five_seed_rates: list[float]) -> tuple[str, ...]:
         "finch:lstar=0.25,seeds=3",
         "finch:ema=0,seeds=3",
         "warmup_const:frac=0.3,seeds=3",
-        "finch:direction=sgd,lr=0.1,seeds=1,probe=1",
+        "finch:direction=sgd,max_learning_rate=0.1,seeds=1,probe=1",
         "warmup_matched",
     )
 

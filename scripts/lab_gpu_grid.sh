@@ -11,7 +11,7 @@ OUT=${OUT:-runs/lab_gpu}
 TASKS=("$@")
 [ ${#TASKS[@]} -eq 0 ] && TASKS=(facts)
 
-COMMON=(--model gguf:smollm2 --seeds 0,1 --lr-max 1e-4 --steps 60 --batch-size 16 --seq-len 128
+COMMON=(--model gguf:smollm2 --seeds 0,1 --max-learning-rate 1e-4 --steps 60 --batch-size 16 --seq-len 128
         --eval-seq-len 128 --eval-batch-size 32 --eval-retain-sequences 64 --eval-quiz-items 256
         --method sft --method sft_cosine --method finch --method sweep:lrs=3e-4/3e-5/1e-5/3e-6
         --method warmup_matched --method l2sp --method stm)

@@ -48,7 +48,18 @@ def _path(model: str, topology: str, slices: int) -> Path:
 
 
 def command(model: str, seq: int, topology: str, slices: int, start_rows: int | None) -> list[str]:
-    cmd = ["python", "-m", "train", "compile", "--topology", topology, "--num-slices", str(slices), "--model", model]
+    cmd = [
+        "python",
+        "-m",
+        "train",
+        "compile",
+        "--topology",
+        topology,
+        "--num-slices",
+        str(slices),
+        "--model",
+        f"preset:{model}",
+    ]
     cmd += [f"data.seq_len={seq}", *SETTINGS, "--max-batch"]
     if start_rows:
         cmd.append(str(start_rows))

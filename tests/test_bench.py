@@ -20,16 +20,17 @@ from train.bench.spec import FLAG_SETS
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--preset", "gpt-17"], "unknown model preset 'gpt-17'"),
-        (["--preset", "tiny", "--mesh", "data=3"], "needs 3 devices but 8 are available"),
+        (["--model", "preset:gpt-17"], "unknown preset 'gpt-17'"),
+        (["--preset", "gpt-17"], "unknown preset 'gpt-17'"),  # the 0.1 flag still parses, with a message
+        (["--model", "preset:tiny", "--mesh", "data=3"], "needs 3 devices but 8 are available"),
         (
-            ["--preset", "tiny", "--mesh", "data=4,tensor=2", "--batch-size", "6"],
+            ["--model", "preset:tiny", "--mesh", "data=4,tensor=2", "--batch-size", "6"],
             "does not divide by the data-parallel",
         ),
-        (["--preset", "tiny", "--mesh", "pipeline=2"], "axis 'pipeline' is unknown"),
-        (["--preset", "tiny", "--sections", "step,warp"], "unknown ['warp']"),
-        (["--preset", "tiny", "--override", "num_layerz=3"], "not a model config field"),
-        (["--preset", "tiny", "--seq-len", "4096"], "exceeds tiny's max_position_embeddings=512"),
+        (["--model", "preset:tiny", "--mesh", "pipeline=2"], "axis 'pipeline' is unknown"),
+        (["--model", "preset:tiny", "--sections", "step,warp"], "unknown ['warp']"),
+        (["--model", "preset:tiny", "--override", "num_layerz=3"], "not a model config field"),
+        (["--model", "preset:tiny", "--seq-len", "4096"], "exceeds preset:tiny's max_position_embeddings=512"),
     ],
 )
 def test_bad_requests_fail_fast_with_clear_errors(args, message, capsys, tmp_path):
@@ -40,8 +41,8 @@ def test_bad_requests_fail_fast_with_clear_errors(args, message, capsys, tmp_pat
 
 def test_too_long_a_run_says_so_before_starting(capsys, tmp_path):
     args = [
-        "--preset",
-        "smollm2-135m",
+        "--model",
+        "preset:smollm2-135m",
         "--batch-size",
         "8",
         "--seq-len",
@@ -106,8 +107,8 @@ def _tiny(tmp_path, *extra):
     out = tmp_path / "bench.json"
     # One layer keeps the many compiles of these runs to about a second each on 2 cores.
     args = [
-        "--preset",
-        "tiny",
+        "--model",
+        "preset:tiny",
         "--override",
         "num_layers=1",
         "--batch-size",

@@ -9,9 +9,9 @@ import models
 from train import optimizers
 from train import step as step_lib
 from train.bench import profile_xla as px
-from train.bench.chips import spec_peak_flops
 from train.bench.profile_torch import classify_torch_op
 from train.bench.runner import synthetic_batch
+from train.chips import spec_peak_flops
 from train.config import OptimizerConfig
 
 

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from train.bench import flops as flops_lib
+from models import flops as flops_lib
 from train.bench.report import check_targets
 from train.bench.stats import interleaved, ratio_of_medians, summarize_times, throughput
 

@@ -3,18 +3,29 @@
 import json
 import math
 
+import jax
 import pytest
 
 from models.config import get_preset
-from train import cli
+from train import cli, compile_report
 from train import compile as compile_lib
 from train import mesh as mesh_lib
+from train import program as program_lib
 from train import topology as topology_lib
 from train.config import MeshConfig, load_config
 
 pytest.importorskip("libtpu", reason="AOT compiles for TPU need libtpu (the test extra installs it)")
 
 TINY = ["model.source=preset:tiny", "data.seq_len=128"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_persistent_cache_for_tpu_programs():
+    # Executables compiled for a TPU topology without a TPU client cannot be read back from the persistent
+    # compilation cache (conftest.py turns it on): writing them there only costs time.
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
 
 
 def _cfg(*overrides):
@@ -46,7 +57,9 @@ def test_accelerator_names_map_to_slices():
 @pytest.mark.slow
 def test_tiny_finch_step_compiles_for_v5e_2x2_with_memory_flops_and_estimate(tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = cli.main(["compile", "--topology", "v5e:2x2", "--model", "tiny", "data.seq_len=128", "--out", str(out)])
+    code = cli.main(
+        ["compile", "--topology", "v5e:2x2", "--model", "preset:tiny", "data.seq_len=128", "--out", str(out)]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "FITS" in printed and "ESTIMATE" in printed
@@ -97,7 +110,7 @@ def test_counts_extrapolated_from_shorter_sequences_are_close_to_the_direct_coun
     # what XLA counts is close to affine in the sequence; dense attention's T² terms would not extrapolate.
     splash = "model.attention_impl=splash"
     cfg = _cfg("data.seq_len=1024", "data.batch_size=4", "model.scan_layers=false", splash)  # 1 row per chip
-    model_cfg = compile_lib.model_config(cfg.model)
+    model_cfg = program_lib.model_config(cfg.model)
     flops, hbm_bytes = compile_lib._xla_costs(compile_lib._build(cfg, devices, model_cfg, counting=True).compiled)
     notes = set()
     extrapolated = compile_lib._extrapolated_costs(cfg, devices, model_cfg, 2, notes)
@@ -109,15 +122,17 @@ def test_counts_extrapolated_from_shorter_sequences_are_close_to_the_direct_coun
 
 
 @pytest.mark.slow
-def test_max_batch_search_reports_its_answer_and_skips_the_counts_with_no_estimate(tmp_path, capsys):
+def test_max_batch_search_reports_its_answer_and_skips_the_counts_with_no_estimate(tmp_path, capsys, monkeypatch):
     out = tmp_path / "report.json"
-    # the search starts at the cap: the tiny model fits there, so one compile answers
-    args = ["compile", "--topology", "v5e:2x2", "--model", "tiny", "data.seq_len=128", "--max-batch", "1024"]
+    # The search starts at the cap (lowered from 1024, whose compile takes a minute here): the tiny model fits
+    # there, so one compile answers.
+    monkeypatch.setattr(compile_report, "MAX_ROWS_PER_CHIP", 16)
+    args = ["compile", "--topology", "v5e:2x2", "--model", "preset:tiny", "data.seq_len=128", "--max-batch", "16"]
     assert cli.main([*args, "--no-estimate", "--out", str(out)]) == 0
-    assert "largest batch that fits: 1024 rows/chip = 4096 rows" in capsys.readouterr().out
+    assert "largest batch that fits: 16 rows/chip = 64 rows" in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["max_batch"]["rows_per_chip"] == 1024 and report["max_batch"]["global_batch"] == 4096
-    assert list(report["max_batch"]["tried"]) == ["1024"] and report["memory_per_chip"]["fits"] is True
+    assert report["max_batch"]["rows_per_chip"] == 16 and report["max_batch"]["global_batch"] == 64
+    assert list(report["max_batch"]["tried"]) == ["16"] and report["memory_per_chip"]["fits"] is True
     assert "flops" not in report and "estimate" not in report
 
 
@@ -170,7 +185,7 @@ def test_splash_attention_kernel_compiles_for_tpu_inside_the_train_step():
     ],
 )
 def test_bad_topologies_meshes_and_batches_are_one_line_errors_before_compiling(args, fragment, capsys):
-    assert cli.main(["compile", "--model", "tiny", *args]) == 2
+    assert cli.main(["compile", "--model", "preset:tiny", *args]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
 

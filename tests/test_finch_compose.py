@@ -140,7 +140,7 @@ def test_finch_adamw_signature_is_optax_adamw_with_the_two_rates():
     assert described(ours[2 : 1 + len(theirs)]) == described(theirs[1:])
     # ...then FINCH's own, keyword-only.
     extras = ours[1 + len(theirs) :]
-    assert [p.name for p in extras] == ["ema_decay", "min_loss", "finch_eps", "check_updates"]
+    assert [p.name for p in extras] == ["ema_decay", "min_loss", "finch_eps", "check_updates", "skip_nonfinite"]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras)
 
 

@@ -119,12 +119,12 @@ def test_nan_gradients_with_a_finite_loss_are_skipped_unless_check_updates_is_of
     checked = finch_optax.skip_nonfinite(optax.adam(1e-2))
     updates, state = checked.update(bad, checked.init(params), params, value=1.0)
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
-    assert int(finch_optax.skip_counts(state).total) == 1
+    assert int(finch_optax.skip_counts(state).skipped) == 1
 
     loss_only = finch_optax.skip_nonfinite(optax.adam(1e-2), check_updates=False)
     updates, state = loss_only.update(bad, loss_only.init(params), params, value=1.0)
     assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
-    assert int(finch_optax.skip_counts(state).total) == 0
+    assert int(finch_optax.skip_counts(state).skipped) == 0
     with pytest.raises(TypeError, match="value=loss"):
         loss_only.update(bad, loss_only.init(params), params)
 
@@ -136,7 +136,7 @@ def test_without_value_only_the_updates_are_checked():
     np.testing.assert_allclose(updates, -0.1)
     updates, state = tx.update(jnp.array([1.0, jnp.nan]), state, params)
     np.testing.assert_array_equal(updates, 0.0)
-    assert int(finch_optax.skip_counts(state).total) == 1
+    assert int(finch_optax.skip_counts(state).skipped) == 1
 
 
 def test_extra_args_reach_the_inner_transformation():
@@ -161,7 +161,7 @@ def test_counters_saturate_like_optax():
     tx = finch_optax.finch_adamw(1e-2, 1e-1)
     params = jnp.ones(2)
     top = jnp.iinfo(jnp.int32).max
-    state = tx.init(params)._replace(total_skipped=jnp.int32(top), consecutive_skipped=jnp.int32(top))
+    state = tx.init(params)._replace(skipped=jnp.int32(top), consecutive_skips=jnp.int32(top))
     _, state = tx.update(jnp.ones(2), state, params, value=jnp.nan)
     assert tuple(map(int, finch_optax.skip_counts(state))) == (top, top)
 
@@ -177,7 +177,7 @@ def test_skip_counts_reads_the_outermost_wrapper_through_any_nesting():
     state = tx.init(params)
     _, state = tx.update(jnp.ones(2), state, params, value=jnp.nan)
     assert tuple(map(int, finch_optax.skip_counts(state))) == (1, 1)
-    assert int(state.inner_opt_state.inner_state.total_skipped) == 0  # kept whole by the outer wrapper
+    assert int(state.inner_opt_state.inner_state.skipped) == 0  # kept whole by the outer wrapper
 
     state = jax.jit(lambda s: tx.update(jnp.ones(2), s, params, value=1.0)[1])(state)
     assert tuple(map(int, finch_optax.skip_counts(state))) == (1, 0)
@@ -230,7 +230,7 @@ def test_sharded_skip_keeps_shardings_and_state():
         _assert_trees_equal(skipped.inner_state, state.inner_state)
         assert updates["w"].sharding.is_equivalent_to(params["w"].sharding, 2)
         np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)
-        assert int(finch_optax.skip_counts(skipped).total) == 1
+        assert int(finch_optax.skip_counts(skipped).skipped) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,9 +308,9 @@ def test_finite_loss_beyond_float32_is_skipped_with_float32_params_and_kept_with
     params = jnp.ones(2, jnp.float32)
     updates, state = tx.update(jnp.ones(2), tx.init(params), params, value=huge)
     np.testing.assert_array_equal(updates, 0.0)
-    assert int(finch_optax.skip_counts(state).total) == 1
+    assert int(finch_optax.skip_counts(state).skipped) == 1
     with jax.enable_x64(True):
         params = jnp.ones(2, jnp.float64)
         updates, state = tx.update(jnp.ones(2), tx.init(params), params, value=huge)
-        assert int(finch_optax.skip_counts(state).total) == 0
+        assert int(finch_optax.skip_counts(state).skipped) == 0
         np.testing.assert_allclose(float(finch_optax.current_learning_rate(state)), 1e-2 / math.sqrt(huge), rtol=1e-12)

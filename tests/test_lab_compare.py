@@ -28,7 +28,7 @@ def _config(cache, **kw):
         facts_entities=2,
         steps=4,
         seeds=(0,),
-        lr_max=3e-3,
+        max_learning_rate=3e-3,
         batch_size=8,
         seq_len=96,
         eval_every=2,
@@ -146,7 +146,7 @@ def test_compare_runs_on_user_files(tmp_path, capsys):
         "--method",
         "sweep:lrs=1e-3",
         "--method",
-        "finch:lr=3e-3",
+        "finch:max_learning_rate=3e-3",
         "--set",
         "progress=false",
     ]
@@ -194,7 +194,7 @@ def _record(label, seed, task_loss, kl_b, on_front, lr=1e-4):
 
 
 def test_summary_reads_each_method_against_its_seeds_front():
-    cfg = CompareConfig(methods=("sweep:lrs=1e-4/3e-5", "finch"), lr_max=1e-4, seeds=(0, 1), bootstrap=0)
+    cfg = CompareConfig(methods=("sweep:lrs=1e-4/3e-5", "finch"), max_learning_rate=1e-4, seeds=(0, 1), bootstrap=0)
     base = {
         "metrics": {"task_loss": 6.0},
         "checkpoint": {"metrics": {"task_loss": 6.0}, "retain_kl_sums": [0, 0], "retain_tokens": [1, 1]},
@@ -240,11 +240,11 @@ def test_cli_config_yaml_and_flags(tmp_path):
     yaml_path = tmp_path / "grid.yaml"
     yaml_path.write_text("steps: 7\nmethods: [sft, {kind: sweep, lrs: [1.0e-5, 2.0e-5]}]\neval: {quiz_items: 4}\n")
     cfg, out = compare.config_from_args(
-        ["--config", str(yaml_path), "--seeds", "0,1", "--lr-max", "2e-4", "--set", "data.grad_accum=2"],
+        ["--config", str(yaml_path), "--seeds", "0,1", "--max-learning-rate", "2e-4", "--set", "data.grad_accum=2"],
         CompareConfig(),
         "compare",
     )
-    assert cfg.steps == 7 and cfg.seeds == (0, 1) and cfg.lr_max == 2e-4 and cfg.eval.quiz_items == 4
+    assert cfg.steps == 7 and cfg.seeds == (0, 1) and cfg.max_learning_rate == 2e-4 and cfg.eval.quiz_items == 4
     assert [r.label for r in methods.expand_runs(cfg)] == ["sft@2e-4", "const@1e-5", "const@2e-5"] * 2
     yaml_path.write_text("stepz: 7\n")
     with pytest.raises(ValueError, match="unknown key 'stepz'"):

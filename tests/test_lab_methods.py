@@ -14,24 +14,24 @@ from train.optimizers import make_schedule
 
 
 def _cfg(*ms, seeds=(0, 1, 2), **kw):
-    return CompareConfig(model="preset:tiny", methods=ms, seeds=seeds, lr_max=1e-4, steps=60, **kw)
+    return CompareConfig(model="preset:tiny", methods=ms, seeds=seeds, max_learning_rate=1e-4, steps=60, **kw)
 
 
 def test_finch_options_and_labels():
     runs = methods.expand_runs(
-        _cfg("finch", "finch:lstar=0.25", "finch:ema=0", "finch:direction=sgd,lr=0.1", seeds=(0,))
+        _cfg("finch", "finch:lstar=0.25", "finch:ema=0", "finch:direction=sgd,max_learning_rate=0.1", seeds=(0,))
     )
     by = {r.label: r.optimizer for r in runs}
-    assert list(by) == ["finch", "finch(L*=0.25)", "finch(ema=0)", "finch_sgd(lr=0.1)"]
+    assert list(by) == ["finch", "finch(L*=0.25)", "finch(ema=0)", "finch_sgd(max_lr=0.1)"]
     assert by["finch"]["base_learning_rate"] == pytest.approx(1e-4) and by["finch"]["ema_decay"] == 0.9
-    # lr_base = lr_max * sqrt(L*): the cap is reached once the running loss is <= L*.
+    # base_learning_rate = max_learning_rate * sqrt(L*): the cap is reached once the running loss is <= L*.
     assert by["finch(L*=0.25)"]["base_learning_rate"] == pytest.approx(5e-5)
-    assert by["finch(L*=0.25)"]["learning_rate"] == pytest.approx(1e-4)
+    assert by["finch(L*=0.25)"]["max_learning_rate"] == pytest.approx(1e-4)
     assert by["finch(ema=0)"]["ema_decay"] == 0.0
-    assert by["finch_sgd(lr=0.1)"]["name"] == "finch_sgd"
-    assert by["finch_sgd(lr=0.1)"]["base_learning_rate"] == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="base or lstar, not both"):
-        methods.expand_runs(_cfg("finch:base=1e-5,lstar=0.5"))
+    assert by["finch_sgd(max_lr=0.1)"]["name"] == "finch_sgd"
+    assert by["finch_sgd(max_lr=0.1)"]["base_learning_rate"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="base_learning_rate or lstar, not both"):
+        methods.expand_runs(_cfg("finch:base_learning_rate=1e-5,lstar=0.5"))
     with pytest.raises(ValueError, match="direction='rmsprop'"):
         methods.expand_runs(_cfg("finch:direction=rmsprop"))
 
@@ -97,7 +97,7 @@ def test_e1_grid_is_the_preregistered_design():
         "finch(L*=0.25)": 3,
         "finch(ema=0)": 3,
         "warmup30%+const": 3,
-        "finch_sgd(lr=0.1)": 1,
+        "finch_sgd(max_lr=0.1)": 1,
         "warmup_matched": 5,
     }
     assert len(runs) == 42 and [r.seed for r in runs[:11]] == [0] * 11  # seed 0 of every arm first

@@ -32,12 +32,12 @@ TOLERANCE = 3e-2
 # name -> hyperparameters that reach the tolerance on both targets in STEPS steps. FINCH's base rate is set below
 # the cap, so the loss-adaptive regime is crossed on the way down.
 HYPERPARAMETERS: dict[str, dict] = {
-    "finch_adamw": dict(learning_rate=1e-2, base_learning_rate=3e-3),
-    "finch_adam": dict(learning_rate=1e-2, base_learning_rate=3e-3),
-    "finch_sgd": dict(learning_rate=1.5e-3, base_learning_rate=4.5e-4),
-    "finch_momentum": dict(learning_rate=1e-3, base_learning_rate=3e-4),
-    "finch_lion": dict(learning_rate=1e-3, base_learning_rate=1e-2, b2=0.99),
-    "finch_adafactor": dict(learning_rate=3e-3, base_learning_rate=3e-3),
+    "finch_adamw": dict(max_learning_rate=1e-2, base_learning_rate=3e-3),
+    "finch_adam": dict(max_learning_rate=1e-2, base_learning_rate=3e-3),
+    "finch_sgd": dict(max_learning_rate=1.5e-3, base_learning_rate=4.5e-4),
+    "finch_momentum": dict(max_learning_rate=1e-3, base_learning_rate=3e-4),
+    "finch_lion": dict(max_learning_rate=1e-3, base_learning_rate=1e-2, b2=0.99),
+    "finch_adafactor": dict(max_learning_rate=3e-3, base_learning_rate=3e-3),
     "adamw": dict(learning_rate=1e-2),
     "sgd": dict(learning_rate=1e-3),
 }
@@ -125,13 +125,20 @@ def test_converges(config, target):
 def test_same_result_inside_inject_hyperparams(config):
     cfg = OptimizerConfig(**config)
 
-    def factory(learning_rate, base_learning_rate):
-        changed = dataclasses.replace(cfg, learning_rate=learning_rate, base_learning_rate=base_learning_rate)
+    # inject_hyperparams reads the factory's signature: one factory per set of rates an optimizer reads.
+    def finch_factory(max_learning_rate, base_learning_rate):
+        changed = dataclasses.replace(cfg, max_learning_rate=max_learning_rate, base_learning_rate=base_learning_rate)
         return make_optimizer(changed, total_steps=STEPS)
 
-    injected = optax.inject_hyperparams(factory)(
-        learning_rate=cfg.learning_rate, base_learning_rate=cfg.base_learning_rate
-    )
+    def plain_factory(learning_rate):
+        return make_optimizer(dataclasses.replace(cfg, learning_rate=learning_rate), total_steps=STEPS)
+
+    if cfg.name.startswith("finch_"):
+        injected = optax.inject_hyperparams(finch_factory)(
+            max_learning_rate=cfg.max_learning_rate, base_learning_rate=cfg.base_learning_rate
+        )
+    else:
+        injected = optax.inject_hyperparams(plain_factory)(learning_rate=cfg.learning_rate)
     plain = _optimizer(config)
     params, _, loss_fn = _parabola()
     # Not jitted: the registry may check its hyperparameters in Python, which needs them concrete.

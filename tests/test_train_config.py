@@ -99,7 +99,10 @@ def _quadratic_params():
 
 @pytest.mark.parametrize("name", list(optimizers.OPTIMIZERS))
 def test_every_named_optimizer_updates_with_value_and_reports_its_lr(name):
-    cfg = OptimizerConfig(name=name, learning_rate=0.1, base_learning_rate=0.05)
+    rates = (
+        dict(max_learning_rate=0.1, base_learning_rate=0.05) if name.startswith("finch_") else {"learning_rate": 0.1}
+    )
+    cfg = OptimizerConfig(name=name, **rates)
     tx = optimizers.make_optimizer(cfg)
     params = _quadratic_params()
     state = tx.init(params)
@@ -115,7 +118,7 @@ def test_every_named_optimizer_updates_with_value_and_reports_its_lr(name):
 
 
 def test_finch_adamw_matches_the_library_alias():
-    cfg = OptimizerConfig(name="finch_adamw", learning_rate=1e-2, base_learning_rate=5e-3, weight_decay=0.01)
+    cfg = OptimizerConfig(name="finch_adamw", max_learning_rate=1e-2, base_learning_rate=5e-3, weight_decay=0.01)
     ours, ref = optimizers.make_optimizer(cfg), finch_optax.finch_adamw(5e-3, 1e-2, weight_decay=0.01)
     params = _quadratic_params()
     s1, s2 = ours.init(params), ref.init(params)
@@ -143,7 +146,7 @@ def test_trace_schedule_replays_the_recorded_lrs_then_holds_the_last():
 def test_warmup_cosine_scales_both_finch_rates():
     cfg = OptimizerConfig(
         name="finch_sgd",
-        learning_rate=1.0,
+        max_learning_rate=1.0,
         base_learning_rate=1.0,
         schedule="warmup_cosine",
         warmup_steps=2,
@@ -167,7 +170,10 @@ def test_warmup_cosine_scales_both_finch_rates():
         (OptimizerConfig(schedule="linear"), "optimizer.schedule='linear'"),
         (OptimizerConfig(name="adamw", schedule="trace"), "needs optimizer.lr_trace"),
         (OptimizerConfig(name="finch_adamw", schedule="trace", lr_trace=(1.0,)), "not FINCH"),
-        (OptimizerConfig(learning_rate=0.0), "learning_rate must be > 0"),
+        (OptimizerConfig(max_learning_rate=0.0), "max_learning_rate must be > 0"),
+        (OptimizerConfig(name="adamw", learning_rate=0.0), "optimizer.learning_rate must be > 0"),
+        (OptimizerConfig(name="adamw", max_learning_rate=3e-4), "FINCH setting"),
+        (OptimizerConfig(name="sgd", base_learning_rate=3e-4), "FINCH setting"),
         (OptimizerConfig(clip_norm=-1.0), "clip_norm"),
     ],
 )

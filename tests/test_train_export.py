@@ -96,7 +96,7 @@ def test_default_run_folder_holds_everything_and_the_summaries_say_so(run):
         f"validation {CHAT_VAL}: 12 documents",
         f"chats rendered with {CHATML}; loss on assistant replies only",
         "steps      4 x 8 rows x 384 tokens = 3,072 tokens per step",
-        "optimizer  finch_adamw: lr_max 0.003, lr_base 0.003",
+        "optimizer  finch_adamw: max_learning_rate 0.003, base_learning_rate 0.003",
         "output     runs/tiny-chat/",
         "checkpoints runs/tiny-chat/checkpoints (every 2 steps and at the end, keep 3)",
         "Hugging Face model runs/tiny-chat/hf at the end, and hf-step-N every 2 steps (float32)",

@@ -102,7 +102,7 @@ def _check_accumulation(apply_fn, params, batch, opt_cfg):
     return want_loss, m1
 
 
-ADAMW = OptimizerConfig(name="finch_adamw", learning_rate=1e-3, base_learning_rate=1e-3)
+ADAMW = OptimizerConfig(name="finch_adamw", max_learning_rate=1e-3, base_learning_rate=1e-3)
 
 
 @pytest.mark.slow
@@ -118,7 +118,7 @@ def test_accumulation_gives_the_same_update_and_finch_value_as_one_big_batch(tin
 def test_accumulation_value_is_the_global_mean_not_a_mean_of_micro_means():
     params = _toy_params()
     batch = _batch(16, seed=4)
-    opt_cfg = OptimizerConfig(name="finch_sgd", learning_rate=0.1, base_learning_rate=0.1)
+    opt_cfg = OptimizerConfig(name="finch_sgd", max_learning_rate=0.1, base_learning_rate=0.1)
     want_loss, _ = _check_accumulation(_toy_apply, params, batch, opt_cfg)
     micro_means = [_reference_loss(_toy_apply, params, {k: v[j::4] for k, v in batch.items()}) for j in range(4)]
     assert abs(np.mean(micro_means) - want_loss) > 1e-2  # so this batch tells the two apart
@@ -201,7 +201,7 @@ def test_zero_weight_tokens_do_not_move_the_params_and_weights_are_scale_free():
 
 def test_step_is_pure_and_never_recompiles():
     params = _toy_params()
-    opt_cfg = OptimizerConfig(name="finch_sgd", learning_rate=0.1, base_learning_rate=0.1)
+    opt_cfg = OptimizerConfig(name="finch_sgd", max_learning_rate=0.1, base_learning_rate=0.1)
     tx = make_optimizer(opt_cfg)
     step = step_lib.make_train_step(_toy_apply, tx)
     state, _ = step_lib.create_train_state(params, tx)

@@ -33,8 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train import orbax_loop
 from train.mesh import path_str
 from train.step import TrainState
+
+# A failed save or restore must not leave tensorstore operations reporting to orbax's closed event loop.
+orbax_loop.install()
 
 __all__ = [
     "CheckpointError",

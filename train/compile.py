@@ -1,12 +1,12 @@
 """``finch-train compile``: compile the real FINCH train step for a TPU pod on this CPU and say whether it fits.
 
-    finch-train compile --topology v5p-64 --model qwen3-4b
+    finch-train compile --topology v5p-64 --model preset:qwen3-4b
     finch-train compile --topology v5e-64 --num-slices 2 --config run.yaml data.batch_size=256
-    finch-train compile --topology v5e-16 --model qwen3-4b --max-batch
+    finch-train compile --topology v5e-16 --model preset:qwen3-4b --max-batch
 
-The step is :func:`train.step.make_train_step`, built exactly as ``finetune`` builds it (the optimizer from
-:func:`train.optimizers.make_optimizer`, the mesh and its rules, gradient accumulation, remat, the attention
-implementation), lowered with abstract params and batches (no weights in memory) for the devices libtpu describes
+The step is the one ``finetune`` trains with, from the same builder (:func:`train.program.build_program`: the
+optimizer, the mesh and its rules, gradient accumulation, remat, the attention implementation), lowered with
+abstract params and batches (no weights in memory) for the devices libtpu describes
 (:mod:`train.topology`), and compiled by XLA's TPU compiler. The report gives, per chip: XLA's memory analysis
 (arguments, outputs, aliased = donated state, temporaries) against the chip's HBM, fits or not and what to change;
 XLA's FLOPs and HBM bytes per step; and a roofline ESTIMATE of step time, tokens/s and MFU from the chip's published
@@ -30,25 +30,23 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-import models
+from models import flops as flops_lib  # the model-FLOPs count MFU is defined by
 from models import loss as loss_lib
 from models.config import ModelConfig
-from models.load import parse_source, resolve_dtype
+from models.load import parse_source
 from models.weights import abstract_model
 from train import config as config_lib
 from train import mesh as mesh_lib
-from train import step as step_lib
+from train import program as program_lib
 from train import topology as topology_lib
-from train.bench import flops as flops_lib  # the model-FLOPs count MFU is defined by (pure functions, no bench deps)
+from train import xla_analysis
 from train.compile_report import advice, format_report, gib, largest_fitting, memory_fields, roofline
-from train.config import ConfigError, TrainConfig
-from train.optimizers import make_optimizer
+from train.config import TrainConfig
 
 __all__ = [
     "compile_step",
@@ -56,38 +54,12 @@ __all__ = [
     "format_report",
     "largest_fitting",
     "main",
-    "model_config",
     "roofline",
 ]
 
 # Defaults for a pod run when no --config is given: one 2048-token row per data-parallel chip, layers under scan
 # (compiles in minutes instead of tens of minutes) and rematerialised (activations of one layer at a time).
 POD_DEFAULTS = ("data.seq_len=2048", "model.scan_layers=true", "model.remat=true")
-
-
-def model_config(settings: config_lib.ModelSettings, **overrides: Any) -> ModelConfig:
-    """The :class:`models.ModelConfig` ``settings.source`` names, read without loading any weight."""
-    source = parse_source(settings.source)
-    fields = dict(
-        dtype=resolve_dtype(settings.dtype, "model.dtype"),
-        param_dtype=resolve_dtype(settings.param_dtype, "model.param_dtype"),
-        remat=settings.remat,
-        remat_policy=settings.remat_policy,
-        scan_layers=settings.scan_layers,
-        attention_impl=settings.attention_impl,
-    )
-    fields.update(overrides)
-    if source.kind == "preset":
-        return models.get_preset(source.value, **fields)
-    if source.kind == "hf":
-        return ModelConfig.from_hf_config(Path(source.value) / "config.json", **fields)
-    from models.gguf_loader import config_from_gguf_fields, read_gguf, smollm2_gguf_path
-
-    path = smollm2_gguf_path() if source.value == "smollm2" else Path(source.value)
-    if not path.is_file():
-        raise ConfigError(f"model gguf:{source.value}: GGUF file not found")
-    header, _ = read_gguf(path, tensors=False)
-    return config_from_gguf_fields(header, str(path), **fields)
 
 
 @dataclasses.dataclass
@@ -100,55 +72,15 @@ class _Built:
     seconds: float
 
 
-def _check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> int:
-    """Rows per data-parallel chip per micro-batch; a clear error when the batch does not divide."""
-    dp = mesh_lib.data_parallel_size(mesh)
-    d = cfg.data
-    if d.grad_accum < 1 or d.seq_len < 1 or d.batch_size < 1:
-        raise ConfigError(
-            f"data.batch_size={d.batch_size}, data.seq_len={d.seq_len} and data.grad_accum={d.grad_accum} must be >= 1"
-        )
-    if d.batch_size % (d.grad_accum * dp):
-        raise ConfigError(
-            f"data.batch_size={d.batch_size} does not divide into data.grad_accum={d.grad_accum} micro-batches over "
-            f"{dp} data-parallel chips (mesh data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']}); use a multiple "
-            f"of {d.grad_accum * dp}"
-        )
-    return d.batch_size // (d.grad_accum * dp)
-
-
 def _build(cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, *, counting: bool = False) -> _Built:
-    """Lowers and compiles ``make_train_step`` for ``devices`` with abstract state and batch.
+    """Lowers and compiles the train program (:func:`train.program.build_program`) for ``devices`` with abstract
+    state and batch.
 
     ``counting``: a compile only for XLA's FLOP and byte counts, with the loss's loop over chunks unrolled.
     """
-    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    _check_batch(cfg, mesh)
-    rules = mesh_lib.parse_rules(cfg.mesh.rules)
-    tx = make_optimizer(cfg.optimizer, total_steps=cfg.steps)
-    model = abstract_model(model_cfg)
-    apply_fn, params, _ = step_lib.split_model(model, unroll_loss=counting)
-    params_shardings = mesh_lib.param_shardings(params, models.logical_axes(model), mesh, rules)
-    init = functools.partial(step_lib.init_train_state, tx=tx, seed=cfg.seed, l2sp=cfg.l2sp_weight > 0)
-    abstract = jax.eval_shape(init, params)
-    shardings = step_lib.train_state_shardings(abstract, params_shardings, mesh)
-    state = step_lib.abstract_like(shardings, abstract)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    shape = (cfg.data.batch_size, cfg.data.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding)
-        for k in step_lib.BATCH_KEYS
-    }
-    step = step_lib.make_train_step(
-        apply_fn,
-        tx,
-        grad_accum=cfg.data.grad_accum,
-        l2sp_weight=cfg.l2sp_weight,
-        mesh=mesh,
-        state_shardings=shardings,
-    )
+    program, _ = program_lib.build_program(cfg, abstract_model(model_cfg), devices=devices, unroll_loss=counting)
     start = time.perf_counter()
-    lowered = step.lower(state, batch)
+    lowered = program.lower()
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -156,7 +88,7 @@ def _build(cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, *, 
         if "RESOURCE_EXHAUSTED" in str(e):
             raise DoesNotFitError(str(e).splitlines()[0], time.perf_counter() - start) from None
         raise
-    return _Built(compiled, mesh, state, time.perf_counter() - start)
+    return _Built(compiled, program.mesh, program.abstract_state, time.perf_counter() - start)
 
 
 class DoesNotFitError(Exception):
@@ -177,10 +109,8 @@ def _per_chip_bytes(tree: Any) -> int:
 
 
 def _xla_costs(compiled: Any) -> tuple[float, float]:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):  # older jax: one dict per program
-        analysis = analysis[0]
-    return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+    counted = xla_analysis.costs(compiled) or {"flops": 0.0, "bytes_accessed": 0.0}
+    return counted["flops"], counted["bytes_accessed"]
 
 
 def _splash_flops(model_cfg: ModelConfig, tokens: int, seq_len: int) -> float:
@@ -321,7 +251,7 @@ def compile_step(cfg: TrainConfig, topology: topology_lib.Topology, *, costs: bo
 
 def _add_estimate(report: dict[str, Any], cfg: TrainConfig, topology: topology_lib.Topology, built: _Built) -> None:
     devices = topology_lib.topology_devices(topology)
-    model_cfg = model_config(cfg.model)
+    model_cfg = program_lib.model_config(cfg.model)
     try:
         step_costs = _step_costs(cfg, devices, model_cfg, built)
     except DoesNotFitError as e:
@@ -334,7 +264,7 @@ def _add_estimate(report: dict[str, Any], cfg: TrainConfig, topology: topology_l
 
 def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[dict[str, Any], _Built]:
     devices = topology_lib.topology_devices(topology)
-    model_cfg = model_config(cfg.model)
+    model_cfg = program_lib.model_config(cfg.model)
     built = _build(cfg, devices, model_cfg)
     chip = topology.chip
     mesh = built.mesh
@@ -470,12 +400,12 @@ def build_parser(prog: str = "finch-train compile") -> argparse.ArgumentParser:
         "needed): per-chip memory against HBM, fits or not, XLA FLOPs, and a roofline estimate of step time and MFU.",
         epilog="Without --config the pod defaults apply: " + " ".join(POD_DEFAULTS) + ", and one row per "
         "data-parallel chip. Any finetune config key can be overridden as key=value (see `finch-train finetune "
-        "--help`).\n\nexample: finch-train compile --topology v5p-64 --model qwen3-4b model.attention_impl=splash",
+        "--help`).\n\nexample: finch-train compile --topology v5p-64 --model preset:qwen3-4b model.attention_impl=splash",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--topology", required=True, help="v5e-256, v5p-64, v4-32, v6e-16, ... or libtpu's v5e:4x4")
     parser.add_argument("--num-slices", type=int, default=1, help="slices joined by the data-center network")
-    parser.add_argument("--model", default=None, help="a preset name (qwen3-4b) or model.source (hf:DIR, ...)")
+    parser.add_argument("--model", default=None, help="the model, as model.source: preset:qwen3-4b, hf:DIR, gguf:PATH")
     parser.add_argument("--config", default=None, help="a finetune YAML config")
     parser.add_argument(
         "--max-batch",
@@ -498,8 +428,7 @@ def _config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """The run's config and whether its batch size was chosen (else: one row per data-parallel chip)."""
     overrides = list(args.overrides)
     if args.model:
-        source = args.model if ":" in args.model else f"preset:{args.model}"
-        overrides.insert(0, f"model.source={source}")
+        overrides.insert(0, f"model.source={parse_source(args.model)}")
     if args.config is None:
         overrides = list(POD_DEFAULTS) + overrides
     cfg = config_lib.load_config(args.config, overrides)

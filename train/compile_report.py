@@ -10,6 +10,7 @@ import jax
 
 from models.config import ModelConfig
 from train import mesh as mesh_lib
+from train import xla_analysis
 from train.config import TrainConfig
 
 __all__ = [
@@ -30,20 +31,9 @@ MAX_ROWS_PER_CHIP = 1024
 
 
 def memory_fields(compiled: Any, hbm: int) -> dict[str, Any]:
-    m = compiled.memory_analysis()
-    fields = {
-        "arguments": m.argument_size_in_bytes,
-        "outputs": m.output_size_in_bytes,
-        "aliased": m.alias_size_in_bytes,
-        "temporaries": m.temp_size_in_bytes,
-        "generated_code": m.generated_code_size_in_bytes,
-    }
-    # Donated state is both an argument and an output: count it once. (XLA's own heap-simulation peak is kept
-    # alongside; this sum is the conservative figure, as MaxText's train_compile reports it.)
-    total = fields["arguments"] + fields["outputs"] - fields["aliased"] + fields["temporaries"]
-    total += fields["generated_code"]
-    fields["xla_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
-    fields.update(total=int(total), hbm=hbm, fraction_of_hbm=total / hbm, fits=total <= hbm)
+    """XLA's memory analysis of the step (:func:`train.xla_analysis.memory`) against the chip's ``hbm``."""
+    fields: dict[str, Any] = xla_analysis.memory(compiled)
+    fields.update(hbm=hbm, fraction_of_hbm=fields["total"] / hbm, fits=fields["total"] <= hbm)
     return fields
 
 

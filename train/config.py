@@ -2,7 +2,7 @@
 
 A config is a tree of frozen dataclasses (:class:`TrainConfig` at the root). It can be built in Python, read from a
 YAML file whose nesting mirrors the dataclasses, and patched from the command line with dotted overrides such as
-``optimizer.learning_rate=3e-4`` or ``data.train_files=[a.jsonl,b.txt]``. Any unknown key or ill-typed value is a
+``optimizer.max_learning_rate=3e-4`` or ``data.train_files=[a.jsonl,b.txt]``. Any unknown key or ill-typed value is a
 :class:`ConfigError` that names the key and lists the valid ones, so a typo never silently falls back to a default.
 """
 
@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ class ModelSettings:
 
     Attributes:
       source: the model: gguf:smollm2, hf:DIR, gguf:PATH, or preset:NAME (random init, for tests)
-      dtype: compute dtype of the forward and backward pass (bfloat16, float32 or float16)
+      dtype: compute dtype of the forward and backward pass (bfloat16 or float32)
       param_dtype: storage dtype of the trained params and the optimizer state
       remat: recompute activations in the backward pass (less memory, more compute)
       remat_policy: what remat keeps: full (only each layer's input), dots (matmul outputs), dots_no_batch
@@ -112,15 +113,17 @@ class OptimizerConfig:
     """The optimizer by name and its hyperparameters.
 
     ``name`` is ``finch_adamw`` (default), ``adamw``, ``sgd``, or ``finch_<direction>`` with direction one of
-    ``adam``, ``sgd``, ``momentum``, ``lion``, ``adafactor``. For FINCH optimizers ``learning_rate`` is the cap
-    ``lr_max`` and ``base_learning_rate`` is ``lr_base``; for the others ``learning_rate`` is the peak rate.
-    ``schedule`` (``constant``, ``warmup_cosine`` or, for non-FINCH optimizers, ``trace``) scales the rate(s);
-    ``trace`` replays ``lr_trace`` (one learning rate per step, the last one repeated).
+    ``adam``, ``sgd``, ``momentum``, ``lion``, ``adafactor``. FINCH optimizers read ``max_learning_rate`` (the cap) and
+    ``base_learning_rate``, the names of :func:`finch_optax.finch_adamw`'s arguments; the others read
+    ``learning_rate``. A setting the chosen optimizer
+    does not read is refused. ``schedule`` (``constant``, ``warmup_cosine`` or, for non-FINCH optimizers,
+    ``trace``) scales the rate(s); ``trace`` replays ``lr_trace`` (one learning rate per step, the last one repeated).
 
     Attributes:
       name: finch_adamw, adamw, sgd, or finch_<adam|sgd|momentum|lion|adafactor>
-      learning_rate: the peak rate; for FINCH its cap lr_max
-      base_learning_rate: FINCH's lr_base (lr = min(lr_max, lr_base / sqrt(mean loss)))
+      learning_rate: the peak rate of adamw and sgd
+      max_learning_rate: FINCH's cap (lr = min(max_learning_rate, base_learning_rate / sqrt(mean loss)))
+      base_learning_rate: FINCH's base rate (see max_learning_rate)
       schedule: constant, warmup_cosine, or (non-FINCH) trace
       warmup_steps: linear warmup steps of warmup_cosine
       decay_steps: cosine decay steps of warmup_cosine (0: the run's steps)
@@ -138,6 +141,7 @@ class OptimizerConfig:
 
     name: str = "finch_adamw"
     learning_rate: float = 1e-4
+    max_learning_rate: float = 1e-4
     base_learning_rate: float = 1e-4
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -152,6 +156,27 @@ class OptimizerConfig:
     ema_decay: float = 0.9
     min_loss: float = 0.0
     clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Before 0.2 FINCH's cap was `learning_rate`: read it as `max_learning_rate` for one more release.
+        default = _OPTIMIZER_RATE_DEFAULT
+        if self.name.startswith("finch_") and self.learning_rate != default:
+            if self.max_learning_rate not in (default, self.learning_rate):
+                raise ConfigError(
+                    f"optimizer.learning_rate={self.learning_rate:g} and optimizer.max_learning_rate="
+                    f"{self.max_learning_rate:g} both set FINCH's cap; keep only optimizer.max_learning_rate"
+                )
+            warnings.warn(
+                f"optimizer.learning_rate={self.learning_rate:g} with optimizer.name={self.name}: FINCH's cap is now "
+                "optimizer.max_learning_rate (the old name stops working in 0.3)",
+                FutureWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "max_learning_rate", self.learning_rate)
+            object.__setattr__(self, "learning_rate", default)
+
+
+_OPTIMIZER_RATE_DEFAULT = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +382,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of a config class, e.g. ``optimizer.learning_rate``."""
+    """Every dotted leaf key of a config class, e.g. ``optimizer.max_learning_rate``."""
     keys = []
     for name, annotation in _field_types(cls).items():
         if dataclasses.is_dataclass(annotation):
@@ -479,7 +504,11 @@ def check_ranges(cfg: TrainConfig) -> None:
     Optimizer hyperparameters are checked where the optimizer is built (:func:`train.optimizers.make_optimizer`),
     mesh sizes and rules where the mesh is (:mod:`train.mesh`).
     """
-    positive = {"data.seq_len": cfg.data.seq_len, "data.batch_size": cfg.data.batch_size}
+    positive = {
+        "data.seq_len": cfg.data.seq_len,
+        "data.batch_size": cfg.data.batch_size,
+        "data.grad_accum": cfg.data.grad_accum,
+    }
     non_negative = {
         "steps": cfg.steps,
         "checkpoint.every": cfg.checkpoint.every,

@@ -26,11 +26,10 @@ import numpy as np
 
 import models
 from train import config as config_lib
+from train import program as program_lib
 from train import run_folder
-from train import step as step_lib
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import ConfigError
-from train.optimizers import make_optimizer
 
 __all__ = ["EXPORT_DTYPES", "LoadedCheckpoint", "export_hf", "host_params", "load_checkpoint", "main"]
 
@@ -121,27 +120,21 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
             raise CheckpointError(f"{directory!r} has no checkpoint for step {step}; it has steps {steps}")
         meta = ckpt.read_meta(step)
         cfg = config_lib.from_dict(meta["config"])
-        model, tokenizer = models.load(
-            cfg.model.source,
-            dtype=dtype or cfg.model.dtype,
-            param_dtype=cfg.model.param_dtype,
-            seed=cfg.model.init_seed,
-            remat=cfg.model.remat,
-            scan_layers=cfg.model.scan_layers,
+        overrides = {} if dtype is None else {"dtype": dtype}
+        if cfg.model.attention_impl == "splash" and jax.default_backend() != "tpu":
+            overrides["attention_impl"] = "blockwise"  # the TPU kernel the run trained with runs only on TPUs
+        model, tokenizer = program_lib.load_model(cfg.model, **overrides)
+        # The run's state layout on one device: its mesh settings may name devices this process does not have.
+        one_device = dataclasses.replace(
+            cfg, mesh=config_lib.MeshConfig(rules=cfg.mesh.rules), data=dataclasses.replace(cfg.data, grad_accum=1)
         )
-        _, params, merge = step_lib.split_model(model)
-        tx = make_optimizer(cfg.optimizer, total_steps=cfg.steps)
-        abstract = jax.eval_shape(
-            lambda p: step_lib.init_train_state(p, tx, seed=cfg.seed, l2sp=cfg.l2sp_weight > 0), params
-        )
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        del params, model  # the restored params replace the base weights
-        state, _ = ckpt.restore(step, target)
+        program, _ = program_lib.build_program(one_device, model, devices=jax.devices()[:1])
+        del model  # the restored params replace the base weights
+        state, _ = ckpt.restore(step, program.abstract_state)
     finally:
         ckpt.close()
     template = meta.get("chat_template") or getattr(tokenizer, "chat_template", None)
-    return LoadedCheckpoint(merge(state.params), tokenizer, cfg, step, directory, template)
+    return LoadedCheckpoint(program.merge(state.params), tokenizer, cfg, step, directory, template)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

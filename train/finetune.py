@@ -1,6 +1,6 @@
 """Fine-tuning run: config → model, data, mesh, optimizer → jit steps with checkpoints and metrics.
 
-``python -m train finetune --config run.yaml optimizer.learning_rate=1e-4 ...`` runs it from the shell;
+``python -m train finetune --config run.yaml optimizer.max_learning_rate=1e-4 ...`` runs it from the shell;
 :func:`run` is the same from Python and also accepts an already-loaded model, so one process can fine-tune several
 copies of one base model with different methods (the forgetting lab does that).
 
@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 import yaml
 
 import models
@@ -29,20 +28,18 @@ from train import data as data_lib
 from train import distributed, run_folder, runlock
 from train import export as export_lib
 from train import guard as guard_lib
-from train import mesh as mesh_lib
+from train import program as program_lib
 from train import resume as resume_lib
 from train import step as step_lib
 from train import summary as summary_lib
-from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, CorruptCheckpointError
-from train.config import ConfigError, TrainConfig
+from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
+from train.config import TrainConfig
 from train.metrics_log import DelayedMetrics, MetricsLogger
-from train.optimizers import make_optimizer
 from train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from train.preemption import Preempted, PreemptionWatch
-from train.stderr_filter import EventLoopNoiseFilter
 from train.validation import Validator
 
-__all__ = ["FinetuneResult", "load_model", "main", "run"]
+__all__ = ["FinetuneResult", "main", "run"]
 
 
 @dataclasses.dataclass
@@ -78,49 +75,18 @@ class FinetuneResult:
         return [m["loss"] for m in self.metrics]
 
 
-def load_model(settings: config_lib.ModelSettings) -> tuple[Any, Any]:
-    """The model and tokenizer ``settings.source`` names (see :func:`models.load`), at the configured precision."""
-    return models.load(
-        settings.source,
-        dtype=settings.dtype,
-        param_dtype=settings.param_dtype,
-        seed=settings.init_seed,
-        remat=settings.remat,
-        remat_policy=settings.remat_policy,
-        scan_layers=settings.scan_layers,
-        attention_impl=settings.attention_impl,
-    )
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What a run trains: the model, its tokenizer and the packed data, checked against each other."""
 
-
-def _model_context(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "max_position_embeddings", None)
-
-
-def _check_sizes(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
-    dp = mesh_lib.data_parallel_size(mesh)
-    d = cfg.data
-    if cfg.steps < 0:
-        raise ConfigError(f"steps must be >= 0, got {cfg.steps}")
-    if d.grad_accum < 1:
-        raise ConfigError(f"data.grad_accum must be >= 1, got {d.grad_accum}")
-    if d.batch_size % (d.grad_accum * dp):
-        raise ConfigError(
-            f"data.batch_size={d.batch_size} must be divisible by data.grad_accum={d.grad_accum} × the data-parallel "
-            f"size {dp} (mesh data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']})"
-        )
-    if cfg.l2sp_weight < 0:
-        raise ConfigError(f"l2sp_weight must be >= 0, got {cfg.l2sp_weight}")
-    if cfg.checkpoint.every < 0:
-        raise ConfigError(f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
-
-
-def _global_batch(host_batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    """Host batch → global device arrays; each process contributes only the rows its devices hold."""
-    host_batch = step_lib.host_batch_arrays(host_batch)
-    shape = host_batch["tokens"].shape
-    rows = data_lib.local_rows(sharding, shape)
-    return {k: jax.make_array_from_process_local_data(sharding, v[rows], v.shape) for k, v in host_batch.items()}
+    model: Any
+    tokenizer: Any
+    model_name: str
+    train: data_lib.DataSplit
+    rows: data_lib.PackedRows  # the training rows, after ``transform_rows``
+    validation: data_lib.DataSplit | None
+    chat_template: str | None  # the template chats were rendered with when it is not the tokenizer's own
+    fingerprint: str
 
 
 def run(
@@ -158,254 +124,289 @@ def run(
     """
     cfg = run_folder.resolve(cfg, in_memory_documents=documents is not None)
     config_lib.check_ranges(cfg)
+    program_lib.preflight(cfg)  # mesh, batch and optimizer settings: refused before anything loads
+    if model is not None and tokenizer is None:
+        raise ValueError("finetune.run(cfg, model=...) also needs the model's tokenizer")
     # One writer per run folder, taken before anything is loaded: a second run is refused at once.
     written = [cfg.output.dir] + ([cfg.checkpoint.directory] if cfg.checkpoint.enabled else [])
     with runlock.hold(written if jax.process_index() == 0 else []), PreemptionWatch() as preemption:
-        return _run(cfg, model, tokenizer, documents, on_step, transform_rows, preemption)
+        inputs = _load_inputs(cfg, model, tokenizer, documents, transform_rows)
+        program, params = program_lib.build_program(cfg, inputs.model)
+        session = _Session(cfg, program, inputs, preemption, on_step)
+        try:
+            session.start(params)
+            del params
+            session.train()
+            session.finish()
+        finally:
+            session.close()  # waits for the last checkpoint save: the end summary lists only finished ones
+        session.report()
+        return session.result()
 
 
-def _run(cfg, model, tokenizer, documents, on_step, transform_rows, preemption: PreemptionWatch) -> FinetuneResult:
-    total = cfg.steps
-    tx = make_optimizer(cfg.optimizer, total_steps=total)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    _check_sizes(cfg, mesh)
-    rules = mesh_lib.parse_rules(cfg.mesh.rules)
+def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
+    """Loads the model (unless given) and the data, and checks that they fit each other."""
     model_name = f"{cfg.model.source} (given to finetune.run)" if model is not None else cfg.model.source
     if model is None:
-        model, tokenizer = load_model(cfg.model)
-    elif tokenizer is None:
-        raise ValueError("finetune.run(cfg, model=...) also needs the model's tokenizer")
-    train_split = data_lib.load_split(
-        tokenizer, cfg.data, cfg.data.train_files, documents=documents, max_context=_model_context(model)
-    )
-    rows = train_split.rows
-    if transform_rows is not None:
-        rows = transform_rows(rows)
-    data_fingerprint = resume_lib.rows_fingerprint(rows)
-    val_split = None
+        model, tokenizer = program_lib.load_model(cfg.model)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    train = data_lib.load_split(tokenizer, cfg.data, cfg.data.train_files, documents=documents, max_context=context)
+    rows = train.rows if transform_rows is None else transform_rows(train.rows)
+    validation = None
     if cfg.data.validation_files:
-        val_split = data_lib.load_split(
-            tokenizer, cfg.data, cfg.data.validation_files, max_context=_model_context(model), what="validation"
+        validation = data_lib.load_split(
+            tokenizer, cfg.data, cfg.data.validation_files, max_context=context, what="validation"
         )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    for split_rows in (rows, None if val_split is None else val_split.rows):
+    for split_rows in (rows, None if validation is None else validation.rows):
         if vocab is not None and split_rows is not None and int(split_rows.tokens.max()) >= vocab:
             raise data_lib.DataError(
                 f"token id {int(split_rows.tokens.max())} is outside the model's vocabulary of {vocab}"
             )
-    # The template chats were rendered with, when it is not the tokenizer's own: checkpoints and exports keep it.
     chat_template = None
     if cfg.data.chat_template:
         with open(cfg.data.chat_template, encoding="utf-8") as f:
             chat_template = f.read()
-    loader = data_lib.ResumableLoader(rows, cfg.data.batch_size, seed=cfg.data.seed)
+    fingerprint = resume_lib.rows_fingerprint(rows)
+    return _Inputs(model, tokenizer, model_name, train, rows, validation, chat_template, fingerprint)
 
-    apply_fn, params, merge = step_lib.split_model(model)
-    params_shardings = mesh_lib.param_shardings(params, models.logical_axes(model), mesh, rules)
-    l2sp = cfg.l2sp_weight > 0
 
-    # Resume: validate the checkpoint before building anything big on the devices.
-    checkpointer = None
-    resume_step = None
-    if cfg.checkpoint.enabled and cfg.checkpoint.directory:
-        checkpointer = Checkpointer(
-            cfg.checkpoint.directory, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
-        )
-        latest = checkpointer.latest_step()
-        if latest is not None and not cfg.checkpoint.resume:
-            raise CheckpointError(
-                f"checkpoint.directory={cfg.checkpoint.directory!r} already holds checkpoints (steps "
-                f"{checkpointer.all_steps()}) and checkpoint.resume=false; pick an empty directory"
+class _Session:
+    """One run of the training loop: state, data order, checkpoints, metrics and exports, in named phases."""
+
+    def __init__(self, cfg: TrainConfig, program, inputs: _Inputs, preemption: PreemptionWatch, on_step):
+        self.cfg, self.program, self.inputs = cfg, program, inputs
+        self.preemption, self.on_step = preemption, on_step
+        self.is_main = jax.process_index() == 0
+        self.loader = data_lib.ResumableLoader(inputs.rows, cfg.data.batch_size, seed=cfg.data.seed)
+        self.checkpointer: Checkpointer | None = None
+        self.logger: MetricsLogger | None = None
+        self.state: step_lib.TrainState | None = None
+        self.start_step = 0
+        self.seconds = 0.0
+        self.validation: list[tuple[int, float]] = []
+        self.hf_dir = run_folder.hf_directory(cfg.output.dir) if cfg.output.hf_export else None
+        self.validator = None
+        if inputs.validation is not None:
+            self.validator = Validator(
+                program.apply_fn,
+                inputs.validation.rows,
+                cfg.data.batch_size // cfg.data.grad_accum,
+                program.place_batch,
+                program.params_shardings,
+                program.batch_sharding,
             )
-        resume_step = latest
 
-    state, state_shardings = step_lib.create_train_state(
-        params, tx, mesh=mesh, params_shardings=params_shardings, seed=cfg.seed, l2sp=l2sp
-    )
-    start_step = 0
-    config_changes: list = []  # settings that differ from the checkpoint's run, when accepted
-    if resume_step is None:
-        guard_lib.check_finite_params(state.params, model_name)  # NaN weights would make every step a skip
-    else:
-        target = step_lib.abstract_like(state_shardings, jax.eval_shape(lambda s: s, state))
+    # -- start: checkpoints, the initial state, the run folder ------------------------------------------------------
+
+    def start(self, params: Any) -> None:
+        """Resumes from the newest checkpoint or builds the step-0 state; writes the config and start summary."""
+        resume_step = self._open_checkpoints()
+        state = self.program.init_state(params)
+        config_changes: list = []
+        if resume_step is None:
+            guard_lib.check_finite_params(state.params, self.inputs.model_name)  # NaN weights: every step skipped
+        else:
+            state, config_changes = self._restore(state)
+        self.state = state
+        self._prepare_run_folder(params, config_changes)
+        self.logger = MetricsLogger(
+            self.cfg.output.dir,
+            total_steps=self.cfg.steps,
+            start_step=self.start_step,
+            tensorboard=self.cfg.tensorboard,
+            progress=self.cfg.progress,
+            append=self.start_step > 0,
+        )
+
+    def _open_checkpoints(self) -> int | None:
+        """Opens the checkpoint directory (if checkpoints are on); the step to resume from, if any."""
+        c = self.cfg.checkpoint
+        if not (c.enabled and c.directory):
+            return None
+        self.checkpointer = Checkpointer(c.directory, keep=c.keep, async_save=c.async_save)
+        latest = self.checkpointer.latest_step()
+        if latest is not None and not c.resume:
+            raise CheckpointError(
+                f"checkpoint.directory={c.directory!r} already holds checkpoints (steps "
+                f"{self.checkpointer.all_steps()}) and checkpoint.resume=false; pick an empty directory"
+            )
+        return latest
+
+    def _restore(self, fresh: step_lib.TrainState) -> tuple[step_lib.TrainState, list]:
+        """The newest good checkpoint, checked to be of the same run, in place of ``fresh``."""
+        cfg, changes = self.cfg, []
         # Programs on simulated/in-process devices share one collective rendezvous pool: never let the init or
         # restore programs overlap the first training step.
-        jax.block_until_ready(state)
-        del state  # free the fresh state before the restored one lands in the same shardings
+        jax.block_until_ready(fresh)
+        del fresh  # free the fresh state before the restored one lands in the same shardings
 
         def same_run(step: int, meta: dict) -> None:
-            config_changes[:] = resume_lib.check_same_run(
-                meta, config_lib.to_dict(cfg), data_fingerprint, step=step, accept=cfg.checkpoint.accept_config_change
+            changes[:] = resume_lib.check_same_run(
+                meta,
+                config_lib.to_dict(cfg),
+                self.inputs.fingerprint,
+                step=step,
+                accept=cfg.checkpoint.accept_config_change,
             )
 
-        resume_step, state, meta, corrupt = checkpointer.restore_newest(
-            target, fall_back=cfg.checkpoint.on_corrupt == "previous", before_restore=same_run
+        _, state, meta, corrupt = self.checkpointer.restore_newest(
+            self.program.abstract_state,
+            fall_back=cfg.checkpoint.on_corrupt == "previous",
+            before_restore=same_run,
         )
         for bad in corrupt:  # only with on_corrupt=previous: moved aside, so new saves can take their steps
-            print(f"checkpoint: moved corrupt step {bad} to {checkpointer.quarantine(bad)}", flush=True)
+            print(f"checkpoint: moved corrupt step {bad} to {self.checkpointer.quarantine(bad)}", flush=True)
         jax.block_until_ready(state)
-        loader.load_state_dict(meta["loader"])
-        start_step = int(meta["step"])
+        self.loader.load_state_dict(meta["loader"])
+        self.start_step = int(meta["step"])
+        return state, changes
 
-    step_fn = step_lib.make_train_step(
-        apply_fn,
-        tx,
-        grad_accum=cfg.data.grad_accum,
-        l2sp_weight=cfg.l2sp_weight,
-        mesh=mesh,
-        state_shardings=state_shardings,
-    )
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-
-    output_dir = cfg.output.dir
-    is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(output_dir, exist_ok=True)
+    def _prepare_run_folder(self, params: Any, config_changes: list) -> None:
+        if not self.is_main:
+            return
+        cfg, inputs, out = self.cfg, self.inputs, self.cfg.output.dir
+        os.makedirs(out, exist_ok=True)
         if config_changes:  # accepted on resume: the config the earlier steps ran with stays beside the new one
-            resume_lib.keep_previous_config(output_dir, start_step)
-        if start_step > 0:  # steps logged after the checkpoint by a run that then died are about to run again
-            resume_lib.trim_metrics(output_dir, start_step)
-        config_lib.save_config(cfg, os.path.join(output_dir, "config.yaml"))
-        if model_name == cfg.model.source and models.parse_source(cfg.model.source).is_random_init:
+            resume_lib.keep_previous_config(out, self.start_step)
+        if self.start_step > 0:  # steps logged after the checkpoint by a run that then died are about to run again
+            resume_lib.trim_metrics(out, self.start_step)
+        config_lib.save_config(cfg, os.path.join(out, "config.yaml"))
+        if inputs.model_name == cfg.model.source and models.parse_source(cfg.model.source).is_random_init:
             print(summary_lib.random_init_warning(cfg.model.source), flush=True)
-        uses_chat = any(s.chats for s in train_split.sources)
-        print(
-            summary_lib.start_summary(
-                cfg,
-                model_name=model_name,
-                params=params,
-                params_shardings=params_shardings,
-                mesh=mesh,
-                train=train_split,
-                validation=val_split,
-                start_step=start_step,
-                chat_template=(cfg.data.chat_template or "the model's chat template") if uses_chat else None,
-            ),
-            flush=True,
+        uses_chat = any(s.chats for s in inputs.train.sources)
+        summary = summary_lib.start_summary(
+            cfg,
+            model_name=inputs.model_name,
+            params=params,
+            params_shardings=self.program.params_shardings,
+            mesh=self.program.mesh,
+            train=inputs.train,
+            validation=inputs.validation,
+            start_step=self.start_step,
+            chat_template=(cfg.data.chat_template or "the model's chat template") if uses_chat else None,
         )
-    validator = None
-    if val_split is not None:
-        validator = Validator(
-            apply_fn,
-            val_split.rows,
-            cfg.data.batch_size // cfg.data.grad_accum,
-            lambda batch: _global_batch(batch, batch_sharding),
-            params_shardings,
-            batch_sharding,
-        )
-    logger = MetricsLogger(
-        output_dir,
-        total_steps=total,
-        start_step=start_step,
-        tensorboard=cfg.tensorboard,
-        progress=cfg.progress,
-        append=start_step > 0,
-    )
-    delayed = DelayedMetrics(logger)
-    meta_base = {
-        "config": config_lib.to_dict(cfg),
-        "chat_template": chat_template,
-        "data_fingerprint": data_fingerprint,
-    }
-    skip_watch = guard_lib.SkipWatch(
-        cfg.guard.max_consecutive_skips, last_good_step=None if checkpointer is None else checkpointer.latest_step
-    )
-    validation: list[tuple[int, float]] = []
-    hf_dir = run_folder.hf_directory(output_dir) if cfg.output.hf_export else None
+        print(summary, flush=True)
 
-    def validate(step: int) -> None:
-        jax.block_until_ready(state)  # as for saves: never interleave two programs' collectives
-        loss, tokens = validator(state.params)
-        validation.append((step, loss))
-        logger.log_eval(step, {"val_loss": loss, "val_tokens": tokens})
+    # -- what happens between steps -------------------------------------------------------------------------------
 
-    def export(step: int | None) -> None:
-        # Every process joins the gather; process 0 writes.
-        jax.block_until_ready(state)
-        host_model = merge(export_lib.host_params(state.params))
-        if is_main:
-            export_lib.export_hf(
-                host_model,
-                tokenizer,
-                run_folder.hf_directory(output_dir, step),
-                dtype=cfg.output.hf_dtype,
-                chat_template=chat_template,
-            )
+    def validate(self, step: int) -> None:
+        jax.block_until_ready(self.state)  # as for saves: never interleave two programs' collectives
+        loss, tokens = self.validator(self.state.params)
+        self.validation.append((step, loss))
+        self.logger.log_eval(step, {"val_loss": loss, "val_tokens": tokens})
 
-    def save(step: int) -> None:
-        if checkpointer is not None and step not in checkpointer.all_steps():
+    def save(self, step: int) -> None:
+        if self.checkpointer is not None and step not in self.checkpointer.all_steps():
             # Let the step finish first, so the save's device-to-host copies never interleave with a running step's
             # collectives; the file writes still happen in the background while the next steps run.
-            jax.block_until_ready(state)
-            checkpointer.save(step, state, dict(meta_base, loader=loader.state_dict()))
+            jax.block_until_ready(self.state)
+            meta = {
+                "config": config_lib.to_dict(self.cfg),
+                "chat_template": self.inputs.chat_template,
+                "data_fingerprint": self.inputs.fingerprint,
+                "loader": self.loader.state_dict(),
+            }
+            self.checkpointer.save(step, self.state, meta)
 
-    try:
-        if validator is not None and start_step == 0:  # a resumed run's earlier session logged its own
-            validate(0)
+    def export(self, step: int | None) -> None:
+        # Every process joins the gather; process 0 writes.
+        jax.block_until_ready(self.state)
+        host_model = self.program.merge(export_lib.host_params(self.state.params))
+        if self.is_main:
+            export_lib.export_hf(
+                host_model,
+                self.inputs.tokenizer,
+                run_folder.hf_directory(self.cfg.output.dir, step),
+                dtype=self.cfg.output.hf_dtype,
+                chat_template=self.inputs.chat_template,
+            )
+
+    # -- the loop and its end ---------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, total, logger = self.cfg, self.cfg.steps, self.logger
+        delayed = DelayedMetrics(logger)
+        last_good = None if self.checkpointer is None else self.checkpointer.latest_step
+        skip_watch = guard_lib.SkipWatch(cfg.guard.max_consecutive_skips, last_good_step=last_good)
+        if self.validator is not None and self.start_step == 0:  # a resumed run's earlier session logged its own
+            self.validate(0)
         t_start = time.perf_counter()
         logger.start_clock()
-        for step in range(start_step, total):
-            batch = _global_batch(loader.next_batch(), batch_sharding)
-            state, metrics = step_fn(state, batch)
-            delayed.push(step + 1, metrics)
+        for step in range(self.start_step + 1, total + 1):
+            self.state, metrics = self.program.step(self.state, self.program.place_batch(self.loader.next_batch()))
+            delayed.push(step, metrics)
             skip_watch.check(logger.records)
-            if checkpointer is not None:
-                checkpointer.check_for_errors()  # a failed background save stops the run now, not `every` steps later
-            saved = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < total
+            if self.checkpointer is not None:
+                self.checkpointer.check_for_errors()  # a failed background save stops the run now, not later
+            saved = _every(cfg.checkpoint.every, step, total)
             if saved:
-                save(step + 1)
-            if validator is not None and _every(cfg.data.validation_every, step + 1, total):
-                validate(step + 1)
-            if hf_dir is not None and _every(cfg.output.hf_every, step + 1, total):
-                export(step + 1)
-            if on_step is not None:
-                on_step(step + 1, state)
-            if step + 1 < total and preemption.requested(step + 1):
+                self.save(step)
+            if self.validator is not None and _every(cfg.data.validation_every, step, total):
+                self.validate(step)
+            if self.hf_dir is not None and _every(cfg.output.hf_every, step, total):
+                self.export(step)
+            if self.on_step is not None:
+                self.on_step(step, self.state)
+            if step < total and self.preemption.requested(step):
                 delayed.flush()
-                if checkpointer is None:
-                    raise Preempted(
-                        f"stopped by SIGTERM after step {step + 1}; checkpoints are off, nothing saved", step + 1
-                    )
-                if not saved:
-                    save(step + 1)
-                checkpointer.wait()
-                raise Preempted(
-                    f"stopped by SIGTERM after step {step + 1}, saved as checkpoint {checkpointer.latest_step()} in "
-                    f"{checkpointer.directory}; run the same command again to resume",
-                    step + 1,
-                )
+                self._stop_for_preemption(step, saved)
         delayed.flush()
         skip_watch.check(logger.records)
-        seconds = time.perf_counter() - t_start
-        if total > start_step:
-            save(total)
-            if validator is not None:
-                validate(total)
-        if hf_dir is not None and (total > start_step or not os.path.isdir(hf_dir)):
-            export(None)
-    finally:
-        if checkpointer is not None:
-            checkpointer.close()
-        logger.close()
+        self.seconds = time.perf_counter() - t_start
 
-    final_model = merge(state.params) if jax.process_count() == 1 else None
-    if is_main:
-        checkpoint_steps = [] if checkpointer is None else checkpointer.all_steps()
-        run_end = summary_lib.RunEnd(cfg, start_step, logger.records, validation, seconds, checkpoint_steps, hf_dir)
-        print(run_end.text(), flush=True)
-        run_end.write()
-    return FinetuneResult(
-        state=state,
-        params=state.params,
-        model=final_model,
-        tokenizer=tokenizer,
-        metrics=logger.records,
-        lr_trace=[r["lr"] for r in logger.records],
-        start_step=start_step,
-        config=cfg,
-        validation=validation,
-        hf_dir=hf_dir,
-    )
+    def _stop_for_preemption(self, step: int, saved: bool) -> None:
+        if self.checkpointer is None:
+            raise Preempted(f"stopped by SIGTERM after step {step}; checkpoints are off, nothing saved", step)
+        if not saved:
+            self.save(step)
+        self.checkpointer.wait()
+        raise Preempted(
+            f"stopped by SIGTERM after step {step}, saved as checkpoint {self.checkpointer.latest_step()} in "
+            f"{self.checkpointer.directory}; run the same command again to resume",
+            step,
+        )
+
+    def finish(self) -> None:
+        """The last checkpoint, validation and export."""
+        total = self.cfg.steps
+        if total > self.start_step:
+            self.save(total)
+            if self.validator is not None:
+                self.validate(total)
+        if self.hf_dir is not None and (total > self.start_step or not os.path.isdir(self.hf_dir)):
+            self.export(None)
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if self.logger is not None:
+            self.logger.close()
+
+    def report(self) -> None:
+        """The end summary: printed and written as ``summary.json`` (process 0)."""
+        if self.is_main:
+            steps = [] if self.checkpointer is None else self.checkpointer.all_steps()
+            run_end = summary_lib.RunEnd(
+                self.cfg, self.start_step, self.logger.records, self.validation, self.seconds, steps, self.hf_dir
+            )
+            print(run_end.text(), flush=True)
+            run_end.write()
+
+    def result(self) -> FinetuneResult:
+        records = self.logger.records
+        return FinetuneResult(
+            state=self.state,
+            params=self.state.params,
+            model=self.program.merge(self.state.params) if jax.process_count() == 1 else None,
+            tokenizer=self.inputs.tokenizer,
+            metrics=records,
+            lr_trace=[r["lr"] for r in records],
+            start_step=self.start_step,
+            config=self.cfg,
+            validation=self.validation,
+            hf_dir=self.hf_dir,
+        )
 
 
 def _every(period: int, step: int, total: int) -> bool:
@@ -419,7 +420,7 @@ def build_parser(prog: str = "finch-train finetune") -> argparse.ArgumentParser:
         description="Fine-tune a causal LM with FINCH (or a baseline) on text/JSONL data. Files go to the run "
         "folder, runs/<model>-<data>/ unless output.dir is set: metrics, checkpoints and a Hugging Face export.",
         epilog=config_lib.help_text()
-        + "\n\nexample: finch-train finetune --config configs/smollm2-chat.yaml steps=20 optimizer.learning_rate=3e-4",
+        + "\n\nexample: finch-train finetune --config configs/smollm2-chat.yaml steps=20 optimizer.max_learning_rate=3e-4",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML config file")
@@ -441,23 +442,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     # orbax logs a failed background save with full tracebacks from each of its threads (325 lines for a full disk);
     # the run reports the failure itself, as one line naming the step and the cause.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
-    with EventLoopNoiseFilter() as noise_filter:
-        try:
-            run(cfg)  # prints its start and final summaries
-        except guard_lib.DivergenceError as e:
-            sys.stderr.write(f"finch-train finetune: error: {e}\n")
-            return 3
-        except Preempted as e:
-            sys.stderr.write(f"finch-train finetune: {e}\n")
-            return PREEMPTED_EXIT_CODE
-        except CheckpointSaveError as e:
-            # Threads of a failed orbax save can be left waiting for a commit that never comes (up to orbax's
-            # 20-minute timeout) and are not daemons, so a normal interpreter exit could wait for them: report and
-            # leave at once (run() has already closed its files and released its locks).
-            noise_filter.exit(f"finch-train finetune: error: {e}", 2)
-        except CorruptCheckpointError:
-            # The reads still in flight when a restore fails report to orbax's closed loop a moment later: let them
-            # reach the filter before stderr is given back (the CLI then prints the one error line).
-            noise_filter.settle()
-            raise
+    try:
+        run(cfg)  # prints its start and final summaries
+    except guard_lib.DivergenceError as e:
+        sys.stderr.write(f"finch-train finetune: error: {e}\n")
+        return 3
+    except Preempted as e:
+        sys.stderr.write(f"finch-train finetune: {e}\n")
+        return PREEMPTED_EXIT_CODE
+    except CheckpointSaveError as e:
+        # Threads of a failed orbax save can be left waiting for a commit that never comes (up to orbax's
+        # 20-minute timeout) and are not daemons, so a normal interpreter exit could wait for them: report and
+        # leave at once (run() has already closed its files and released its locks).
+        _exit_now(f"finch-train finetune: error: {e}", 2)
     return 0
+
+
+def _exit_now(message: str, code: int) -> None:
+    """Writes ``message`` to stderr and leaves the process with ``code`` without waiting for other threads."""
+    sys.stdout.flush()
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+    os._exit(code)

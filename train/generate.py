@@ -29,7 +29,7 @@ import models
 from train import config as config_lib
 from train import export as export_lib
 from train.chat_template import ChatTemplate, ChatTemplateError, special_token_text
-from train.finetune import load_model
+from train.program import load_model
 
 __all__ = ["Loaded", "chat_main", "complete", "load_for_generation", "main", "stream_text"]
 
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = args.model or args.checkpoint
     if spec is None:
         cfg = config_lib.load_config(args.config, args.overrides)
-        model, tokenizer = load_model(dataclasses.replace(cfg.model, dtype=args.dtype))
+        model, tokenizer = load_model(cfg.model, dtype=args.dtype)
         template = (
             None if not (args.chat or args.chat_template) else ChatTemplate.for_model(tokenizer, args.chat_template)
         )

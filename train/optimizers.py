@@ -76,10 +76,10 @@ def _validate(opt_cfg: OptimizerConfig, total_steps: int | None) -> None:
             raise ConfigError("optimizer.schedule=trace needs optimizer.lr_trace (one learning rate per step)")
         if any(not lr >= 0 for lr in opt_cfg.lr_trace):
             raise ConfigError("optimizer.lr_trace must hold non-negative numbers")
-    if not 0 < opt_cfg.learning_rate < math.inf:
-        raise ConfigError(f"optimizer.learning_rate must be > 0 and finite, got {opt_cfg.learning_rate}")
-    if is_finch(opt_cfg) and not 0 < opt_cfg.base_learning_rate < math.inf:
-        raise ConfigError(f"optimizer.base_learning_rate must be > 0 and finite, got {opt_cfg.base_learning_rate}")
+    rates = ("max_learning_rate", "base_learning_rate") if is_finch(opt_cfg) else ("learning_rate",)
+    for key in rates:
+        if not 0 < getattr(opt_cfg, key) < math.inf:
+            raise ConfigError(f"optimizer.{key} must be > 0 and finite, got {getattr(opt_cfg, key)}")
     _check_ranges(opt_cfg)
     if opt_cfg.schedule == "warmup_cosine" and not (opt_cfg.decay_steps or total_steps):
         raise ConfigError("optimizer.schedule=warmup_cosine needs optimizer.decay_steps (or the run's steps)")
@@ -100,7 +100,7 @@ _RANGES = {
     "min_loss": (-math.inf, math.inf, False, False),
 }
 # Settings only FINCH reads: set on another optimizer they would silently do nothing.
-_FINCH_ONLY = ("ema_decay", "min_loss")
+_FINCH_ONLY = ("max_learning_rate", "base_learning_rate", "ema_decay", "min_loss")
 
 
 def _check_ranges(opt_cfg: OptimizerConfig) -> None:
@@ -151,9 +151,9 @@ def make_schedule(opt_cfg: OptimizerConfig, total_steps: int | None = None, peak
 def _finch_rates(opt_cfg: OptimizerConfig, total_steps: int | None) -> tuple[Any, Any]:
     """FINCH's ``(lr_base, lr_max)``: floats, or both scaled by the schedule's shape."""
     if opt_cfg.schedule == "constant":
-        return opt_cfg.base_learning_rate, opt_cfg.learning_rate
+        return opt_cfg.base_learning_rate, opt_cfg.max_learning_rate
     shape = make_schedule(opt_cfg, total_steps, peak=1.0)
-    return (lambda t: opt_cfg.base_learning_rate * shape(t)), (lambda t: opt_cfg.learning_rate * shape(t))
+    return (lambda t: opt_cfg.base_learning_rate * shape(t)), (lambda t: opt_cfg.max_learning_rate * shape(t))
 
 
 def _finch(opt_cfg: OptimizerConfig, total_steps: int | None, direction: optax.GradientTransformation):
@@ -174,7 +174,7 @@ def _finch_adamw(opt_cfg: OptimizerConfig, total_steps: int | None) -> optax.Gra
         weight_decay=opt_cfg.weight_decay,
         ema_decay=opt_cfg.ema_decay,
         min_loss=opt_cfg.min_loss,
-        check_updates=False,  # make_optimizer's skip_nonfinite already checks every gradient
+        skip_nonfinite=False,  # make_optimizer wraps the whole chain, clipping included, in the one skip_nonfinite
     )
 
 
@@ -253,12 +253,12 @@ def _updates_like_params() -> optax.GradientTransformation:
 
 
 def skip_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
-    """``{"skipped": total, "consecutive_skips": in a row}`` from the state's skip wrapper (empty without one)."""
+    """``{"skipped": in all, "consecutive_skips": in a row}`` from the state's skip wrapper (empty without one)."""
     try:
         counts = finch_optax.skip_counts(opt_state)
     except ValueError:  # an optimizer built without make_optimizer, e.g. a bare optax transform in a test
         return {}
-    return {"skipped": counts.total, "consecutive_skips": counts.consecutive}
+    return counts._asdict()
 
 
 def _is_injected(node: Any) -> bool:

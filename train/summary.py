@@ -63,7 +63,10 @@ def _mesh_line(cfg: TrainConfig, mesh: jax.sharding.Mesh, params: Any, shardings
 def _optimizer_line(cfg: TrainConfig) -> str:
     o = cfg.optimizer
     if o.name.startswith("finch_"):
-        rates = f"lr_max {o.learning_rate:g}, lr_base {o.base_learning_rate:g}, loss EMA decay {o.ema_decay:g}"
+        rates = (
+            f"max_learning_rate {o.max_learning_rate:g}, base_learning_rate {o.base_learning_rate:g}, "
+            f"loss EMA decay {o.ema_decay:g}"
+        )
     else:
         rates = f"lr {o.learning_rate:g}"
     schedule = o.schedule

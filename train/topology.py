@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from models.config import ConfigError
+from train.chips import TPU_CHIPS, Chip
 
 __all__ = [
     "CHIPS",
@@ -32,63 +33,13 @@ __all__ = [
     "topology_devices",
 ]
 
-GiB = 2**30
-
 
 class TopologyError(ConfigError):
     """A topology name, size or slice count that does not describe a TPU pod slice (a user error: exit 2)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One TPU generation's published per-chip limits.
-
-    Attributes:
-      name: the accelerator-type prefix (``v5e``).
-      device_kind: what ``jax.Device.device_kind`` reports for it.
-      hbm_bytes: HBM capacity per chip.
-      peak_bf16_flops: peak dense bf16 matmul FLOP/s per chip.
-      hbm_bytes_per_second: HBM bandwidth per chip.
-      dims: 2 for 2D-torus generations (v5e, v6e), 3 for 3D (v4, v5p).
-      cores_per_chip_in_name: 2 where the accelerator type counts TensorCores (v4, v5p), else 1.
-      chip_config: libtpu's chip configuration for JAX's one-device-per-chip view (v4 runs as "megacore").
-      slice_sizes: chip counts a single slice can have.
-      source: where the numbers come from.
-    """
-
-    name: str
-    device_kind: str
-    hbm_bytes: int
-    peak_bf16_flops: float
-    hbm_bytes_per_second: float
-    dims: int
-    cores_per_chip_in_name: int
-    chip_config: str
-    slice_sizes: tuple[int, ...]
-    source: str
-
-
-_POW2_3D = tuple(2**k for k in range(2, 13))  # 4 .. 4096 chips: 2x2x1 .. 16x16x16
-
-# Published Cloud TPU specifications (the "System architecture" table of each generation's page).
-CHIPS: dict[str, Chip] = {
-    "v4": Chip(
-        "v4", "TPU v4", 32 * GiB, 275e12, 1200e9, 3, 2, "megacore", _POW2_3D,
-        "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, HBM2 32 GiB at 1200 GB/s",
-    ),
-    "v5e": Chip(
-        "v5e", "TPU v5 lite", 16 * GiB, 197e12, 819e9, 2, 1, "default", (1, 4, 8, 16, 32, 64, 128, 256),
-        "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, HBM2 16 GB at 819 GB/s",
-    ),
-    "v5p": Chip(
-        "v5p", "TPU v5", 95 * GiB, 459e12, 2765e9, 3, 2, "default", _POW2_3D,
-        "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, HBM2e 95 GiB at 2765 GB/s",
-    ),
-    "v6e": Chip(
-        "v6e", "TPU v6 lite", 32 * GiB, 918e12, 1640e9, 2, 1, "default", (1, 4, 8, 16, 32, 64, 128, 256),
-        "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, HBM 32 GB at 1640 GB/s",
-    ),
-}  # fmt: skip
+# The TPU generations a topology can name (their limits: :mod:`train.chips`).
+CHIPS = TPU_CHIPS
 
 
 @dataclasses.dataclass(frozen=True)

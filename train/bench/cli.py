@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default=d.preset, help="model preset (models.PRESETS)")
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help="the model whose architecture is timed, randomly initialised: preset:NAME, hf:DIR or gguf:PATH "
+        f"(default {d.model})",
+    )
+    p.add_argument("--preset", default=None, help=argparse.SUPPRESS)  # before 0.2: --model preset:NAME
     p.add_argument(
         "--override",
         action="append",
@@ -95,14 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.peak_sizes,
         help="square matmul sizes for the measured peak (default 1024,2048 on CPU, 4096,8192 on GPU)",
     )
-    p.add_argument("--out", default="", help="JSON output path (default runs/bench/<preset>-<time>.json)")
+    p.add_argument("--out", default="", help="JSON output path (default runs/bench/<model>-<time>.json)")
     p.add_argument("--table", default=None, metavar="JSON", help="print the table of an earlier run's JSON and exit")
     return p
 
 
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    if args.preset is not None:
+        print(f"bench: --preset is now --model preset:{args.preset}; --preset goes away in 0.3", file=sys.stderr)
+        args.model = f"preset:{args.preset}"
     return BenchSpec(
-        preset=args.preset,
+        model=args.model,
         overrides=tuple(args.override),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -150,10 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench: --table {args.table}: cannot read a bench result ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
         return 0
-    out = Path(args.out or f"runs/bench/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     try:
         _apply_xla_flags(args.xla_flags)
         spec = spec_from_args(args)
+        name = spec.model.rstrip("/").split("/")[-1].split(":")[-1]
+        out = Path(args.out or f"runs/bench/{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
         result = run_bench(spec, argv, out=out)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)

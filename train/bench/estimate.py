@@ -5,7 +5,7 @@ A run whose estimate exceeds ``--max-minutes`` is refused with the options that 
 
 from __future__ import annotations
 
-from train.bench import flops as flops_lib
+from models import flops as flops_lib
 from train.bench.spec import BenchSpec
 
 __all__ = ["estimate_seconds", "shrink_advice"]

@@ -91,9 +91,14 @@ def check_targets(result: Mapping[str, Any]) -> dict[str, Any]:
     else:
         mfu = main.get("mfu_spec")
         target("mfu_ge_0.45_of_spec_peak", mfu, mfu is not None and mfu >= TARGETS["mfu_spec"], applies=tokens >= 2048)
-    temp = (main.get("compiled_memory") or {}).get("temp_size_in_bytes")
+    temp = _temporaries(main)
     target("temp_le_2GB", temp, temp is not None and temp <= TARGETS["temp_bytes"], applies=tokens >= 2048)
     return targets
+
+
+def _temporaries(runner: dict[str, Any]) -> float | None:
+    memory = runner.get("compiled_memory") or {}
+    return memory.get("temporaries", memory.get("temp_size_in_bytes"))  # the second: JSON written before 0.2
 
 
 # Where each section keeps its step-time ratios, and what they are relative to.
@@ -142,7 +147,7 @@ def format_table(result: Mapping[str, Any]) -> str:
     meta, model = result["meta"], result["model"]
     peak = result.get("peak") or {}
     lines.append(
-        f"{model['preset']}: {model['params'] / 1e6:.1f}M params, batch {result['spec']['batch_size']} x "
+        f"{model.get('source') or model['preset']}: {model['params'] / 1e6:.1f}M params, batch {result['spec']['batch_size']} x "
         f"seq {result['spec']['seq_len']} = {result['flops']['tokens_per_step']} tokens/step, "
         f"{result['flops']['training_per_step'] / 1e12:.3f} TFLOP/step ({model['compute_dtype']}); "
         f"{meta['backend']} {meta['device_kind']} x{meta['device_count']}; "
@@ -199,7 +204,7 @@ def format_table(result: Mapping[str, Any]) -> str:
             if "error" in r:
                 lines.append(f"| {label} | error: {r['error'][:90]} | | | | |")
             else:
-                temp = (r.get("compiled_memory") or {}).get("temp_size_in_bytes")
+                temp = _temporaries(r)
                 lines.append(
                     f"| {label} | {_fmt(r['compile_s'], '.1f')} | {r['median_s']:.4g} | "
                     f"{r['tokens_per_s']:.4g} | {_pct(r.get('mfu'))} | {_fmt(None if temp is None else temp / 1e9, '.2f')} |"

@@ -14,8 +14,7 @@ from typing import Any
 
 import jax
 
-from train.bench import flops as flops_lib
-from train.bench.chips import spec_peak_flops
+from models import flops as flops_lib
 from train.bench.estimate import estimate_seconds, shrink_advice
 from train.bench.jax_runner import device_memory
 from train.bench.peak import measure_matmul_peak
@@ -31,6 +30,7 @@ from train.bench.sections import (
     run_variants_section,
 )
 from train.bench.spec import BenchSpec, BenchTooLong, compute_dtype_name, model_config, spec_to_json, validate
+from train.chips import spec_peak_flops
 
 __all__ = ["SCHEMA_VERSION", "run_bench"]
 
@@ -58,7 +58,7 @@ def run_bench(
         "meta": meta(argv),
         "spec": spec_to_json(spec),
         "model": {
-            "preset": spec.preset,
+            "source": spec.model,
             "params": cfg.num_params,
             "matmul_params": flops_lib.matmul_param_count(shape),
             **dataclasses.asdict(shape),
@@ -134,20 +134,18 @@ def run_bench(
     if "profile" in spec.sections:
         result["profile"] = run_profile_section(spec, dtype_name, forward_per_token=forward, tokens=tokens)
         checkpoint()
-    if "variants" in spec.sections:
-        result["variants"] = run_variants_section(spec, dtype_name, peak=peak, **counts)
-        checkpoint()
-    if "trees" in spec.sections:
-        result["trees"] = run_trees_section(spec, worker_timeout, peak=peak, **counts)
-        checkpoint()
-    if "remat" in spec.sections:
-        result["remat"] = run_remat_section(spec, dtype_name, peak=peak, **counts)
-        checkpoint()
-    if "flags" in spec.sections:
-        result["flags"] = run_flags_section(spec, worker_timeout, peak=peak, **counts)
-        checkpoint()
-    if "scaling" in spec.sections:
-        result["scaling"] = run_scaling_section(spec, worker_timeout, peak=peak, **counts)
+    # The comparison sections: in this process (by compute dtype) or in worker processes (by their time limit).
+    comparisons = (
+        ("variants", run_variants_section, dtype_name),
+        ("trees", run_trees_section, worker_timeout),
+        ("remat", run_remat_section, dtype_name),
+        ("flags", run_flags_section, worker_timeout),
+        ("scaling", run_scaling_section, worker_timeout),
+    )
+    for name, run_section, setting in comparisons:
+        if name in spec.sections:
+            result[name] = run_section(spec, setting, peak=peak, **counts)
+            checkpoint()
     result["complete"] = True
     checkpoint()
     return result

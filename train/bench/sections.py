@@ -59,7 +59,7 @@ def _release_memory() -> None:
 
 
 def _compile_jax(spec: BenchSpec, dtype_name: str, optimizer: str) -> Runner:
-    log(f"compiling JAX step ({spec.preset}, {optimizer})")
+    log(f"compiling JAX step ({spec.model}, {optimizer})")
     runner = build_jax_runner(
         f"jax {optimizer}", spec, dtype_name, optimizer, mesh_text=spec.mesh, devices=spec_devices(spec)
     )
@@ -315,7 +315,7 @@ def run_scaling_section(
     }
 
 
-# Which model FLOPs (train.bench.flops parts) each matmul class of the profile does: its achieved FLOP/s.
+# Which model FLOPs (models.flops parts) each matmul class of the profile does: its achieved FLOP/s.
 _CLASS_FLOPS = {
     PROJ: ("attention_projections",),
     MLP: ("mlp",),

@@ -59,7 +59,7 @@ DEFAULT_FLAG_SETS = ("default", "xnn-greedy", "xnn-greedy-slinky", "onednn", "no
 
 
 class BenchError(ValueError):
-    """A benchmark request that cannot run as given (unknown preset, mesh/batch mismatch, bad option)."""
+    """A benchmark request that cannot run as given (unknown model, mesh/batch mismatch, bad option)."""
 
 
 class BenchTooLong(BenchError):
@@ -70,7 +70,7 @@ class BenchTooLong(BenchError):
 class BenchSpec:
     """What to benchmark. Field names match the command-line flags (``--batch-size`` -> ``batch_size``)."""
 
-    preset: str = "smollm2-135m"
+    model: str = "preset:smollm2-135m"  # a model source (models.load_config): its architecture, randomly initialised
     overrides: tuple[str, ...] = ()  # model config fields, "key=value"
     batch_size: int = 4
     seq_len: int = 512
@@ -102,6 +102,8 @@ def spec_to_json(spec: BenchSpec) -> dict[str, Any]:
 def spec_from_json(data: Mapping[str, Any]) -> BenchSpec:
     fields = {f.name for f in dataclasses.fields(BenchSpec)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+    if "preset" in data and "model" not in data:  # written before 0.2, when the spec named a preset
+        values["model"] = f"preset:{data['preset']}"
     return BenchSpec(**values)
 
 
@@ -179,16 +181,21 @@ def compute_dtype_name(spec: BenchSpec, backend: str) -> str:
     return spec.dtype
 
 
+def _base_config(spec: BenchSpec) -> models.ModelConfig:
+    try:
+        return models.load_config(spec.model)
+    except models.ConfigError as e:
+        raise BenchError(f"--model: {e}") from None
+
+
 def model_settings(
     spec: BenchSpec, dtype_name: str, *, remat: bool | None = None, scan: bool | None = None
 ) -> dict[str, Any]:
-    """The keyword arguments of ``models.load("preset:...")`` and ``models.get_preset`` for the spec's model:
-    the ``--override`` fields, the compute dtype (params stay float32) and remat/scan (the spec's unless given)."""
-    if spec.preset not in models.PRESETS:
-        raise BenchError(f"unknown model preset {spec.preset!r}; available: {', '.join(sorted(models.PRESETS))}")
-    preset = models.get_preset(spec.preset)
+    """The keyword arguments of :func:`models.load_config` for the spec's model: the ``--override`` fields, the
+    compute dtype (params stay float32) and remat/scan (the spec's unless given)."""
+    base = _base_config(spec)
     settings = {"remat": spec.remat, "scan_layers": spec.scan_layers}  # --override remat=... wins over --remat
-    settings.update(_parse_override(item, preset) for item in spec.overrides)
+    settings.update(_parse_override(item, base) for item in spec.overrides)
     settings.update(dtype=getattr(jnp, dtype_name), param_dtype=jnp.float32)
     if remat is not None:
         settings["remat"] = remat
@@ -211,12 +218,12 @@ def model_config(
     """The ``models.ModelConfig`` of the spec's model (see :func:`model_settings`)."""
     settings = model_settings(spec, dtype_name, remat=remat, scan=scan)
     try:
-        cfg = models.get_preset(spec.preset, **settings)
+        cfg = models.load_config(spec.model, **settings)
     except (ValueError, TypeError) as e:
         raise BenchError(f"--override: {e}") from None
     if spec.seq_len > cfg.max_position_embeddings:
         raise BenchError(
-            f"--seq-len {spec.seq_len} exceeds {spec.preset}'s max_position_embeddings={cfg.max_position_embeddings}"
+            f"--seq-len {spec.seq_len} exceeds {spec.model}'s max_position_embeddings={cfg.max_position_embeddings}"
         )
     return cfg
 
@@ -244,7 +251,7 @@ def validate(spec: BenchSpec, num_devices: int) -> None:
         raise BenchError(f"--scaling-layouts: unknown {bad}; choose from {', '.join(LAYOUTS)}")
     if any(n < 1 for n in spec.scaling_devices):
         raise BenchError(f"--scaling-devices must be positive, got {spec.scaling_devices}")
-    model_config(spec, "float32")  # unknown preset / bad override / too long a sequence
+    model_config(spec, "float32")  # unknown model / bad override / too long a sequence
     for variant in spec.variants:
         model_config(variant_spec(spec, variant), "float32")
     if "variants" in spec.sections and not spec.variants:

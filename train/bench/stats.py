@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from train.bench import flops as flops_lib
+from models import flops as flops_lib
 
 __all__ = ["interleaved", "ratio_of_medians", "step_result", "summarize_times", "throughput", "timed_steps"]
 

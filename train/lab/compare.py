@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def _build_parser(prog: str, defaults: CompareConfig, out: str, description: str
             p.add_argument(f"--{f.name.replace('_', '-')}", default=None, type=typ)
     for f in dataclasses.fields(EvalConfig):
         p.add_argument(f"--eval-{f.name.replace('_', '-')}", default=None, type=type(f.default), dest=f"eval_{f.name}")
+    p.add_argument("--lr-max", type=float, default=None, dest="lr_max_0_1", help=argparse.SUPPRESS)  # 0.1 name
     p.add_argument(
         "--set",
         action="append",
@@ -86,7 +88,7 @@ def config_from_args(
         if not os.path.isfile(args.config):
             raise ValueError(f"--config {args.config!r} does not exist")
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        unknown = sorted(set(loaded) - set(values))
+        unknown = sorted(set(loaded) - set(values) - {"lr_max"})
         if unknown:
             raise ValueError(f"{args.config}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(values))}")
         eval_values = loaded.pop("eval", {}) or {}
@@ -95,6 +97,12 @@ def config_from_args(
             raise ValueError(f"{args.config}: unknown eval key {bad[0]!r}; valid: {', '.join(sorted(values['eval']))}")
         values["eval"].update(eval_values)
         values.update(loaded)
+    if "lr_max" in values:  # the 0.1 name
+        warnings.warn("compare: lr_max is now max_learning_rate (until 0.3)", FutureWarning, stacklevel=2)
+        values["max_learning_rate"] = values.pop("lr_max")
+    if args.lr_max_0_1 is not None:
+        print(f"{prog}: --lr-max is now --max-learning-rate (until 0.3)", file=sys.stderr)
+        values["max_learning_rate"] = args.lr_max_0_1
     for f in dataclasses.fields(CompareConfig):
         v = getattr(args, f.name, None)
         if f.name not in ("methods", "seeds", "eval", "train_overrides") and v is not None:

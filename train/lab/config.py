@@ -23,7 +23,7 @@ class CompareConfig:
       task: ``facts`` | ``spanish`` | ``science`` | ``file:PATH`` (a ``.txt`` / ``.jsonl`` file).
       retain: the text forgetting is measured on: ``builtin`` (held-out Austen + Brown) or ``file:PATH``.
       methods: method specs (strings or mappings); runs go seed by seed (see :func:`train.lab.methods.expand_runs`).
-      lr_max: the peak lr of SFT and the cap of FINCH.
+      max_learning_rate: the largest rate of every arm: SFT's constant rate and FINCH's cap (``max_learning_rate``).
       eval_every: also evaluate (task and retain, not the quiz) every this many steps (0: only at the end); the
         constant-lr front is the envelope over every evaluated checkpoint.
       bootstrap: resamples of the retain windows (half B) for the interval of r (0: none).
@@ -42,7 +42,7 @@ class CompareConfig:
     methods: tuple[Any, ...] = ("sft", "sft_cosine", "finch", "sweep", "warmup_matched", "l2sp", "stm")
     steps: int = 40
     seeds: tuple[int, ...] = (0,)
-    lr_max: float = 1e-4
+    max_learning_rate: float = 1e-4
     batch_size: int = 8
     seq_len: int = 64
     weight_decay: float = 0.0
@@ -62,8 +62,8 @@ class CompareConfig:
             raise ValueError("compare: seeds must not be empty")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"compare: seeds must be distinct, got {list(self.seeds)}")
-        if not self.lr_max > 0:
-            raise ValueError(f"compare: lr_max must be > 0, got {self.lr_max}")
+        if not self.max_learning_rate > 0:
+            raise ValueError(f"compare: max_learning_rate must be > 0, got {self.max_learning_rate}")
         for name in ("show_answers", "eval_every", "bootstrap", "probe_windows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"compare: {name} must be >= 0, got {getattr(self, name)}")

@@ -23,7 +23,7 @@ DEMO_CONFIG = CompareConfig(
     methods=("sft", "finch", "sweep:lrs=1e-4"),
     steps=24,
     seeds=(0,),
-    lr_max=3e-4,
+    max_learning_rate=3e-4,
     batch_size=4,
     seq_len=48,
     eval=EvalConfig(seq_len=48, batch_size=8, retain_sequences=8, quiz_items=16),

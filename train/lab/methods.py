@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,19 +26,27 @@ class _MethodKind:
 # takes `seeds=N` (run on the first N seeds of the comparison only) and `probe=N` (record the per-step retain probe
 # on the first N seeds).
 METHODS: dict[str, _MethodKind] = {
-    "sft": _MethodKind("AdamW at constant lr_max", {}),
-    "sft_cosine": _MethodKind("AdamW warmup+cosine, peak lr_max", {"warmup": int}),
+    "sft": _MethodKind("AdamW at constant max_learning_rate", {}),
+    "sft_cosine": _MethodKind("AdamW warmup+cosine, peak max_learning_rate", {"warmup": int}),
     "finch": _MethodKind(
-        "FINCH, cap lr (lr_max), lr_base = lr*sqrt(lstar) or base",
-        {"lstar": float, "base": float, "ema": float, "lr": float, "direction": str},
+        "FINCH, cap max_learning_rate, base_learning_rate = max_learning_rate*sqrt(lstar) or given",
+        {
+            "lstar": float,
+            "base_learning_rate": float,
+            "ema": float,
+            "max_learning_rate": float,
+            "direction": str,
+            "base": float,  # 0.1 names of base_learning_rate and max_learning_rate
+            "lr": float,
+        },
     ),
     "sweep": _MethodKind("AdamW at each constant lr of lrs", {"lrs": list}),
     "warmup_const": _MethodKind(
-        "AdamW, linear warmup over frac of the steps to lr_max, then constant", {"frac": float}
+        "AdamW, linear warmup over frac of the steps to max_learning_rate, then constant", {"frac": float}
     ),
     "warmup_matched": _MethodKind("AdamW replaying FINCH's lr trace", {"source": str, "replay": str}),
-    "l2sp": _MethodKind("AdamW at lr_max + L2-SP", {"weight": float}),
-    "stm": _MethodKind("AdamW at lr_max, high-loss tokens dropped", {"threshold": float}),
+    "l2sp": _MethodKind("AdamW at max_learning_rate + L2-SP", {"weight": float}),
+    "stm": _MethodKind("AdamW at max_learning_rate, high-loss tokens dropped", {"threshold": float}),
 }
 _COMMON_OPTIONS: dict[str, type] = {"seeds": int, "probe": int}
 # FINCH directions (train.optimizers: finch_<direction>).
@@ -124,27 +133,38 @@ def _lr_label(lr: float) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
+_FINCH_OPTIONS_0_1 = {"lr": "max_learning_rate", "base": "base_learning_rate"}
+
+
 def _finch(cfg: CompareConfig, o: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    o = dict(o)
+    for old, new in _FINCH_OPTIONS_0_1.items():
+        if old in o:
+            warnings.warn(f"method finch: option {old}= is now {new}= (until 0.3)", FutureWarning, stacklevel=2)
+            o.setdefault(new, o.pop(old))
     direction = o.get("direction", "adamw")
     if direction not in _FINCH_DIRECTIONS:
         raise ValueError(f"method finch: direction={direction!r} must be one of {', '.join(_FINCH_DIRECTIONS)}")
-    if "base" in o and "lstar" in o:
-        raise ValueError("method finch: give base or lstar, not both (base = lr * sqrt(lstar))")
-    lr = float(o.get("lr", cfg.lr_max))
+    if "base_learning_rate" in o and "lstar" in o:
+        raise ValueError(
+            "method finch: give base_learning_rate or lstar, not both (base_learning_rate = max_learning_rate * "
+            "sqrt(lstar))"
+        )
+    cap = float(o.get("max_learning_rate", cfg.max_learning_rate))
     lstar = float(o.get("lstar", 1.0))
-    if not lr > 0 or not lstar > 0:
-        raise ValueError(f"method finch: lr and lstar must be > 0, got lr={lr}, lstar={lstar}")
-    # lr_base = lr_max * sqrt(L*): the rate reaches its cap once the running loss is <= L*.
-    base = float(o.get("base", lr * lstar**0.5))
+    if not cap > 0 or not lstar > 0:
+        raise ValueError(f"method finch: max_learning_rate and lstar must be > 0, got {cap} and {lstar}")
+    # base = cap * sqrt(L*): the rate reaches its cap once the running loss is <= L*.
+    base = float(o.get("base_learning_rate", cap * lstar**0.5))
     parts = [f"L*={lstar:g}"] if "lstar" in o else []
-    parts += [f"base={base:g}"] if "base" in o else []
+    parts += [f"base={base:g}"] if "base_learning_rate" in o else []
     parts += [f"ema={float(o['ema']):g}"] if "ema" in o else []
-    parts += [f"lr={lr:g}"] if "lr" in o else []
+    parts += [f"max_lr={cap:g}"] if "max_learning_rate" in o else []
     name = "finch" if direction == "adamw" else f"finch_{direction}"
     label = name + (f"({', '.join(parts)})" if parts else "")
     optimizer = {
         "name": f"finch_{direction}",
-        "learning_rate": lr,
+        "max_learning_rate": cap,
         "base_learning_rate": base,
         "ema_decay": float(o.get("ema", 0.9)),
         "weight_decay": cfg.weight_decay,
@@ -156,9 +176,10 @@ def _finch(cfg: CompareConfig, o: Mapping[str, Any]) -> tuple[str, dict[str, Any
 def _per_seed_runs(cfg: CompareConfig, spec: MethodSpec) -> list[tuple[str, str, dict, dict]]:
     """``(label, kind, optimizer, extras)`` of each run one method makes per seed."""
     o = spec.options
-    adamw = {"name": "adamw", "schedule": "constant", "learning_rate": cfg.lr_max, "weight_decay": cfg.weight_decay}
+    lr = cfg.max_learning_rate
+    adamw = {"name": "adamw", "schedule": "constant", "learning_rate": lr, "weight_decay": cfg.weight_decay}
     if spec.kind == "sft":
-        return [(f"sft@{_lr_label(cfg.lr_max)}", "sft", adamw, {"on_front": True})]
+        return [(f"sft@{_lr_label(lr)}", "sft", adamw, {"on_front": True})]
     if spec.kind == "sft_cosine":
         warmup = int(o.get("warmup", max(cfg.steps // 10, 1)))
         if not 0 <= warmup < cfg.steps:
@@ -169,14 +190,14 @@ def _per_seed_runs(cfg: CompareConfig, spec: MethodSpec) -> list[tuple[str, str,
         label, optimizer = _finch(cfg, o)
         return [(label, "finch", optimizer, {})]
     if spec.kind == "sweep":
-        lrs = o.get("lrs", [cfg.lr_max / 10, cfg.lr_max / 3])
-        return [(f"const@{_lr_label(lr)}", "sweep", dict(adamw, learning_rate=lr), {"on_front": True}) for lr in lrs]
+        lrs = o.get("lrs", [lr / 10, lr / 3])
+        return [(f"const@{_lr_label(x)}", "sweep", dict(adamw, learning_rate=x), {"on_front": True}) for x in lrs]
     if spec.kind == "warmup_const":
         frac = float(o.get("frac", 0.3))
         warmup = round(frac * cfg.steps)
         if not 0 < warmup < cfg.steps:
             raise ValueError(f"method warmup_const: frac={frac} gives {warmup} warmup steps of {cfg.steps}")
-        # Cosine from the peak to the peak (final ratio 1) is constant: warmup, then lr_max to the end.
+        # Cosine from the peak to the peak (final ratio 1) is constant: warmup, then the peak to the end.
         optimizer = dict(
             adamw, schedule="warmup_cosine", warmup_steps=warmup, decay_steps=cfg.steps, final_lr_ratio=1.0
         )
@@ -213,7 +234,7 @@ def expand_runs(cfg: CompareConfig) -> list[RunSpec]:
     labels = [p[0] for p in per_seed]
     seen: dict[str, str] = {}
     for label, _, optimizer, extras, *_ in per_seed:
-        # Same label, or the same training under another name (sft at lr_max == a sweep point at lr_max).
+        # Same label, or the same training under another name (sft == a sweep point at the same rate).
         for key in (
             label,
             json.dumps([optimizer, {k: v for k, v in extras.items() if k != "on_front"}], sort_keys=True),

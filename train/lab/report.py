@@ -73,7 +73,7 @@ def markdown_table(cfg: CompareConfig, results: Mapping[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"Model {cfg.model}, task {cfg.task}, retain {cfg.retain}, {cfg.steps} steps × {cfg.batch_size}×"
-        f"{cfg.seq_len} tokens, lr_max {cfg.lr_max:g}, seeds {seeds} (± = std over seeds), checkpoints evaluated at "
+        f"{cfg.seq_len} tokens, max_learning_rate {cfg.max_learning_rate:g}, seeds {seeds} (± = std over seeds), checkpoints evaluated at "
         f"steps {cfg.eval_steps}. KL_B = KL(base‖ft) per token on retain half B. r = KL_B of the method at its final "
         "task loss over the constant-lr front there (the envelope of every constant-lr checkpoint, chosen on half "
         "A); geometric mean over seeds, 95% paired t-interval over seeds and bootstrap over half B's windows. "

@@ -66,7 +66,7 @@ def summarize(
     for r in records:
         by_label.setdefault(r["run"]["label"], []).append(r)
     all_fronts = fronts(base_record, records)
-    sft_label = next((lab for lab, rs in by_label.items() if _is_constant_at(rs[0], cfg.lr_max)), None)
+    sft_label = next((lab for lab, rs in by_label.items() if _is_constant_at(rs[0], cfg.max_learning_rate)), None)
     methods: dict[str, Any] = {}
     for label, rs in by_label.items():
         on_front = rs[0]["run"]["on_front"]

@@ -1,4 +1,4 @@
-"""The FLOP count of the benchmark (``train.bench.flops``): by hand, against the models' parameter count, scaling."""
+"""The FLOP count of the benchmark (``models.flops``): by hand, against the models' parameter count, scaling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import models
-from train.bench import flops as flops_lib
+from models import flops as flops_lib
 
 HAND = flops_lib.TransformerShape(
     vocab_size=10, embed_dim=4, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=2, mlp_dim=6

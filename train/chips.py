@@ -1,0 +1,112 @@
+"""Accelerators' published per-chip limits, in one table: TPU generations (for pod compiles) and GPUs.
+
+``compile`` reads a TPU generation's HBM, bf16 peak and HBM bandwidth for its memory check and roofline; ``bench``
+reads the peak of whatever chip it runs on for the MFU that MaxText and Levanter report (dense figures, no 2:4
+sparsity). CPUs have no entry (a VM's turbo clocks and core counts are not a spec): the benchmark's other MFU
+divides by a matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["ACCELERATORS", "Chip", "GiB", "TPU_CHIPS", "chip_for_device_kind", "spec_peak_flops"]
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator's published per-chip limits.
+
+    Attributes:
+      name: the short name (``v5e``, ``h100-sxm``); for TPUs the accelerator-type prefix.
+      device_kind: what ``jax.Device.device_kind`` reports for it (matched as a substring).
+      hbm_bytes: HBM capacity per chip.
+      peak_bf16_flops: peak dense bf16 matmul FLOP/s per chip.
+      hbm_bytes_per_second: HBM bandwidth per chip.
+      source: where the numbers come from.
+      dims: TPUs: 2 for 2D-torus generations (v5e, v6e), 3 for 3D (v4, v5p); 0 for GPUs.
+      cores_per_chip_in_name: TPUs: 2 where the accelerator type counts TensorCores (v4, v5p), else 1.
+      chip_config: TPUs: libtpu's chip configuration for JAX's one-device-per-chip view (v4 runs as "megacore").
+      slice_sizes: TPUs: chip counts a single slice can have.
+    """
+
+    name: str
+    device_kind: str
+    hbm_bytes: int
+    peak_bf16_flops: float
+    hbm_bytes_per_second: float
+    source: str
+    dims: int = 0
+    cores_per_chip_in_name: int = 1
+    chip_config: str = ""
+    slice_sizes: tuple[int, ...] = ()
+
+
+_POW2_3D = tuple(2**k for k in range(2, 13))  # 4 .. 4096 chips: 2x2x1 .. 16x16x16
+_POW2_2D = (1, 4, 8, 16, 32, 64, 128, 256)
+
+# Published Cloud TPU specifications (the "System architecture" table of each generation's page).
+TPU_CHIPS: dict[str, Chip] = {
+    "v4": Chip(
+        "v4", "TPU v4", 32 * GiB, 275e12, 1200e9,
+        "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, HBM2 32 GiB at 1200 GB/s",
+        dims=3, cores_per_chip_in_name=2, chip_config="megacore", slice_sizes=_POW2_3D,
+    ),
+    "v5e": Chip(
+        "v5e", "TPU v5 lite", 16 * GiB, 197e12, 819e9,
+        "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, HBM2 16 GB at 819 GB/s",
+        dims=2, chip_config="default", slice_sizes=_POW2_2D,
+    ),
+    "v5p": Chip(
+        "v5p", "TPU v5", 95 * GiB, 459e12, 2765e9,
+        "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, HBM2e 95 GiB at 2765 GB/s",
+        dims=3, cores_per_chip_in_name=2, chip_config="default", slice_sizes=_POW2_3D,
+    ),
+    "v6e": Chip(
+        "v6e", "TPU v6 lite", 32 * GiB, 918e12, 1640e9,
+        "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, HBM 32 GB at 1640 GB/s",
+        dims=2, chip_config="default", slice_sizes=_POW2_2D,
+    ),
+}  # fmt: skip
+
+# NVIDIA's data sheets (dense tensor-core bf16, SXM unless named).
+_GPU_CHIPS = (
+    Chip("h200", "H200", 141 * 10**9, 989e12, 4.8e12, "nvidia.com H200 data sheet: 989 TFLOP/s bf16, 141 GB at 4.8 TB/s"),
+    Chip("h100-pcie", "H100 PCIe", 80 * 10**9, 756e12, 2.0e12, "nvidia.com H100 data sheet: PCIe 756 TFLOP/s, 2.0 TB/s"),
+    Chip("h100-sxm", "H100", 80 * 10**9, 989e12, 3.35e12, "nvidia.com H100 data sheet: SXM 989 TFLOP/s, 3.35 TB/s"),
+    Chip("a100", "A100", 80 * 10**9, 312e12, 2.039e12, "nvidia.com A100 data sheet: 312 TFLOP/s bf16, 80 GB at 2.0 TB/s"),
+)  # fmt: skip
+
+# Every chip, in the order device kinds are matched: most specific first ("TPU v5 lite" before "TPU v5").
+ACCELERATORS: tuple[Chip, ...] = (
+    *_GPU_CHIPS,
+    TPU_CHIPS["v6e"],
+    TPU_CHIPS["v5e"],
+    TPU_CHIPS["v5p"],
+    TPU_CHIPS["v4"],
+)
+
+
+def chip_for_device_kind(device_kind: str) -> Chip | None:
+    """The table's chip whose ``device_kind`` occurs in ``device_kind`` (as jax reports it), or ``None``.
+
+    >>> chip_for_device_kind("TPU v5 lite").name
+    'v5e'
+    >>> chip_for_device_kind("NVIDIA H100 80GB HBM3").name
+    'h100-sxm'
+    """
+    return next((chip for chip in ACCELERATORS if chip.device_kind in device_kind), None)
+
+
+def spec_peak_flops(device_kind: str, dtype_name: str) -> float | None:
+    """The chip's published dense peak for ``dtype_name`` (FLOP/s per chip), or ``None`` when not listed.
+
+    >>> spec_peak_flops("NVIDIA H200", "bfloat16") / 1e12
+    989.0
+    >>> spec_peak_flops("cpu", "float32") is None
+    True
+    """
+    chip = chip_for_device_kind(device_kind)
+    return chip.peak_bf16_flops if chip is not None and dtype_name == "bfloat16" else None
