@@ -59,7 +59,9 @@ class Evaluation:
     retain_kl_sums: np.ndarray | None = None
     retain_nll_sums: np.ndarray | None = None
     retain_tokens: np.ndarray | None = None
-    quiz_correct: np.ndarray | None = None  # per quiz item: the model picked the right choice (the known-knowledge probe)
+    quiz_correct: np.ndarray | None = (
+        None  # per quiz item: the model picked the right choice (the known-knowledge probe)
+    )
 
     def record(self) -> dict[str, Any]:
         """JSON-ready form (what run records store per evaluated checkpoint)."""
