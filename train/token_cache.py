@@ -85,7 +85,7 @@ def _tokenizer_identity(tokenizer: Tokenizer | ByteTokenizer) -> dict[str, Any]:
     if backend is not None:
         return {"tokenizer.json": hashlib.sha256(backend.to_str().encode()).hexdigest(), **specials}
     # The byte tokenizer (and test doubles of it): its class and a probe of its encoding.
-    probe = tokenizer.encode_batch(["The token cache: é, 漢字, 123."])[0]
+    probe = tokenizer.encode("The token cache: é, 漢字, 123.")
     return {"class": type(tokenizer).__qualname__, "vocab": tokenizer.vocab_size, "probe": list(probe), **specials}
 
 
