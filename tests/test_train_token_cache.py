@@ -164,6 +164,8 @@ def test_a_failed_build_publishes_nothing_and_a_killed_one_is_cleaned_up(tmp_pat
     (cache / name / "rows.bin").write_bytes(b"")  # damaged: rebuilt, not read
     again = data_lib.load_split(TOK, DataConfig(), [good], cache_dir=str(cache))
     assert not again.cache.hit and len(again.rows) == 1
+    with pytest.raises(data_lib.DataError, match=r"cannot create the token cache directory .*; set data.cache_dir"):
+        data_lib.load_split(TOK, DataConfig(), [good], cache_dir=good + "/cache")  # under a regular file
 
 
 def test_resume_fingerprints_compare_only_like_with_like():

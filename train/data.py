@@ -19,6 +19,7 @@ integer, the number of rows consumed, so resuming from a checkpoint replays exac
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import queue
@@ -386,22 +387,28 @@ def _encoded(
     issues: RowIssues,
     template: Callable[[], ChatTemplate | None],
 ) -> Iterator[tuple[readers.Chunk, packing.Encoded]]:
-    """Each chunk laid out and encoded; chunk k is encoded (GIL released) while k - 1 is packed by the caller."""
+    """Each chunk laid out and encoded, in order. Two chunks are encoded at once (the GIL is released), so the
+    tokenizer's threads never wait for the end of one chunk while the caller packs the chunk before."""
     first_index = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="finch-data-encode") as pool:
-        pending = None
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(_ENCODING_AHEAD, thread_name_prefix="finch-data-encode") as pool:
         for chunk, read_issues in chunks:
             issues.absorb(read_issues)
             enc = packing.layout(chunk.documents, data_cfg, issues, template, first_index)
             first_index += len(chunk.documents)
-            future = pool.submit(packing.encode_texts, tokenizer, enc.texts)
-            if pending is not None:
-                pending[1].ids, pending[1].lengths = pending[2].result()
-                yield pending[0], pending[1]
-            pending = (chunk, enc, future)
-        if pending is not None:
-            pending[1].ids, pending[1].lengths = pending[2].result()
-            yield pending[0], pending[1]
+            pending.append((chunk, enc, pool.submit(packing.encode_texts, tokenizer, enc.texts)))
+            if len(pending) > _ENCODING_AHEAD - 1:
+                yield _finished(*pending.popleft())
+        while pending:
+            yield _finished(*pending.popleft())
+
+
+_ENCODING_AHEAD = 2
+
+
+def _finished(chunk: readers.Chunk, enc: packing.Encoded, future: Any) -> tuple[readers.Chunk, packing.Encoded]:
+    enc.ids, enc.lengths = future.result()
+    return chunk, enc
 
 
 def _build(

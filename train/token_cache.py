@@ -202,6 +202,18 @@ def _local(
     found = _read_entry(final, key, pad_id, hit=True)
     if found is not None:
         return found
+    try:
+        return _build_entry(cache_dir, final, name, key, pad_id, build)
+    except OSError as e:  # an unwritable directory, a full disk: one line, as for any bad input
+        raise DataError(
+            f"cannot build the token cache entry {final}: {e.strerror or e}; free space or set data.cache_dir to "
+            "another directory"
+        ) from e
+
+
+def _build_entry(
+    cache_dir: str, final: str, name: str, key: str, pad_id: int, build: Callable[[str], dict[str, Any]]
+) -> CacheEntry:
     with _build_lock(cache_dir, name):
         found = _read_entry(final, key, pad_id, hit=True)  # built by another run while this one waited
         if found is not None:
