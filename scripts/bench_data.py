@@ -10,7 +10,8 @@ Each phase runs in its own process under ``/usr/bin/time -v`` (wall time and pea
 * ``hit``: process start -> the first global batch on the device, with the entry already built: the tokenizer load
   (part of the model load in ``finetune``) is timed apart, and there is no model, so nothing to compile.
 * ``memory``: the data's resident memory while reading batches: RSS after the imports and the tokenizer, then after
-  opening the entry and reading ``--batches`` batches of 16 x 512 in the training order (``ResumableLoader``).
+  opening the entry and reading ``--batches`` batches of 16 x 512 in the training order (``ResumableLoader``); the
+  peak is sampled inside every 25th batch, just before its mapped pages are released.
 
 Results are merged into ``--out`` under ``--label`` (other labels are kept), with the load average before and after.
 """
@@ -133,14 +134,22 @@ def phase_memory(args) -> dict:
     split = data_lib.load_split(tokenizer, _data_cfg(args), [args.file], cache_dir=args.cache_dir)
     loader = data_lib.ResumableLoader(split.rows, args.batch_size, seed=0)
     peak = dict(before)
+    release, calls = split.rows._release, [0]
+
+    def sampled_release() -> None:  # the resident set just before the rows' pages are dropped: its high point
+        nonlocal peak
+        calls[0] += 1
+        if calls[0] % 25 == 0:
+            now = _status()
+            peak = {k: max(peak[k], now[k]) for k in peak}
+        release()
+
+    split.rows._release = sampled_release
     times = []
-    for n in range(args.batches):
+    for _ in range(args.batches):
         t = time.perf_counter()
         loader.next_batch()
         times.append(time.perf_counter() - t)
-        if n % 100 == 0:
-            now = _status()
-            peak = {k: max(peak[k], now[k]) for k in peak}
     after = _status()
     peak = {k: max(peak[k], after[k]) for k in peak}
     return {
@@ -169,6 +178,13 @@ def _time_v(stderr: str) -> dict:
         out["wall_s"] = round(sum(p * 60**i for i, p in enumerate(reversed(parts))), 2)
     if rss:
         out["max_rss_bytes"] = int(rss.group(1)) * 1024
+    user = re.search(r"User time \(seconds\): (\S+)", stderr)
+    system = re.search(r"System time \(seconds\): (\S+)", stderr)
+    share = re.search(r"Percent of CPU this job got: (\d+)%", stderr)
+    if user and system:
+        out["cpu_s"] = round(float(user.group(1)) + float(system.group(1)), 2)
+    if share:
+        out["cpu_percent"] = int(share.group(1))
     return out
 
 
@@ -203,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=2000, help="batches read in the memory phase")
     parser.add_argument("--cache-dir", default="", help="(phases) the cache directory; default: a fresh temporary one")
     parser.add_argument("--progress", action="store_true", help="draw the tokenizing progress bar")
+    parser.add_argument(
+        "--phases", default="build,hit,memory", help="phases to run (hit and memory need --cache-dir with the entry)"
+    )
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase:
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="finch-bench-tokens-")
     try:
-        results = {name: _run_phase(name, args, cache_dir) for name in ("build", "hit", "memory")}
+        results = {name: _run_phase(name, args, cache_dir) for name in args.phases.split(",")}
     finally:
         if not args.cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -229,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         existing = json.loads(out.read_text()) if out.is_file() else {}
-        existing[args.label or Path(args.file).stem] = record
+        label = args.label or Path(args.file).stem
+        existing[label] = {**existing.get(label, {}), **record}  # phases not run this time are kept
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(existing, indent=1) + "\n")
     return 0

@@ -75,9 +75,12 @@ class CompactRows:
       max_id: the largest token id in ``tokens`` (computed if ``None``).
     """
 
-    # Drop the mapped pages read so far from this process's resident set every this many bytes read: the pages stay
-    # in the kernel's page cache (re-reading them is cheap), but the resident memory of a long run stays bounded.
-    RELEASE_EVERY = 64 << 20
+    # The mapped pages a batch read are dropped from this process's resident set after every this many rows and at
+    # the end of each batch: they stay in the kernel's page cache (mapping them again costs a minor fault), but the
+    # resident memory stays bounded whatever the dataset size. Without it, Linux's fault-around maps up to 64 KB of
+    # cached pages per fault, and a random order brings the whole file into the process within an epoch (measured:
+    # 217 MB of 100M tokens after 25,000 batches of 16; with it, 15 MB; 0.5 -> 0.65 ms per batch).
+    RELEASE_ROWS = 64
 
     def __init__(
         self,
@@ -95,7 +98,6 @@ class CompactRows:
         self._seq_len, self.pad_id = seq_len, pad_id
         self._max_id = max_id
         self._maps = maps
-        self._read = 0
 
     def __len__(self) -> int:
         return len(self.rows) - 1
@@ -132,7 +134,9 @@ class CompactRows:
         }
         for b, r in enumerate(np.asarray(indices, np.int64).tolist()):
             self._fill_row(out, b, r)
-        self._release_if_due()
+            if (b + 1) % self.RELEASE_ROWS == 0:
+                self._release()
+        self._release()
         return out
 
     def _fill_row(self, out: dict[str, np.ndarray], b: int, r: int) -> None:
@@ -154,14 +158,11 @@ class CompactRows:
         starts = np.cumsum(lengths) - lengths
         out["positions"][b, :n] = np.arange(n) - np.repeat(starts, lengths)
         out["segment_ids"][b, :n] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
-        self._read += (s1 - s0) * self.tokens.itemsize
 
-    def _release_if_due(self) -> None:
-        if self._read < self.RELEASE_EVERY or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        self._read = 0
-        for m in self._maps:
-            m.madvise(mmap.MADV_DONTNEED)
+    def _release(self) -> None:
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for m in self._maps:
+                m.madvise(mmap.MADV_DONTNEED)
 
     def materialize(self, block: int = 4096) -> PackedRows:
         """Every row as dense in-memory arrays (:class:`PackedRows`)."""
