@@ -7,7 +7,9 @@ model was fine-tuned with, and ``generation_config.json``. ``transformers.AutoMo
 same logits as ours (``tests/test_train_export.py``), and so does ``models.load("hf:DIR")``.
 
 An export is written beside its destination and renamed into place, so an interrupted export never leaves a
-half-written directory where a complete one was.
+half-written directory where a complete one was. It replaces only what this tool wrote: a missing or empty folder, or
+an earlier export (marked by :data:`train.paths.OUTPUT_MARKER`); anything else at the destination is refused unless
+``overwrite`` (``--overwrite``) asks for it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import numpy as np
 
 import models
 from train import config as config_lib
+from train import paths, run_folder
 from train import program as program_lib
-from train import run_folder
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import ConfigError
 
@@ -52,6 +54,7 @@ def export_hf(
     *,
     dtype: str = "float32",
     chat_template: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes ``model`` as a Hugging Face directory (see the module docstring), replacing ``directory`` atomically.
 
@@ -61,19 +64,28 @@ def export_hf(
       directory: the destination.
       dtype: storage dtype of the weights, one of :data:`EXPORT_DTYPES`.
       chat_template: written instead of the tokenizer's own (the template the fine-tune rendered chats with).
+      overwrite: replace whatever is at ``directory``; otherwise only a missing or empty folder or an earlier export.
+
+    Raises:
+      PathError: ``directory`` holds something this tool did not write, and ``overwrite`` is off.
     """
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"output.hf_dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    paths.check_folder_to_replace(directory, "the export destination", overwrite=overwrite)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     models.save_hf(model, tokenizer, staging, dtype=EXPORT_DTYPES[dtype], chat_template=chat_template)
-    if directory.exists():
+    paths.mark_own_output(staging, "a Hugging Face export")
+    if os.path.lexists(directory):
         directory.rename(retired)
     staging.rename(directory)
-    shutil.rmtree(retired, ignore_errors=True)
+    if retired.is_dir() and not retired.is_symlink():
+        shutil.rmtree(retired, ignore_errors=True)
+    elif os.path.lexists(retired):
+        retired.unlink()  # a file (or link) that --overwrite replaced
     return directory
 
 
@@ -147,11 +159,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--out", default=None, help="destination (default: <run folder>/hf-step-<step>)")
     parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="weight storage dtype")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what is at --out even if this tool did not write it (default: only an earlier export, or an "
+        "empty or missing folder)",
+    )
     args = parser.parse_args(argv)
+    # Everything the command is given is checked before the checkpoint (and its base model) loads.
+    if args.step is not None and args.step < 0:
+        raise ConfigError(f"--step must be >= 0, got {args.step}")
+    paths.check_folder_to_read(args.path, "run folder")
+    if args.out:
+        paths.check_folder_to_replace(args.out, "--out", overwrite=args.overwrite)
     loaded = load_checkpoint(args.path, args.step)
     run_dir = os.path.dirname(os.path.abspath(loaded.directory))
+    # Without --out the export goes into the run folder, whose hf-step-N folders are this tool's own.
     out = args.out or run_folder.hf_directory(run_dir, loaded.step)
-    export_hf(loaded.model, loaded.tokenizer, out, dtype=args.dtype, chat_template=loaded.chat_template)
+    export_hf(
+        loaded.model,
+        loaded.tokenizer,
+        out,
+        dtype=args.dtype,
+        chat_template=loaded.chat_template,
+        overwrite=args.overwrite or not args.out,
+    )
     print(
         f"exported step {loaded.step} of {loaded.directory} to {out} ({args.dtype} safetensors, tokenizer"
         f"{', chat template' if loaded.chat_template else ''})"
