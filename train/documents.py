@@ -174,6 +174,8 @@ def _read_text(path: str, issues: RowIssues) -> list[Document]:
 
 def read_file(path: str, issues: RowIssues, what: str = "training") -> list[Document]:
     """The documents of one ``.txt`` or ``.jsonl`` file (``what`` names the split in errors)."""
+    if os.path.isdir(path):
+        raise DataError(f"{what} file {path!r} is a directory; give a .txt or .jsonl file")
     if not os.path.isfile(path):
         raise DataError(f"{what} file {path!r} does not exist")
     if path.endswith(".jsonl"):
