@@ -25,7 +25,7 @@ import yaml
 import models
 from train import config as config_lib
 from train import data as data_lib
-from train import distributed, run_folder, runlock
+from train import distributed, paths, run_folder, runlock
 from train import export as export_lib
 from train import guard as guard_lib
 from train import program as program_lib
@@ -124,6 +124,7 @@ def run(
     """
     cfg = run_folder.resolve(cfg, in_memory_documents=documents is not None)
     config_lib.check_ranges(cfg)
+    _check_files_to_read(cfg, read_model=model is None, read_data=documents is None)
     program_lib.preflight(cfg)  # mesh, batch and optimizer settings: refused before anything loads
     if model is not None and tokenizer is None:
         raise ValueError("finetune.run(cfg, model=...) also needs the model's tokenizer")
@@ -133,15 +134,39 @@ def run(
         inputs = _load_inputs(cfg, model, tokenizer, documents, transform_rows)
         program, params = program_lib.build_program(cfg, inputs.model)
         session = _Session(cfg, program, inputs, preemption, on_step)
+        stop = None
         try:
             session.start(params)
             del params
             session.train()
             session.finish()
+        except _EARLY_STOPS as e:
+            stop = e
+            raise
         finally:
             session.close()  # waits for the last checkpoint save: the end summary lists only finished ones
+            if stop is not None:  # the summary says why the run ended early; the error itself goes on up
+                session.report(stopped=str(stop).split("\n")[0])
         session.report()
         return session.result()
+
+
+# Ends of a run before its last step that leave a run folder worth summarising.
+_EARLY_STOPS = (guard_lib.DivergenceError, Preempted, CheckpointSaveError)
+
+
+def _check_files_to_read(cfg: TrainConfig, *, read_model: bool, read_data: bool) -> None:
+    """The data, template and model files exist as what they are named for (the model's config is read, no
+    weight): a wrong path is refused before the run folder is locked or anything loads."""
+    files = [("data.validation_files", f) for f in cfg.data.validation_files]
+    if read_data:
+        files = [("data.train_files", f) for f in cfg.data.train_files] + files
+    if cfg.data.chat_template:
+        files.append(("data.chat_template", cfg.data.chat_template))
+    for setting, path in files:
+        paths.check_file_to_read(path, setting)
+    if read_model:
+        program_lib.model_config(cfg.model)
 
 
 def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
@@ -320,12 +345,13 @@ class _Session:
                 run_folder.hf_directory(self.cfg.output.dir, step),
                 dtype=self.cfg.output.hf_dtype,
                 chat_template=self.inputs.chat_template,
+                overwrite=True,  # <run>/hf and hf-step-N are the run folder's own
             )
 
     # -- the loop and its end ---------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        cfg, total, logger = self.cfg, self.cfg.steps, self.logger
+        cfg, logger = self.cfg, self.logger
         delayed = DelayedMetrics(logger)
         last_good = None if self.checkpointer is None else self.checkpointer.latest_step
         skip_watch = guard_lib.SkipWatch(cfg.guard.max_consecutive_skips, last_good_step=last_good)
@@ -333,6 +359,13 @@ class _Session:
             self.validate(0)
         t_start = time.perf_counter()
         logger.start_clock()
+        try:
+            self._steps(delayed, skip_watch)
+        finally:
+            self.seconds = time.perf_counter() - t_start
+
+    def _steps(self, delayed: DelayedMetrics, skip_watch: guard_lib.SkipWatch) -> None:
+        cfg, total, logger = self.cfg, self.cfg.steps, self.logger
         for step in range(self.start_step + 1, total + 1):
             self.state, metrics = self.program.step(self.state, self.program.place_batch(self.loader.next_batch()))
             delayed.push(step, metrics)
@@ -353,7 +386,6 @@ class _Session:
                 self._stop_for_preemption(step, saved)
         delayed.flush()
         skip_watch.check(logger.records)
-        self.seconds = time.perf_counter() - t_start
 
     def _stop_for_preemption(self, step: int, saved: bool) -> None:
         if self.checkpointer is None:
@@ -383,15 +415,27 @@ class _Session:
         if self.logger is not None:
             self.logger.close()
 
-    def report(self) -> None:
-        """The end summary: printed and written as ``summary.json`` (process 0)."""
-        if self.is_main:
+    def report(self, stopped: str | None = None) -> None:
+        """The end summary: printed and written as ``summary.json`` (process 0); ``stopped``: why the run ended
+        before its last step (then a summary.json that cannot be written is not a second error)."""
+        if self.is_main and self.logger is not None:
             steps = [] if self.checkpointer is None else self.checkpointer.all_steps()
             run_end = summary_lib.RunEnd(
-                self.cfg, self.start_step, self.logger.records, self.validation, self.seconds, steps, self.hf_dir
+                self.cfg,
+                self.start_step,
+                self.logger.records,
+                self.validation,
+                self.seconds,
+                steps,
+                self.hf_dir,
+                stopped=stopped,
             )
             print(run_end.text(), flush=True)
-            run_end.write()
+            try:
+                run_end.write()
+            except OSError:
+                if stopped is None:
+                    raise
 
     def result(self) -> FinetuneResult:
         records = self.logger.records

@@ -150,7 +150,10 @@ def start_summary(
 
 @dataclasses.dataclass(frozen=True)
 class RunEnd:
-    """How a run ended: printed by :meth:`text` after its last step, written by :meth:`write` as ``summary.json``."""
+    """How a run ended: printed by :meth:`text` after its last step, written by :meth:`write` as ``summary.json``.
+
+    ``stopped`` is why a run ended before ``steps`` (divergence, SIGTERM, a failed save), ``None`` when it did not.
+    """
 
     cfg: TrainConfig
     start_step: int
@@ -159,6 +162,13 @@ class RunEnd:
     seconds: float
     checkpoint_steps: Sequence[int]
     hf_dir: str | None
+    stopped: str | None = None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps of this session whose NaN/inf loss or gradient made them change nothing (``consecutive_skips`` > 0
+        on exactly those)."""
+        return sum(1 for r in self.records if r.get("consecutive_skips", 0) > 0)
 
     def text(self) -> str:
         """The lines a run prints after its last step (or when there was nothing to train)."""
@@ -167,18 +177,26 @@ class RunEnd:
             lines = [f"nothing to train: the checkpoint is already at step {self.start_step} >= steps={cfg.steps}"]
         else:
             per_step = self.seconds / len(records)
+            first = "stopped   " if self.stopped else "done      "
             lines = [
-                f"done       steps {self.start_step} -> {records[-1]['step']} in {self.seconds:.1f}s "
+                f"{first} steps {self.start_step} -> {records[-1]['step']} in {self.seconds:.1f}s "
                 f"({per_step:.2f}s/step); loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}"
             ]
         if validation:
             lines[-1] += f"; validation loss {validation[0][1]:.4f} (step {validation[0][0]})"
             if len(validation) > 1:
                 lines[-1] += f" -> {validation[-1][1]:.4f} (step {validation[-1][0]})"
+        if self.stopped:
+            lines.append(f"stopped    before step {cfg.steps}: {self.stopped}")
+        if self.skipped_steps:
+            lines.append(
+                f"skipped    {self.skipped_steps} of {len(records)} steps had a NaN/inf loss or gradient and changed "
+                "nothing (see `skipped` in metrics.jsonl); lower the learning rate or check the data if that is many"
+            )
         lines.append(f"metrics    {self._metrics_path()}" + (" and tensorboard/" if cfg.tensorboard else ""))
         if self.checkpoint_steps:
             lines.append(f"checkpoint {cfg.checkpoint.directory} (steps {', '.join(map(str, self.checkpoint_steps))})")
-        if self.hf_dir:
+        if self.hf_dir and not self.stopped:
             lines.append(
                 f"model      {self.hf_dir} (Hugging Face: transformers, vLLM and llama.cpp's converter load it)"
             )
@@ -191,6 +209,9 @@ class RunEnd:
         return {
             "model": self.cfg.model.source,
             "steps": [self.start_step, records[-1]["step"] if records else self.start_step],
+            "complete": self.stopped is None,
+            "stopped": self.stopped,
+            "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
             "loss": [records[0]["loss"], records[-1]["loss"]] if records else None,
             "validation": [{"step": s, "loss": v} for s, v in self.validation],
@@ -198,7 +219,7 @@ class RunEnd:
             "checkpoints": {"directory": self.cfg.checkpoint.directory, "steps": list(self.checkpoint_steps)}
             if self.checkpoint_steps
             else None,
-            "hf": self.hf_dir,
+            "hf": None if self.stopped else self.hf_dir,
         }
 
     def write(self) -> None:
