@@ -111,12 +111,13 @@ class ChatTemplate:
         return cls(source, bos_token=bos, eos_token=eos, origin="the model's chat template")
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False, **variables: Any) -> str:
-        """The conversation as text, ending with the assistant's header when ``add_generation_prompt``.
+        """The conversation as text, ending with the assistant's header when ``add_generation_prompt``; as
+        transformers' ``apply_chat_template`` renders it, so a message of a role the template skips is left out
+        (:meth:`check_roles` refuses those where the project feeds a user's conversation: training rows, chat).
 
         Raises:
-          ChatTemplateError: the template fails on the conversation, or drops a message of a role it does not render.
+          ChatTemplateError: the template fails on the conversation.
         """
-        self.check_roles(m.get("role") for m in messages)
         try:
             return self._template.render(
                 messages=list(messages),
@@ -173,8 +174,10 @@ class ChatTemplate:
         Text after the last trained reply is dropped (nothing in it is trained on).
 
         Raises:
-          ChatTemplateError: rendering fails, or no assistant reply can be located.
+          ChatTemplateError: rendering fails, a message has a role the template does not render, or no assistant
+            reply can be located.
         """
+        self.check_roles(m.get("role") for m in messages)
         full = self.render(messages, **variables)
         spans: list[tuple[int, int]] = []
         untrained = 0

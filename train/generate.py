@@ -223,6 +223,7 @@ def _need_template(loaded: Loaded) -> ChatTemplate:
 def _chat_prompt(loaded: Loaded, messages: list[dict[str, str]], args: argparse.Namespace) -> list[int]:
     """The token ids of ``messages`` rendered for the assistant's reply, checked to leave room for it."""
     template = _need_template(loaded)
+    template.check_roles(m["role"] for m in messages)
     ids = loaded.tokenizer.encode(template.render(messages, add_generation_prompt=True))
     check_room(len(ids), args.max_new_tokens, loaded.model.config.max_position_embeddings, "--max-new-tokens")
     return ids
