@@ -121,7 +121,8 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
     """
     directory = run_folder.checkpoint_directory(path)
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{path!r} is neither a run folder nor a checkpoint directory")
+        why = "it is a file" if os.path.exists(directory) else "it does not exist"
+        raise CheckpointError(f"{path!r} is neither a run folder nor a checkpoint directory: {why}")
     ckpt = Checkpointer(directory, async_save=False)
     try:
         steps = ckpt.all_steps()
@@ -169,7 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything the command is given is checked before the checkpoint (and its base model) loads.
     if args.step is not None and args.step < 0:
         raise ConfigError(f"--step must be >= 0, got {args.step}")
-    paths.check_folder_to_read(args.path, "run folder")
     if args.out:
         paths.check_folder_to_replace(args.out, "--out", overwrite=args.overwrite)
     loaded = load_checkpoint(args.path, args.step)
