@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import lora
 from models.attention import attend
 from models.config import REMAT_POLICIES, ModelConfig, RopeScaling
 from models.sharding import constrain
@@ -120,6 +121,25 @@ def _token_matmul(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Arr
     return y.reshape(*x.shape[: x.ndim - contract], *out_shape)
 
 
+def _kernel(module: nnx.Module, name: str, dtype: Any) -> jax.Array:
+    """``module.<name>`` in ``dtype``: the kernel itself, or its dequantized codes (a QLoRA base, :mod:`models.lora`)."""
+    kind = getattr(module, "quantized", {}).get(name)
+    if kind is None:
+        return getattr(module, name)[...].astype(dtype)
+    return lora.dequantize(kind, getattr(module, f"{name}_codes")[...], getattr(module, f"{name}_scales")[...], dtype)
+
+
+def _proj(x: jax.Array, module: nnx.Module, name: str, dtype: Any, rng: jax.Array | None, contract: int = 1):
+    """``x @ module.<name>`` over ``contract`` trailing axes of ``x``, plus its LoRA adapter's update if it has one
+    (``rng``: the adapter dropout's key, ``None`` outside training)."""
+    y = _token_matmul(x, _kernel(module, name, dtype), contract)
+    return lora.adapted(module, name, x, y, dtype, contract, rng)
+
+
+def _key(rng: jax.Array | None, index: int) -> jax.Array | None:
+    return None if rng is None else jax.random.fold_in(rng, index)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
 
@@ -143,8 +163,8 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-        y = _token_matmul(x, kernel[...].astype(self.dtype))  # [B, T, heads, D]
+    def _project(self, x: jax.Array, name: str, bias: nnx.Param | None, rng: jax.Array | None) -> jax.Array:
+        y = _proj(x, self, name, self.dtype, rng)  # [B, T, heads, D]
         if bias is not None:
             y = y + bias[...].astype(self.dtype)
         return y
@@ -158,10 +178,14 @@ class Attention(nnx.Module):
         cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        q = constrain(self._project(x, self.q_proj, self.q_bias), ("batch", "length", "heads", "head_dim"))
-        k = constrain(self._project(x, self.k_proj, self.k_bias), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(self._project(x, self.v_proj, self.v_bias), ("batch", "length", "kv_heads", "head_dim"))
+        q = self._project(x, "q_proj", self.q_bias, _key(rng, 0))
+        k = self._project(x, "k_proj", self.k_bias, _key(rng, 1))
+        v = self._project(x, "v_proj", self.v_bias, _key(rng, 2))
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
@@ -176,7 +200,7 @@ class Attention(nnx.Module):
         # Decoding reads a cache longer than the queries: only the dense path takes that shape.
         out = attend(self.impl if cache is None else "dense", q, k, v, mask, segment_ids)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return _token_matmul(out, self.o_proj[...].astype(self.dtype), contract=2), new_cache
+        return _proj(out, self, "o_proj", self.dtype, _key(rng, 3), contract=2), new_cache
 
 
 class MLP(nnx.Module):
@@ -189,11 +213,11 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), pd, _scaled_normal(e))
         self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), pd, _scaled_normal(m))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = _token_matmul(x, self.gate_proj[...].astype(self.dtype))
-        up = _token_matmul(x, self.up_proj[...].astype(self.dtype))
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        gate = _proj(x, self, "gate_proj", self.dtype, _key(rng, 4))
+        up = _proj(x, self, "up_proj", self.dtype, _key(rng, 5))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return _token_matmul(hidden, self.down_proj[...].astype(self.dtype))
+        return _proj(hidden, self, "down_proj", self.dtype, _key(rng, 6))
 
 
 class Block(nnx.Module):
@@ -205,10 +229,10 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, segment_ids=None):
-        attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index, segment_ids)
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, segment_ids=None, rng=None):
+        attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index, segment_ids, rng)
         x = x + attn_out
-        x = x + self.mlp(self.post_attention_norm(x))
+        x = x + self.mlp(self.post_attention_norm(x), rng)
         return constrain(x, ("batch", "length", "embed")), new_cache
 
 
@@ -281,6 +305,7 @@ class CausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         cache: KVCache | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Forward pass.
 
@@ -291,23 +316,28 @@ class CausalLM(nnx.Module):
             With a ``cache``, only "0 = padding" is used (one sequence per row).
           cache: a :class:`KVCache`; when given, the new keys/values are written at ``cache.index`` and the call
             returns ``(logits, new_cache)``.
+          rng: a key for the LoRA adapters' dropout (training); ``None`` (the default) runs without dropout.
 
         Returns:
           float32 logits [B, T, vocab] (and the updated cache when one was passed).
         """
-        x, new_cache = self._trunk(tokens, positions, segment_ids, cache)
+        x, new_cache = self._trunk(tokens, positions, segment_ids, cache, rng)
         logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
 
     def hidden_states(
-        self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
         """The final-normed hidden states [B, T, d_model] in the compute dtype: ``model(...) == logits(these)``.
 
         Training computes its loss from these a few positions at a time (:func:`models.loss.token_nll`), so the full
         fp32 ``[B, T, vocab]`` logits never exist at once.
         """
-        return self._trunk(tokens, positions, segment_ids, None)[0]
+        return self._trunk(tokens, positions, segment_ids, None, rng)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [..., vocab] of final-normed hidden states [..., d_model] (the tied or separate head)."""
@@ -320,7 +350,12 @@ class CausalLM(nnx.Module):
         return out.reshape(*hidden.shape[:-1], -1).astype(jnp.float32)
 
     def _trunk(
-        self, tokens: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None, cache: KVCache | None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None,
+        segment_ids: jax.Array | None,
+        cache: KVCache | None,
+        rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         tokens = jnp.asarray(tokens)
@@ -350,9 +385,9 @@ class CausalLM(nnx.Module):
         x = constrain(x, ("batch", "length", "embed"))
         seg = None if segment_ids is None else jnp.asarray(segment_ids)
 
-        def run_block(graphdef, state, x, kv):
+        def run_block(graphdef, state, x, kv, key):
             block = nnx.merge(graphdef, state)
-            return block(x, cos, sin, mask, kv, None if cache is None else cache.index, seg)
+            return block(x, cos, sin, mask, kv, None if cache is None else cache.index, seg, key)
 
         if cfg.remat:
             # Inside lax.scan, CSE cannot merge the recomputation with the forward anyway; skipping the barrier is
@@ -368,19 +403,21 @@ class CausalLM(nnx.Module):
             graphdef, state = nnx.split(self.layers)
 
             def body(x, layer):
-                layer_state, kv = layer
-                x, new_kv = run_block(graphdef, layer_state, x, kv)
+                layer_state, kv, key = layer
+                x, new_kv = run_block(graphdef, layer_state, x, kv, key)
                 return x, new_kv
 
-            xs = (state, None if cache is None else (cache.k, cache.v))
+            keys = None if rng is None else jax.random.split(rng, cfg.num_layers)  # one dropout key per layer
+            xs = (state, None if cache is None else (cache.k, cache.v), keys)
             x, new_kvs = jax.lax.scan(body, x, xs)
             new_k, new_v = (None, None) if cache is None else new_kvs
         else:
             new_ks, new_vs = [], []
+            keys = None if rng is None else jax.random.split(rng, cfg.num_layers)  # as the scan's: same numbers
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
                 kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, new_kv = run_block(graphdef, state, x, kv)
+                x, new_kv = run_block(graphdef, state, x, kv, None if keys is None else keys[i])
                 if cache is not None:
                     new_ks.append(new_kv[0])
                     new_vs.append(new_kv[1])
@@ -410,7 +447,7 @@ def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
       one per array dimension. Map it against the param state with ``is_leaf=lambda x: isinstance(x, tuple)``.
     """
     if isinstance(model_or_state, nnx.Module):
-        state = nnx.state(model_or_state, nnx.Param)
+        state = nnx.state(model_or_state, (nnx.Param, lora.QuantizedKernel))
     else:
         state = model_or_state
     return jax.tree.map(_axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

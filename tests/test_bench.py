@@ -77,6 +77,7 @@ TOP_LEVEL = {
     "variants",
     "trees",
     "remat",
+    "lora",
     "flags",
     "scaling",
     "memory",
@@ -135,7 +136,9 @@ def _tiny(tmp_path, *extra):
 def test_bench_end_to_end_emits_every_field(tmp_path, capsys):
     # --devices 1: the 8-device meshes are covered by the scaling test and by tests/test_step*.
     args, out = _tiny(
-        tmp_path, "--sections", "step,finch,torch,profile,remat", "--torch-modes", "eager", "--devices", "1"
+        tmp_path,
+        *("--sections", "step,finch,torch,profile,remat,lora", "--torch-modes", "eager", "--devices", "1"),
+        *("--lora-rank", "4"),
     )
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -168,6 +171,9 @@ def test_bench_end_to_end_emits_every_field(tmp_path, capsys):
         "remat=on scan=on",
     ]
     assert result["remat"]["fastest"] in {r["name"] for r in result["remat"]["results"]}
+    lora_base, lora = result["lora"]["results"]
+    assert (lora_base["name"], lora["name"], lora["lora_rank"]) == ("base", "lora r=4", 4)
+    assert result["lora"]["ratios_to_base"]["lora r=4"]["ratio"] > 0
     assert result["model"]["params"] > 0 and result["peak"]["peak_flops_per_s"] > 1e8
     assert result["peak"]["interleaved_flops_per_s"] > 1e8
     assert result["peak"]["mfu_basis"] == (

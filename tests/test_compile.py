@@ -238,3 +238,19 @@ def test_roofline_counts_full_remats_rerun_forward_as_the_floor():
     assert dots["compute_seconds"] == pytest.approx(1.5) and dots["mfu"] == pytest.approx(1.0)
     above = compile_lib.roofline(model_flops=6e12, xla_flops_per_chip=3e12, remat="full", **common)
     assert above["compute_flops_source"] == "XLA" and above["mfu"] == pytest.approx(0.5)
+
+
+def test_lora_and_qlora_steps_compile_with_adapters_only_in_the_optimizer_state():
+    topology = topology_lib.parse_topology("v5e:2x2")
+    full = compile_lib.compile_step(_cfg("data.batch_size=4"), topology, costs=False)
+    qlora = compile_lib.compile_step(
+        _cfg("data.batch_size=4", "model.lora.rank=4", "model.lora.quantize=nf4", "model.lora.block=16"),
+        topology,
+        costs=False,
+    )
+    state = qlora["memory_per_chip"]["state"]
+    assert qlora["model"]["lora"]["rank"] == 4 and qlora["memory_per_chip"]["fits"]
+    assert state["frozen_base"] > 0 and "frozen_base" not in full["memory_per_chip"]["state"]
+    # Adam's two moments of the adapters only (rank 4 against the tiny model's width 64: about a fifth).
+    assert state["optimizer_state"] < 0.25 * full["memory_per_chip"]["state"]["optimizer_state"]
+    assert "LoRA rank 4 on 7 projections, base nf4" in compile_lib.format_report(qlora)

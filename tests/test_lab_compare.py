@@ -128,6 +128,24 @@ def test_compare_end_to_end_and_resume(cache, tmp_path):
     assert runner._load_if_fresh(record_path, fingerprint, "another-eval-set") is None
 
 
+def test_lora_and_finch_on_lora_are_arms_of_the_facts_comparison(cache, tmp_path):
+    cfg = _config(
+        cache,
+        methods=("lora:rank=4,lr=3e-2", "finch:lora=4,max_learning_rate=3e-2"),
+        steps=3,
+        eval_every=0,
+        eval=EvalConfig(seq_len=48, batch_size=8, retain_sequences=4, quiz_items=0),
+    )
+    results = runner.run_compare(cfg, tmp_path, log=lambda _: None)
+    by_label = {r["run"]["label"]: r for r in results["runs"]}
+    assert sorted(by_label) == ["finch(max_lr=0.03, lora=4)", "lora(r=4)@3e-2"]
+    for r in results["runs"]:
+        assert r["run"]["lora_rank"] == 4
+        # The adapters moved the model away from the base (B starts at zero, so any KL is the adapters' doing).
+        assert r["metrics"]["retain_kl"] > 0 and r["loss_curve"][-1] < r["loss_curve"][0]
+    assert by_label["lora(r=4)@3e-2"]["lr_trace"] == pytest.approx([3e-2] * cfg.steps)
+
+
 @pytest.mark.slow
 def test_compare_runs_on_user_files(tmp_path, capsys):
     task = tmp_path / "qa.jsonl"

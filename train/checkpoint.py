@@ -25,6 +25,7 @@ complete step. This module deletes nothing except through ``keep`` after a succe
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from typing import Any
 
@@ -135,6 +136,14 @@ def _host(x: jax.Array) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)  # replicated scalar: every process holds the value
     return np.asarray(x)
+
+
+def tree_digest(tree: Any) -> str:
+    """A short hex digest of every array of ``tree`` (computed on the devices, independent of sharding): e.g. the
+    frozen base a LoRA run's adapters were trained on."""
+    _finite, sums = _digest(tree)
+    words = np.asarray([int(_host(x)) for x in sums], np.uint64)
+    return hashlib.sha256(words.tobytes()).hexdigest()[:16]
 
 
 def state_digest(state: TrainState) -> tuple[bool, dict[str, int]]:

@@ -39,7 +39,6 @@ from models import flops as flops_lib  # the model-FLOPs count MFU is defined by
 from models import loss as loss_lib
 from models.config import ModelConfig
 from models.load import parse_source
-from models.weights import abstract_model
 from train import config as config_lib
 from train import mesh as mesh_lib
 from train import paths, xla_analysis
@@ -78,7 +77,8 @@ def _build(cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, *, 
 
     ``counting``: a compile only for XLA's FLOP and byte counts, with the loss's loop over chunks unrolled.
     """
-    program, _ = program_lib.build_program(cfg, abstract_model(model_cfg), devices=devices, unroll_loss=counting)
+    model = program_lib.abstract_model(cfg.model, model_cfg)
+    program, _, _ = program_lib.build_program(cfg, model, devices=devices, unroll_loss=counting)
     start = time.perf_counter()
     lowered = program.lower()
     try:
@@ -273,6 +273,8 @@ def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[d
         "params": _per_chip_bytes(built.state.params),
         "optimizer_state": _per_chip_bytes(built.state.opt_state),
     }
+    if built.state.frozen is not None:  # LoRA: the params are the adapters; the base is frozen (maybe quantized)
+        state_bytes["frozen_base"] = _per_chip_bytes(built.state.frozen)
     dp = mesh_lib.data_parallel_size(mesh)
     report: dict[str, Any] = {
         "topology": {
@@ -291,6 +293,7 @@ def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[d
             "remat": _remat_name(model_cfg),
             "scan_layers": model_cfg.scan_layers,
             "attention_impl": model_cfg.attention_impl,
+            "lora": dataclasses.asdict(cfg.model.lora) if cfg.model.lora.enabled else None,
         },
         "optimizer": cfg.optimizer.name,
         "mesh": {**{a: int(mesh.shape[a]) for a in mesh_lib.MESH_AXES}, "slices": topology.num_slices},

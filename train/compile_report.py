@@ -89,7 +89,7 @@ def advice(
     if memory["fraction_of_hbm"] <= TIGHT_FRACTION:
         return []
     tips = []
-    if state_bytes["params"] + state_bytes["optimizer_state"] > 0.5 * memory["hbm"]:
+    if state_bytes["params"] + state_bytes["optimizer_state"] + state_bytes.get("frozen_base", 0) > 0.5 * memory["hbm"]:
         if mesh.shape["data"] > 1 and cfg.mesh.fsdp != -1:
             tips.append("shard params and optimizer state over every chip of a slice: mesh.data=1 mesh.fsdp=-1")
         tips.append("params + optimizer state alone fill over half the HBM: use a larger slice (more fsdp chips)")
@@ -145,6 +145,13 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _lora_note(lora: dict[str, Any] | None) -> str:
+    if not lora:
+        return ""
+    base = f", base {lora['quantize']}" if lora["quantize"] != "none" else ""
+    return f"; LoRA rank {lora['rank']} on {len(lora['targets'])} projections{base}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few human-readable lines."""
     t, m, b, mem = report["topology"], report["model"], report["batch"], report["memory_per_chip"]
@@ -154,7 +161,7 @@ def format_report(report: dict[str, Any]) -> str:
         + (f" × {t['slices']} slices" if t["slices"] > 1 else "")
         + f": {t['chips']} × {t['device_kind']}",
         f"model     {m['source']} ({m['params'] / 1e6:,.0f}M params, {m['param_dtype']} master weights, {m['dtype']} "
-        f"compute), remat={m['remat']}, scan_layers={m['scan_layers']}, attention={m['attention_impl']}, "
+        f"compute{_lora_note(m.get('lora'))}), remat={m['remat']}, scan_layers={m['scan_layers']}, attention={m['attention_impl']}, "
         f"optimizer={report['optimizer']}",
         f"mesh      data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}"
         + (f" (data spans {mesh['slices']} slices)" if mesh["slices"] > 1 else ""),
@@ -163,7 +170,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"memory per chip (XLA): arguments {gib(mem['arguments'])}, outputs {gib(mem['outputs'])}, aliased "
         f"{gib(mem['aliased'])}, temporaries {gib(mem['temporaries'])}, code {gib(mem['generated_code'])}",
         f"          params {gib(mem['state']['params'])} + optimizer state {gib(mem['state']['optimizer_state'])}"
-        f" of the arguments; total {gib(mem['total'])} of {gib(mem['hbm'])} HBM ({100 * mem['fraction_of_hbm']:.0f}%)"
+        + (f" + frozen base {gib(mem['state']['frozen_base'])}" if "frozen_base" in mem["state"] else "")
+        + f" of the arguments; total {gib(mem['total'])} of {gib(mem['hbm'])} HBM ({100 * mem['fraction_of_hbm']:.0f}%)"
         f" -> {'FITS' if mem['fits'] else 'DOES NOT FIT'}"
         + (" (tight)" if mem["fits"] and mem["fraction_of_hbm"] > TIGHT_FRACTION else ""),
     ]

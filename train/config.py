@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "GuardConfig",
+    "LoraSettings",
     "MeshConfig",
     "ModelSettings",
     "OptimizerConfig",
@@ -40,6 +41,34 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters (``rank > 0``): only they are trained and checkpointed; the base stays frozen, optionally
+    quantized (QLoRA). See :mod:`models.lora`.
+
+    Attributes:
+      rank: the adapters' rank (0: full fine-tuning, no adapters)
+      alpha: updates are scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+      targets: projections to adapt: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+      dropout: dropout on the adapters' input during training
+      rslora: rank-stabilised scaling alpha / sqrt(rank)
+      quantize: the frozen base's storage: none, nf4 (QLoRA, 0.56 bytes per weight) or int8
+      block: weights per quantization scale, along each kernel's last axis
+    """
+
+    rank: int = 0
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    dropout: float = 0.0
+    rslora: bool = False
+    quantize: str = "none"
+    block: int = 64
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSettings:
     """Which model to fine-tune and at which precision.
 
@@ -50,12 +79,12 @@ class ModelSettings:
     Attributes:
       source: the model: gguf:smollm2, hf:DIR, gguf:PATH, or preset:NAME (random init, for tests)
       dtype: compute dtype of the forward and backward pass (bfloat16 or float32)
-      param_dtype: storage dtype of the trained params and the optimizer state
+      param_dtype: storage dtype of the trained params and the optimizer state (with LoRA: of the frozen base; adapters stay float32)
       remat: recompute activations in the backward pass (less memory, more compute)
       remat_policy: what remat keeps: full (only each layer's input), dots (matmul outputs), dots_no_batch
       scan_layers: run the layers under lax.scan (faster compiles for deep models)
       attention_impl: blockwise (default; query blocks, no T×T probabilities kept: 1.47× faster steps than dense on CPU), dense (einsum, the reference), dot_product (jax.nn; cuDNN on GPU), splash (TPU kernel)
-      init_seed: initialisation seed of preset (randomly initialised) models
+      init_seed: initialisation seed of preset (randomly initialised) models (and of LoRA adapters)
     """
 
     source: str = "preset:tiny"
@@ -66,6 +95,7 @@ class ModelSettings:
     scan_layers: bool = False
     attention_impl: str = "blockwise"
     init_seed: int = 0
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +451,7 @@ def key_table(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str,
             continue
         kind = f"list[{typing.get_args(annotation)[0].__name__}]" if typing.get_origin(annotation) is tuple else None
         value = getattr(default, name)
-        shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+        shown = json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
         rows.append((prefix + name, kind or annotation.__name__, shown, docs.get(name, "")))
     return rows
 

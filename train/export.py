@@ -27,13 +27,23 @@ import ml_dtypes
 import numpy as np
 
 import models
+from models import lora as lora_lib
 from train import config as config_lib
 from train import paths, run_folder
 from train import program as program_lib
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import ConfigError
 
-__all__ = ["EXPORT_DTYPES", "LoadedCheckpoint", "export_hf", "host_params", "load_checkpoint", "main"]
+__all__ = [
+    "EXPORT_DTYPES",
+    "LoadedCheckpoint",
+    "adapter_directory",
+    "export_hf",
+    "export_run",
+    "host_params",
+    "load_checkpoint",
+    "main",
+]
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -71,14 +81,71 @@ def export_hf(
     """
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"output.hf_dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+
+    def write(staging: Path) -> None:
+        models.save_hf(model, tokenizer, staging, dtype=EXPORT_DTYPES[dtype], chat_template=chat_template)
+
+    return _replace_directory(Path(directory), write, "a Hugging Face export", overwrite=overwrite)
+
+
+def adapter_directory(hf_dir: str | os.PathLike) -> Path:
+    """Where a LoRA run's PEFT adapter goes beside its merged export: ``<hf_dir>-adapter`` (``runs/NAME/hf-adapter``)."""
+    hf_dir = Path(hf_dir)
+    return hf_dir.parent / f"{hf_dir.name}-adapter"
+
+
+def export_run(
+    model: Any,
+    tokenizer: Any,
+    cfg: config_lib.TrainConfig,
+    directory: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    chat_template: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """A fine-tuned model as a run exports it: the Hugging Face directory ``directory``; for a LoRA model also its
+    PEFT adapter (:func:`adapter_directory`), and the directory then holds the merged model.
+
+    ``model`` is changed in place (the adapters are merged into it). Returns the directories written. Both
+    destinations are checked (see :func:`export_hf`'s ``overwrite``) before either is written.
+    """
+    dtype = dtype or cfg.output.hf_dtype
+    written = []
+    lora = lora_lib.has_lora(model)
+    destinations = [Path(directory)] + ([adapter_directory(directory)] if lora else [])
+    for destination in destinations:
+        paths.check_folder_to_replace(destination, "the export destination", overwrite=overwrite)
+    if lora:
+        spec = program_lib.lora_spec(cfg.model) or lora_lib.LoraSpec()
+        adapter = adapter_directory(directory)
+        base = models.parse_source(cfg.model.source)
+        base_name = str(Path(base.value).resolve()) if base.kind == "hf" else str(base)
+        written.append(
+            _replace_directory(
+                adapter,
+                lambda d: lora_lib.save_peft(model, spec, d, base_model=base_name),
+                "a PEFT LoRA adapter",
+                overwrite=overwrite,
+            )
+        )
+        lora_lib.merge_lora(model)
+    written.insert(
+        0, export_hf(model, tokenizer, directory, dtype=dtype, chat_template=chat_template, overwrite=overwrite)
+    )
+    return written
+
+
+def _replace_directory(directory: Path, write: Any, what: str, *, overwrite: bool) -> Path:
+    """``write(staging)`` beside ``directory``, marked as this tool's ``what``, then renamed into its place (a
+    complete directory or none); what is at ``directory`` is replaced only if this tool wrote it, or ``overwrite``."""
     paths.check_folder_to_replace(directory, "the export destination", overwrite=overwrite)
-    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    models.save_hf(model, tokenizer, staging, dtype=EXPORT_DTYPES[dtype], chat_template=chat_template)
-    paths.mark_own_output(staging, "a Hugging Face export")
+    write(staging)
+    paths.mark_own_output(staging, what)
     if os.path.lexists(directory):
         directory.rename(retired)
     staging.rename(directory)
@@ -141,13 +208,13 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
         one_device = dataclasses.replace(
             cfg, mesh=config_lib.MeshConfig(rules=cfg.mesh.rules), data=dataclasses.replace(cfg.data, grad_accum=1)
         )
-        program, _ = program_lib.build_program(one_device, model, devices=jax.devices()[:1])
-        del model  # the restored params replace the base weights
+        program, _, frozen = program_lib.build_program(one_device, model, devices=jax.devices()[:1])
+        del model  # the restored params replace the base weights (a LoRA model's: its adapters)
         state, _ = ckpt.restore(step, program.abstract_state)
     finally:
         ckpt.close()
     template = meta.get("chat_template") or getattr(tokenizer, "chat_template", None)
-    return LoadedCheckpoint(program.merge(state.params), tokenizer, cfg, step, directory, template)
+    return LoadedCheckpoint(program.merge(state.params, frozen), tokenizer, cfg, step, directory, template)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,9 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = os.path.dirname(os.path.abspath(loaded.directory))
     # Without --out the export goes into the run folder, whose hf-step-N folders are this tool's own.
     out = args.out or run_folder.hf_directory(run_dir, loaded.step)
-    export_hf(
+    written = export_run(
         loaded.model,
         loaded.tokenizer,
+        loaded.config,
         out,
         dtype=args.dtype,
         chat_template=loaded.chat_template,
@@ -188,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"exported step {loaded.step} of {loaded.directory} to {out} ({args.dtype} safetensors, tokenizer"
         f"{', chat template' if loaded.chat_template else ''})"
     )
+    if len(written) > 1:
+        print(f"  the LoRA adapters, merged into {out}, are also a PEFT adapter in {written[1]}")
     print(f"  chat with it:  finch-train chat {out}")
     print(f"  transformers:  AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0

@@ -21,8 +21,11 @@ from typing import Any
 
 import jax
 import yaml
+from flax import nnx
 
 import models
+from models import lora as lora_lib
+from train import checkpoint as checkpoint_lib
 from train import config as config_lib
 from train import data as data_lib
 from train import distributed, paths, run_folder, runlock
@@ -132,12 +135,12 @@ def run(
     written = [cfg.output.dir] + ([cfg.checkpoint.directory] if cfg.checkpoint.enabled else [])
     with runlock.hold(written if jax.process_index() == 0 else []), PreemptionWatch() as preemption:
         inputs = _load_inputs(cfg, model, tokenizer, documents, transform_rows)
-        program, params = program_lib.build_program(cfg, inputs.model)
+        program, params, frozen = program_lib.build_program(cfg, inputs.model)
         session = _Session(cfg, program, inputs, preemption, on_step)
         stop = None
         try:
-            session.start(params)
-            del params
+            session.start(params, frozen)
+            del params, frozen
             session.train()
             session.finish()
         except _EARLY_STOPS as e:
@@ -174,6 +177,9 @@ def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
     model_name = f"{cfg.model.source} (given to finetune.run)" if model is not None else cfg.model.source
     if model is None:
         model, tokenizer = program_lib.load_model(cfg.model)
+    elif cfg.model.lora.enabled and not lora_lib.has_lora(model):
+        # A base model given by the caller (the lab reuses one for every run) stays as it is: adapt a copy.
+        model = program_lib.with_adapters(nnx.clone(model), cfg.model)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     train = data_lib.load_split(tokenizer, cfg.data, cfg.data.train_files, documents=documents, max_context=context)
     rows = train.rows if transform_rows is None else transform_rows(train.rows)
@@ -220,21 +226,26 @@ class _Session:
                 program.place_batch,
                 program.params_shardings,
                 program.batch_sharding,
+                program.frozen_shardings,
             )
 
     # -- start: checkpoints, the initial state, the run folder ------------------------------------------------------
 
-    def start(self, params: Any) -> None:
+    def start(self, params: Any, frozen: Any) -> None:
         """Resumes from the newest checkpoint or builds the step-0 state; writes the config and start summary."""
         resume_step = self._open_checkpoints()
-        state = self.program.init_state(params)
+        state = self.program.init_state(params, frozen)
+        # A LoRA run's checkpoints hold the adapters only: the base they were trained on is identified by its digest.
+        self.frozen_digest = None if frozen is None else checkpoint_lib.tree_digest(state.frozen)
         config_changes: list = []
         if resume_step is None:
             guard_lib.check_finite_params(state.params, self.inputs.model_name)  # NaN weights: every step skipped
+            if frozen is not None:
+                guard_lib.check_finite_params(state.frozen, self.inputs.model_name)
         else:
             state, config_changes = self._restore(state)
         self.state = state
-        self._prepare_run_folder(params, config_changes)
+        self._prepare_run_folder(params, frozen, config_changes)
         self.logger = MetricsLogger(
             self.cfg.output.dir,
             total_steps=self.cfg.steps,
@@ -264,6 +275,7 @@ class _Session:
         # Programs on simulated/in-process devices share one collective rendezvous pool: never let the init or
         # restore programs overlap the first training step.
         jax.block_until_ready(fresh)
+        frozen = fresh.frozen  # a LoRA base is not in the checkpoint: it stays as loaded
         del fresh  # free the fresh state before the restored one lands in the same shardings
 
         def same_run(step: int, meta: dict) -> None:
@@ -274,6 +286,7 @@ class _Session:
                 step=step,
                 accept=cfg.checkpoint.accept_config_change,
             )
+            resume_lib.check_same_base(meta, self.frozen_digest, step=step)
 
         _, state, meta, corrupt = self.checkpointer.restore_newest(
             self.program.abstract_state,
@@ -285,9 +298,9 @@ class _Session:
         jax.block_until_ready(state)
         self.loader.load_state_dict(meta["loader"])
         self.start_step = int(meta["step"])
-        return state, changes
+        return state._replace(frozen=frozen), changes
 
-    def _prepare_run_folder(self, params: Any, config_changes: list) -> None:
+    def _prepare_run_folder(self, params: Any, frozen: Any, config_changes: list) -> None:
         if not self.is_main:
             return
         cfg, inputs, out = self.cfg, self.inputs, self.cfg.output.dir
@@ -304,6 +317,7 @@ class _Session:
             cfg,
             model_name=inputs.model_name,
             params=params,
+            frozen=frozen,
             params_shardings=self.program.params_shardings,
             mesh=self.program.mesh,
             train=inputs.train,
@@ -317,7 +331,7 @@ class _Session:
 
     def validate(self, step: int) -> None:
         jax.block_until_ready(self.state)  # as for saves: never interleave two programs' collectives
-        loss, tokens = self.validator(self.state.params)
+        loss, tokens = self.validator(self.state.params, self.state.frozen)
         self.validation.append((step, loss))
         self.logger.log_eval(step, {"val_loss": loss, "val_tokens": tokens})
 
@@ -331,19 +345,21 @@ class _Session:
                 "chat_template": self.inputs.chat_template,
                 "data_fingerprint": self.inputs.fingerprint,
                 "loader": self.loader.state_dict(),
+                "frozen_digest": self.frozen_digest,
             }
             self.checkpointer.save(step, self.state, meta)
 
     def export(self, step: int | None) -> None:
         # Every process joins the gather; process 0 writes.
         jax.block_until_ready(self.state)
-        host_model = self.program.merge(export_lib.host_params(self.state.params))
+        frozen = None if self.state.frozen is None else export_lib.host_params(self.state.frozen)
+        host_model = self.program.merge(export_lib.host_params(self.state.params), frozen)
         if self.is_main:
-            export_lib.export_hf(
+            export_lib.export_run(
                 host_model,
                 self.inputs.tokenizer,
+                self.cfg,
                 run_folder.hf_directory(self.cfg.output.dir, step),
-                dtype=self.cfg.output.hf_dtype,
                 chat_template=self.inputs.chat_template,
                 overwrite=True,  # <run>/hf and hf-step-N are the run folder's own
             )
@@ -442,7 +458,7 @@ class _Session:
         return FinetuneResult(
             state=self.state,
             params=self.state.params,
-            model=self.program.merge(self.state.params) if jax.process_count() == 1 else None,
+            model=self.program.merge(self.state.params, self.state.frozen) if jax.process_count() == 1 else None,
             tokenizer=self.inputs.tokenizer,
             metrics=records,
             lr_trace=[r["lr"] for r in records],

@@ -4,6 +4,7 @@ with the model's chat template; both print tokens as they are decoded.
 The model is named in one of three ways:
 
 * an exported Hugging Face directory (``runs/NAME/hf``, or any directory with ``config.json`` + safetensors);
+* a PEFT LoRA adapter directory (``runs/NAME/hf-adapter``) on the base its ``adapter_config.json`` names;
 * a run folder (``runs/NAME``) or an orbax checkpoint directory: its newest checkpoint, or ``--step N``;
 * a model source as in ``model.source``: ``gguf:smollm2``, ``hf:DIR``, ``gguf:PATH``, ``preset:NAME``.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,6 +28,7 @@ from typing import Any
 import jax
 
 import models
+from models import lora
 from models.config import ConfigError
 from models.generate import check_room
 from models.load import resolve_dtype
@@ -85,7 +88,9 @@ def load_for_generation(
     ``chat_template`` is a Jinja file used instead of the model's own template.
     """
     template_text = None
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
+    if os.path.isfile(os.path.join(spec, "adapter_config.json")):
+        model, tokenizer, description = _load_adapter(spec, dtype)
+    elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
         model, tokenizer = models.load(f"hf:{spec}", dtype=dtype)
         description = f"{spec} (Hugging Face directory)"
     elif os.path.isdir(spec):
@@ -113,6 +118,8 @@ def model_context(spec: str) -> int | None:
     Raises:
       ConfigError: ``spec`` names no model (a missing path, a malformed name, a folder without a config).
     """
+    if os.path.isfile(os.path.join(spec, "adapter_config.json")):
+        return models.load_config(_adapter_base(spec)).max_position_embeddings
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "config.json")):
             return models.load_config(f"hf:{spec}").max_position_embeddings
@@ -122,6 +129,29 @@ def model_context(spec: str) -> int | None:
                 return models.load_config(cfg.model.source).max_position_embeddings
         return None
     return models.load_config(spec).max_position_embeddings
+
+
+def _adapter_base(directory: str) -> str:
+    """The model source of the base a PEFT LoRA adapter directory names (``base_model_name_or_path``)."""
+    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path") or ""
+    if os.path.isdir(base):
+        base = f"hf:{base}"
+    if ":" not in base:
+        raise models.ConfigError(
+            f"{directory}: the adapter's base_model_name_or_path {base!r} is neither a model source (gguf:PATH, "
+            "hf:DIR, preset:NAME) nor a directory here; load its base with transformers + peft instead"
+        )
+    return base
+
+
+def _load_adapter(directory: str, dtype: str) -> tuple[Any, Any, str]:
+    """A PEFT LoRA adapter directory (``runs/NAME/hf-adapter``) on the base its ``base_model_name_or_path`` names:
+    a model source (``gguf:smollm2``, ``preset:NAME``) or a Hugging Face directory."""
+    base = _adapter_base(directory)
+    model, tokenizer = models.load(base, dtype=dtype)
+    model, spec = lora.load_peft(model, directory)
+    return lora.merge_lora(model), tokenizer, f"{directory} (LoRA rank {spec.rank} on {base})"
 
 
 def _stop_ids(tokenizer: Any, end_of_turn: str) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from models.config import ConfigError
 __all__ = [
     "SAFE_TO_CHANGE",
     "ResumeMismatchError",
+    "check_same_base",
     "check_same_run",
     "config_diff",
     "keep_previous_config",
@@ -122,6 +123,22 @@ def check_same_run(
         )
     print(f"resume: continuing from step {step} with changed settings (accepted): {lines}", flush=True)
     return diff
+
+
+def check_same_base(meta: Mapping[str, Any], frozen_digest: str | None, *, step: int) -> None:
+    """Refuses to resume LoRA adapters onto another base than the one they were trained on (its digest is in the
+    checkpoint's metadata; the base itself is reloaded from ``model.source``).
+
+    Raises:
+      ResumeMismatchError: the digests differ.
+    """
+    saved = meta.get("frozen_digest")
+    if saved != frozen_digest:
+        raise ResumeMismatchError(
+            f"checkpoint step {step} holds LoRA adapters trained on a base model with digest {saved}, but "
+            f"model.source={meta.get('config', {}).get('model', {}).get('source')!r} now loads one with digest "
+            f"{frozen_digest}: the base's weights changed. Restore the original base file or start a new run"
+        )
 
 
 def keep_previous_config(output_dir: str, step: int) -> str | None:

@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from models import lora as lora_lib
 from models import loss as loss_lib
 from models import sharding as sharding_lib
 from train import mesh as mesh_lib
@@ -41,6 +42,7 @@ from train.optimizers import applied_learning_rate, skip_metrics
 
 __all__ = [
     "BATCH_KEYS",
+    "TrainStep",
     "ApplyFn",
     "ModelApply",
     "TrainState",
@@ -70,6 +72,8 @@ class TrainState(NamedTuple):
       opt_state: the optax state (FINCH's EMA loss, lr and counters included).
       anchor: the starting params for L2-SP (not trained), or ``None`` when ``l2sp_weight == 0``.
       rng: uint32[2] raw PRNG key data, split every step (for stochastic layers; checkpointed for exact resume).
+      frozen: a LoRA model's base weights (plain or quantized), read by every step and never updated; ``None``
+        for full fine-tuning. Not checkpointed: a resumed run reloads the base from its source.
     """
 
     step: jax.Array
@@ -77,6 +81,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     anchor: Any
     rng: jax.Array
+    frozen: Any = None
 
 
 class ModelApply:
@@ -85,49 +90,87 @@ class ModelApply:
     ``apply(params, tokens, positions, segment_ids)`` returns the fp32 logits; ``token_nll(params, batch)`` returns
     the per-token losses of the same forward without materialising them (:func:`models.loss.token_nll`).
     ``unroll_loss`` unrolls that loss's loop over chunks (same values): only for counting FLOPs (``train.compile``).
+
+    A LoRA model's params are its adapters; its base weights are the ``frozen`` argument every method takes (an
+    argument, never a constant of the compiled program: an 8B base must not be baked into it).
     """
 
-    def __init__(self, graphdef: Any, rest: Any, *, unroll_loss: bool = False):
+    def __init__(
+        self,
+        graphdef: Any,
+        rest: Any,
+        *,
+        has_frozen: bool = False,
+        uses_dropout: bool = False,
+        unroll_loss: bool = False,
+    ):
         self._graphdef, self._rest = graphdef, rest
+        self.has_frozen, self.uses_dropout = has_frozen, uses_dropout
         self.unroll_loss = unroll_loss
 
-    def merge(self, params: Any) -> Any:
-        """The module with ``params`` in place (e.g. for generation)."""
-        return nnx.merge(self._graphdef, params, self._rest)
+    def merge(self, params: Any, frozen: Any = None) -> Any:
+        """The module with ``params`` (and a LoRA model's ``frozen`` base) in place (e.g. for generation)."""
+        if not self.has_frozen:
+            return nnx.merge(self._graphdef, params, self._rest)
+        if frozen is None:
+            raise ValueError("this model has LoRA adapters: pass its frozen base weights as well (state.frozen)")
+        return nnx.merge(self._graphdef, params, frozen, self._rest)
 
-    def __call__(self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        return self.merge(params)(tokens, positions=positions, segment_ids=segment_ids)
+    def __call__(
+        self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, frozen: Any = None
+    ) -> jax.Array:
+        return self.merge(params, frozen)(tokens, positions=positions, segment_ids=segment_ids)
 
-    def token_nll(self, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """float32 ``[B, T]`` next-token losses, the LM head and cross-entropy run a chunk of positions at a time."""
-        model = self.merge(params)
-        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    def token_nll(
+        self, params: Any, batch: Mapping[str, jax.Array], frozen: Any = None, rng: jax.Array | None = None
+    ) -> jax.Array:
+        """float32 ``[B, T]`` next-token losses, the LM head and cross-entropy run a chunk of positions at a time
+        (``rng``: the key of the adapters' dropout, in training)."""
+        model = self.merge(params, frozen)
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng)
         return loss_lib.token_nll(
             hidden, batch["targets"], model.logits, chunk_size=model.config.loss_chunk_size, unroll=self.unroll_loss
         )
 
 
-def split_model(model: Any, *, unroll_loss: bool = False) -> tuple[ModelApply, Any, Callable[[Any], Any]]:
-    """Splits a flax NNX ``models.CausalLM`` into a pure apply function, its params dict and a re-merge function.
+# What a LoRA model keeps frozen: its weights and quantized kernels (the adapters, nnx.LoRAParam, are split first).
+_FROZEN = (nnx.Param, lora_lib.QuantizedKernel)
+
+
+def split_model(model: Any, *, unroll_loss: bool = False) -> tuple[ModelApply, Any, Any]:
+    """Splits a flax NNX ``models.CausalLM`` into a pure apply function, the params training updates, and the rest.
 
     Returns:
-      ``(apply_fn, params, merge)``: ``apply_fn(params, tokens, positions, segment_ids) -> logits`` (a
-      :class:`ModelApply`); ``params`` a nested dict of the ``nnx.Param`` arrays; ``merge(params) -> model``
-      rebuilds a module (e.g. for generation).
+      ``(apply_fn, params, frozen)``: ``apply_fn(params, tokens, positions, segment_ids, frozen) -> logits`` (a
+      :class:`ModelApply`; ``apply_fn.merge(params, frozen)`` rebuilds a module); ``params`` a nested dict of the
+      trained arrays: every ``nnx.Param``, or a LoRA model's adapters only; ``frozen`` a LoRA model's base weights
+      (plain or quantized), ``None`` otherwise.
     """
+    if lora_lib.has_lora(model):
+        graphdef, adapters, base, rest = nnx.split(model, nnx.LoRAParam, _FROZEN, ...)
+        apply_fn = ModelApply(
+            graphdef, rest, has_frozen=True, uses_dropout=lora_lib.dropout_rate(model) > 0, unroll_loss=unroll_loss
+        )
+        return apply_fn, nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
-    apply_fn = ModelApply(graphdef, rest, unroll_loss=unroll_loss)
-    return apply_fn, nnx.to_pure_dict(param_state), apply_fn.merge
+    return ModelApply(graphdef, rest, unroll_loss=unroll_loss), nnx.to_pure_dict(param_state), None
 
 
-def token_loss_sums(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def token_loss_sums(
+    apply_fn: ApplyFn,
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    frozen: Any = None,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """``(sum_i w_i * nll_i, sum_i w_i)`` over one (micro-)batch, in fp32.
 
-    A :class:`ModelApply` computes the losses chunk by chunk (no full fp32 logits); any other ``apply_fn`` returns
-    the logits, and the loss is taken from them.
+    A :class:`ModelApply` computes the losses chunk by chunk (no full fp32 logits), with a LoRA model's ``frozen``
+    base and the adapters' dropout key ``rng``; any other ``apply_fn`` returns the logits, and the loss is taken
+    from them.
     """
     if isinstance(apply_fn, ModelApply):
-        nll = apply_fn.token_nll(params, batch)
+        nll = apply_fn.token_nll(params, batch, frozen, rng)
     else:
         logits = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
         nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -135,7 +178,9 @@ def token_loss_sums(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Arra
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def init_train_state(params: Any, tx: optax.GradientTransformation, *, seed: int = 0, l2sp: bool = False) -> TrainState:
+def init_train_state(
+    params: Any, tx: optax.GradientTransformation, *, seed: int = 0, l2sp: bool = False, frozen: Any = None
+) -> TrainState:
     """A fresh state at step 0 (jit it with ``out_shardings`` to build it sharded)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -143,11 +188,15 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, *, seed: int
         opt_state=tx.init(params),
         anchor=jax.tree.map(jnp.copy, params) if l2sp else None,
         rng=jax.random.key_data(jax.random.key(seed)),
+        frozen=frozen,
     )
 
 
-def train_state_shardings(abstract_state: TrainState, params_shardings: Any, mesh: Mesh) -> TrainState:
-    """Shardings for every state leaf: params (and anchor) by the rules; optimizer state derived by path."""
+def train_state_shardings(
+    abstract_state: TrainState, params_shardings: Any, mesh: Mesh, frozen_shardings: Any = None
+) -> TrainState:
+    """Shardings for every state leaf: params (and anchor, and a LoRA base) by the rules; optimizer state derived
+    by path."""
     rep = mesh_lib.replicated(mesh)
     return TrainState(
         step=rep,
@@ -157,6 +206,7 @@ def train_state_shardings(abstract_state: TrainState, params_shardings: Any, mes
         ),
         anchor=None if abstract_state.anchor is None else params_shardings,
         rng=rep,
+        frozen=frozen_shardings,
     )
 
 
@@ -172,23 +222,26 @@ def _split_micro(x: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
     return x
 
 
-def _loss_and_grad_sums(apply_fn, params, batch, grad_accum, mesh):
+def _loss_and_grad_sums(apply_fn, params, frozen, batch, rng, grad_accum, mesh):
     # With a mesh, the model's activations are laid out explicitly (rows over data × fsdp), not left to XLA's guess.
     with sharding_lib.activation_sharding(None if mesh is None else mesh_lib.activation_context(mesh)):
-        return _accumulate(apply_fn, params, batch, grad_accum, mesh)
+        return _accumulate(apply_fn, params, frozen, batch, rng, grad_accum, mesh)
 
 
-def _accumulate(apply_fn, params, batch, grad_accum, mesh):
-    grad_fn = jax.value_and_grad(lambda p, b: token_loss_sums(apply_fn, p, b), has_aux=True)
+def _accumulate(apply_fn, params, frozen, batch, rng, grad_accum, mesh):
+    # Gradients only for ``params`` (a LoRA model's adapters): the frozen base gets none, nor optimizer state.
+    grad_fn = jax.value_and_grad(lambda p, b, key: token_loss_sums(apply_fn, p, b, frozen, key), has_aux=True)
     if grad_accum == 1:
-        (loss_sum, weight_sum), grad_sum = grad_fn(params, batch)
+        (loss_sum, weight_sum), grad_sum = grad_fn(params, batch, rng)
         return loss_sum, weight_sum, grad_sum
 
     micro = {k: _split_micro(v, grad_accum, mesh) for k, v in batch.items()}
+    micro["key"] = None if rng is None else jax.random.split(rng, grad_accum)
 
     def body(carry, mb):
         loss_acc, weight_acc, grad_acc = carry
-        (loss_sum, weight_sum), grads = grad_fn(params, mb)
+        key = mb.pop("key")
+        (loss_sum, weight_sum), grads = grad_fn(params, mb, key)
         grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
         return (loss_acc + loss_sum, weight_acc + weight_sum, grad_acc), None
 
@@ -212,7 +265,12 @@ def make_step_fn(
 
     def step_fn(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         batch = {k: batch[k] for k in BATCH_KEYS}
-        loss_sum, weight_sum, grad_sum = _loss_and_grad_sums(apply_fn, state.params, batch, grad_accum, mesh)
+        next_key, key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        # Only LoRA dropout draws random numbers; a step without it keeps its program free of them.
+        dropout_key = key if getattr(apply_fn, "uses_dropout", False) else None
+        loss_sum, weight_sum, grad_sum = _loss_and_grad_sums(
+            apply_fn, state.params, state.frozen, batch, dropout_key, grad_accum, mesh
+        )
         denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
         loss = loss_sum / denom
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
@@ -236,8 +294,14 @@ def make_step_fn(
             lr_sqrt_loss=lr * jnp.sqrt(jnp.maximum(loss, 0.0)),
         )
         metrics.update(skip_metrics(opt_state))  # the divergence guard's counters (train.guard reads them)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, anchor=state.anchor, rng=rng)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            anchor=state.anchor,
+            rng=jax.random.key_data(next_key),
+            frozen=state.frozen,
+        )
         return new_state, metrics
 
     return step_fn
@@ -251,7 +315,7 @@ def make_train_step(
     l2sp_weight: float = 0.0,
     mesh: Mesh | None = None,
     state_shardings: TrainState | None = None,
-) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+) -> TrainStep:
     """The jit-compiled step: pure ``(state, batch) -> (new_state, metrics)``, the input state donated.
 
     Args:
@@ -272,15 +336,56 @@ def make_train_step(
       skipped step).
     """
     step_fn = make_step_fn(apply_fn, tx, grad_accum=grad_accum, l2sp_weight=l2sp_weight, mesh=mesh)
-    if mesh is None or state_shardings is None:
-        return jax.jit(step_fn, donate_argnums=0)
-    batch_sh = {k: mesh_lib.batch_sharding(mesh) for k in BATCH_KEYS}
-    return jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=0,
-    )
+    return TrainStep(step_fn, mesh, state_shardings)
+
+
+class TrainStep:
+    """The jitted step: ``step(state, batch) -> (new_state, metrics)``, the input state donated.
+
+    A LoRA model's frozen base (``state.frozen``) goes to the compiled program as an argument of its own that is
+    neither donated nor returned: it is read in place every step, never copied, and the arrays it came from (e.g. a
+    base model the caller keeps) stay valid.
+    """
+
+    def __init__(self, step_fn: Callable, mesh: Mesh | None, state_shardings: TrainState | None):
+        def without_frozen(state: TrainState, batch: Mapping[str, jax.Array], frozen: Any):
+            new_state, metrics = step_fn(state._replace(frozen=frozen), batch)
+            return new_state._replace(frozen=None), metrics
+
+        if mesh is None or state_shardings is None:
+            self._jitted = jax.jit(without_frozen, donate_argnums=0)
+        else:
+            batch_sh = {k: mesh_lib.batch_sharding(mesh) for k in BATCH_KEYS}
+            trained = state_shardings._replace(frozen=None)
+            self._jitted = jax.jit(
+                without_frozen,
+                in_shardings=(trained, batch_sh, state_shardings.frozen),
+                out_shardings=(trained, mesh_lib.replicated(mesh)),
+                donate_argnums=0,
+            )
+
+    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        new_state, metrics = self._jitted(state._replace(frozen=None), batch, state.frozen)
+        return new_state._replace(frozen=state.frozen), metrics
+
+    def _cache_size(self) -> int:
+        """How many programs jit has compiled for this step (tests check that it never recompiles)."""
+        return self._jitted._cache_size()
+
+    def lower(self, state: TrainState, batch: Mapping[str, Any]) -> jax.stages.Lowered:
+        """The step lowered for ``state`` and ``batch`` (arrays or ``ShapeDtypeStruct``s)."""
+        return self._jitted.lower(state._replace(frozen=None), batch, state.frozen)
+
+    def compile(self, state: TrainState, batch: Mapping[str, Any]) -> Callable:
+        """The compiled step as a ``(state, batch) -> (new_state, metrics)`` callable (compiled ahead of the call)."""
+        compiled = self.lower(state, batch).compile()
+
+        def run(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+            new_state, metrics = compiled(state._replace(frozen=None), batch, state.frozen)
+            return new_state._replace(frozen=state.frozen), metrics
+
+        run.compiled = compiled  # XLA's analyses (memory_analysis, cost_analysis, as_text)
+        return run
 
 
 def create_train_state(
@@ -291,20 +396,24 @@ def create_train_state(
     params_shardings: Any = None,
     seed: int = 0,
     l2sp: bool = False,
+    frozen: Any = None,
+    frozen_shardings: Any = None,
 ) -> tuple[TrainState, TrainState | None]:
-    """Places ``params`` by their shardings and builds the initial state there (optimizer state created in place).
+    """Places ``params`` (and a LoRA model's ``frozen`` base) by their shardings and builds the initial state there
+    (optimizer state created in place).
 
     Returns:
       ``(state, state_shardings)``; ``state_shardings`` is ``None`` without a mesh.
     """
     init = functools.partial(init_train_state, tx=tx, seed=seed, l2sp=l2sp)
+    # The frozen base joins the state as it is placed, outside the jitted init: a copy of 16 GB would be a waste.
     if mesh is None:
-        return jax.jit(init)(params), None
-    abstract = jax.eval_shape(init, params)
-    shardings = train_state_shardings(abstract, params_shardings, mesh)
+        return jax.jit(init)(params)._replace(frozen=frozen), None
+    abstract = jax.eval_shape(lambda p, f: init(p, frozen=f), params, frozen)
+    shardings = train_state_shardings(abstract, params_shardings, mesh, frozen_shardings)
     params = jax.device_put(params, params_shardings)
-    state = jax.jit(init, in_shardings=(params_shardings,), out_shardings=shardings)(params)
-    return state, shardings
+    state = jax.jit(init, in_shardings=(params_shardings,), out_shardings=shardings._replace(frozen=None))(params)
+    return state._replace(frozen=None if frozen is None else jax.device_put(frozen, frozen_shardings)), shardings
 
 
 def abstract_like(state_shardings: TrainState, abstract_state: TrainState) -> TrainState:

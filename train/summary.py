@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from train import data as data_lib
 from train.config import TrainConfig
@@ -23,6 +24,24 @@ __all__ = ["RunEnd", "count_parameters", "random_init_warning", "start_summary"]
 
 def count_parameters(params: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def count_weights(frozen: Any) -> int:
+    """The weights a LoRA model's frozen base stands for: plain ones, and quantized kernels' codes (two per byte
+    for nf4), not their scales."""
+    if frozen is None:
+        return 0
+    total = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(frozen)[0]:
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name.endswith("_scales"):
+            continue
+        total += math.prod(x.shape) * (2 if name.endswith("_codes") and x.dtype == jnp.uint8 else 1)
+    return total
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _amount(n: float) -> str:
@@ -107,6 +126,7 @@ def start_summary(
     model_name: str,
     params: Any,
     params_shardings: Any,
+    frozen: Any = None,
     mesh: jax.sharding.Mesh,
     train: data_lib.DataSplit,
     validation: data_lib.DataSplit | None,
@@ -115,11 +135,19 @@ def start_summary(
 ) -> str:
     """The lines a run prints before its first step."""
     m, d = cfg.model, cfg.data
-    n = count_parameters(params)
+    trained = count_parameters(params)
+    n = trained + count_weights(frozen)
     lines = [
         f"model      {model_name}: {_amount(n)} parameters ({n:,}), stored {m.param_dtype}, computed in {m.dtype}",
         _mesh_line(cfg, mesh, params, params_shardings),
     ]
+    if frozen is not None:
+        lora, base = m.lora, "quantized " + m.lora.quantize if m.lora.quantize != "none" else f"in {m.param_dtype}"
+        lines.append(
+            f"lora       rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {_amount(trained)} "
+            f"trained parameters ({100 * trained / n:.2f}%); the base is frozen, {base}, "
+            f"{_bytes(_nbytes(frozen))}; checkpoints hold the adapters only"
+        )
     lines += _split_lines("data", train, d.seq_len)
     if validation is not None:
         every = f"every {d.validation_every} steps" if d.validation_every else "before and after training"

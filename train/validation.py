@@ -27,6 +27,7 @@ class Validator:
       batch_size: rows per forward pass (a multiple of the data-parallel size).
       to_device: host batch -> global device batch (``finetune``'s batch placement).
       params_sharding, batch_sharding: the shardings params and batches arrive in.
+      frozen_sharding: a LoRA model's frozen base's (``None`` for full fine-tuning).
     """
 
     def __init__(
@@ -37,13 +38,14 @@ class Validator:
         to_device: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]],
         params_sharding: Any,
         batch_sharding: Any,
+        frozen_sharding: Any = None,
     ):
         self.rows = rows
         self.batch_size = batch_size
         self._to_device = to_device
         self._sums = jax.jit(
-            lambda params, batch: step_lib.token_loss_sums(apply_fn, params, batch),
-            in_shardings=(params_sharding, batch_sharding),
+            lambda params, frozen, batch: step_lib.token_loss_sums(apply_fn, params, batch, frozen),
+            in_shardings=(params_sharding, frozen_sharding, batch_sharding),
         )
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
@@ -55,10 +57,10 @@ class Validator:
                 batch["loss_mask"] = batch["loss_mask"] * (index < n)[:, None].astype(np.float32)
             yield batch
 
-    def __call__(self, params: Any) -> tuple[float, float]:
+    def __call__(self, params: Any, frozen: Any = None) -> tuple[float, float]:
         total = weight = 0.0
         for batch in self._batches():
-            loss_sum, weight_sum = self._sums(params, self._to_device(batch))
+            loss_sum, weight_sum = self._sums(params, frozen, self._to_device(batch))
             total += float(np.asarray(jax.device_get(_replica(loss_sum))))
             weight += float(np.asarray(jax.device_get(_replica(weight_sum))))
         return total / max(weight, 1.0), weight

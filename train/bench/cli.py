@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per runner per round")
     p.add_argument("--profile-steps", type=int, default=d.profile_steps, help="steps traced by the profile section")
     p.add_argument("--torch-modes", type=_csv, default=d.torch_modes, help="eager,compile")
+    p.add_argument(
+        "--lora-rank", type=int, default=d.lora_rank, help="the lora section's rank (every projection; default 16)"
+    )
     p.add_argument("--scaling-devices", type=_int_csv, default=d.scaling_devices)
     p.add_argument("--scaling-layouts", type=_csv, default=d.scaling_layouts)
     p.add_argument(
@@ -129,6 +132,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         steps=args.steps,
         profile_steps=args.profile_steps,
         torch_modes=tuple(args.torch_modes),
+        lora_rank=args.lora_rank,
         scaling_devices=tuple(args.scaling_devices),
         scaling_layouts=tuple(args.scaling_layouts),
         flag_sets=tuple(args.flag_sets),

@@ -48,6 +48,8 @@ def estimate_seconds(spec: BenchSpec, shape: flops_lib.TransformerShape, peak_fl
         est["trees"] = len(spec.trees) * (_SUBPROCESS_START_S + jax_runner * 1.2)
     if "remat" in spec.sections:
         est["remat"] = 4 * jax_runner * 1.2
+    if "lora" in spec.sections:
+        est["lora"] = 2 * jax_runner
     if "flags" in spec.sections:
         est["flags"] = len(set(spec.flag_sets)) * (_SUBPROCESS_START_S + jax_runner * 1.2)
     if "scaling" in spec.sections:

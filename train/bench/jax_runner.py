@@ -16,8 +16,8 @@ from train import xla_analysis
 from train.bench.profile_xla import profile_jax_step
 from train.bench.runner import Runner, synthetic_batch
 from train.bench.spec import BenchSpec, mesh_sizes, model_config
-from train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
-from train.program import build_program
+from train.config import DataConfig, LoraSettings, MeshConfig, ModelSettings, OptimizerConfig, TrainConfig
+from train.program import build_program, with_adapters
 
 __all__ = ["build_jax_runner", "device_memory", "spec_devices"]
 
@@ -47,6 +47,7 @@ def build_jax_runner(
     devices: Sequence[Any] | None = None,
     remat: bool | None = None,
     scan: bool | None = None,
+    lora_rank: int = 0,
 ) -> Runner:
     """The spec's model and batch in :func:`train.step.make_train_step` with ``optimizer``, sharded over a mesh.
 
@@ -58,24 +59,27 @@ def build_jax_runner(
       mesh_text: ``--mesh`` syntax, checked against ``devices`` and the batch.
       devices: default all devices.
       remat, scan: the model's ``remat`` / ``scan_layers`` (default: the spec's).
+      lora_rank: > 0: train LoRA adapters of this rank on every projection (alpha 2 × rank), the base frozen.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_sizes(mesh_text, len(devices), spec.batch_size)
     model_cfg = model_config(spec, dtype_name, remat=remat, scan=scan)
     model = models.CausalLM(model_cfg, rngs=nnx.Rngs(spec.seed))
+    if lora_rank:
+        model = with_adapters(model, ModelSettings(lora=LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank)))
     cfg = TrainConfig(
         optimizer=OptimizerConfig(name=optimizer),
         mesh=MeshConfig(**sizes),
         data=DataConfig(batch_size=spec.batch_size, seq_len=spec.seq_len),
         seed=spec.seed,
     )
-    program, params = build_program(cfg, model, devices=devices)
-    state = program.init_state(params)
-    del model, params
+    program, params, frozen = build_program(cfg, model, devices=devices)
+    state = program.init_state(params, frozen)
+    del model, params, frozen
     batch = synthetic_batch(model_cfg.vocab_size, spec.batch_size, spec.seq_len, spec.seed)
     batch = jax.device_put(batch, program.batch_sharding)
     start = time.perf_counter()
-    compiled = program.step.lower(state, batch).compile()
+    compiled = program.step.compile(state, batch)
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
@@ -92,13 +96,14 @@ def build_jax_runner(
         "optimizer": optimizer,
         "mesh": sizes,
         "devices": len(devices),
-        "compiled_memory": xla_analysis.memory(compiled),
-        "xla_flops_per_device": (xla_analysis.costs(compiled) or {}).get("flops"),  # XLA's count, elementwise too
+        "compiled_memory": xla_analysis.memory(compiled.compiled),
+        "xla_flops_per_device": (xla_analysis.costs(compiled.compiled) or {}).get("flops"),  # elementwise too
+        "lora_rank": lora_rank,
         "remat": bool(model_cfg.remat),
         "scan_layers": bool(model_cfg.scan_layers),
     }
 
     def profile(steps: int) -> dict[str, Any]:
-        return profile_jax_step(step, compiled.as_text(), steps=steps)
+        return profile_jax_step(step, compiled.compiled.as_text(), steps=steps)
 
     return Runner(name=name, step=step, compile_s=compile_s, info=info, close=close, profile=profile)

@@ -190,7 +190,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         for k, v in ratios.items():
             lines.append(f"{k}: {v['ratio']:.3f} (per-round {v['low']:.3f} .. {v['high']:.3f})")
     lines.extend(format_profile(result.get("profile")))
-    for section in ("variants", "trees", "remat", "flags", "scaling"):
+    for section in ("variants", "trees", "remat", "lora", "flags", "scaling"):
         block = result.get(section)
         if not block:
             continue

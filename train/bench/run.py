@@ -22,6 +22,7 @@ from train.bench.report import check_targets, meta, write_json
 from train.bench.runner import log
 from train.bench.sections import (
     run_flags_section,
+    run_lora_section,
     run_main_sections,
     run_profile_section,
     run_remat_section,
@@ -83,6 +84,7 @@ def run_bench(
         "variants": None,
         "trees": None,
         "remat": None,
+        "lora": None,
         "flags": None,
         "scaling": None,
         "memory": None,
@@ -139,6 +141,7 @@ def run_bench(
         ("variants", run_variants_section, dtype_name),
         ("trees", run_trees_section, worker_timeout),
         ("remat", run_remat_section, dtype_name),
+        ("lora", run_lora_section, dtype_name),
         ("flags", run_flags_section, worker_timeout),
         ("scaling", run_scaling_section, worker_timeout),
     )

@@ -213,6 +213,41 @@ def run_remat_section(spec: BenchSpec, dtype_name: str, *, tokens: int, step_flo
     }
 
 
+def run_lora_section(spec: BenchSpec, dtype_name: str, *, tokens: int, step_flops: float, peak: float) -> dict:
+    """Full fine-tuning (``base``) against LoRA of ``--lora-rank`` on every projection, both ``finch_adamw`` on the
+    same batch, timed side by side; the ratio below 1 means the LoRA step is faster. MFU counts the model's FLOPs
+    for both (what the step computes for the base model; the adapters' few FLOPs are not counted)."""
+    names = ["base", f"lora r={spec.lora_rank}"]
+    runners = []
+    for name, rank in zip(names, (0, spec.lora_rank)):
+        log(f"lora: compiling {name}")
+        runners.append(
+            build_jax_runner(
+                name,
+                spec,
+                dtype_name,
+                "finch_adamw",
+                mesh_text=spec.mesh,
+                devices=spec_devices(spec),
+                lora_rank=rank,
+            )
+        )
+    try:
+        times = _time_runners(runners, spec, "lora")
+    finally:
+        for r in runners:
+            r.close()
+        _release_memory()
+    counts = {"tokens": tokens, "step_flops": step_flops, "peak": peak}
+    results = [step_result(r.name, r.compile_s, times[r.name], r.info, **counts) for r in runners]
+    return {
+        "results": results,
+        "ratios_to_base": {names[1]: ratio_of_medians(times[names[1]], times["base"])},
+        "fastest": min(results, key=lambda r: r["median_s"])["name"],
+        "load_average": list(os.getloadavg()),
+    }
+
+
 def run_variants_section(
     spec: BenchSpec, dtype_name: str, *, tokens: int, step_flops: float, peak: float
 ) -> dict[str, Any]:

@@ -35,7 +35,7 @@ __all__ = [
     "variant_spec",
 ]
 
-SECTIONS = ("step", "finch", "torch", "profile", "variants", "trees", "remat", "flags", "scaling")
+SECTIONS = ("step", "finch", "torch", "profile", "variants", "trees", "remat", "lora", "flags", "scaling")
 DEFAULT_SECTIONS = ("step", "finch", "torch", "profile")
 LAYOUTS = ("data", "fsdp", "tensor")
 
@@ -79,6 +79,7 @@ class BenchSpec:
     devices: int = 0  # use the first N devices (0 = all)
     remat: bool = False
     scan_layers: bool = False
+    lora_rank: int = 16  # the ``lora`` section: LoRA of this rank on every projection against full fine-tuning
     variants: tuple[str, ...] = ()  # the ``variants`` section: each "key=value,key=value" of model config overrides
     trees: tuple[str, ...] = ()  # the ``trees`` section: checkouts of this repository whose steps are compared
     sections: tuple[str, ...] = DEFAULT_SECTIONS
@@ -253,6 +254,8 @@ def validate(spec: BenchSpec, num_devices: int) -> None:
     bad = [layout for layout in spec.scaling_layouts if layout not in LAYOUTS]
     if bad:
         raise BenchError(f"--scaling-layouts: unknown {bad}; choose from {', '.join(LAYOUTS)}")
+    if spec.lora_rank < 1:
+        raise BenchError(f"--lora-rank must be >= 1, got {spec.lora_rank}")
     if any(n < 1 for n in spec.scaling_devices):
         raise BenchError(f"--scaling-devices must be positive, got {spec.scaling_devices}")
     model_config(spec, "float32")  # unknown model / bad override / too long a sequence

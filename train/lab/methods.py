@@ -36,9 +36,14 @@ METHODS: dict[str, _MethodKind] = {
             "ema": float,
             "max_learning_rate": float,
             "direction": str,
+            "lora": int,
             "base": float,  # 0.1 names of base_learning_rate and max_learning_rate
             "lr": float,
         },
+    ),
+    "lora": _MethodKind(
+        "AdamW at constant lr (default max_learning_rate) on LoRA adapters of rank (alpha = 2 × rank)",
+        {"rank": int, "lr": float},
     ),
     "sweep": _MethodKind("AdamW at each constant lr of lrs", {"lrs": list}),
     "warmup_const": _MethodKind(
@@ -120,6 +125,7 @@ class RunSpec:
     trace_source: str | None = None  # label of the run whose lr trace this one replays
     trace_seed: int | None = None  # ... recorded with this seed
     on_front: bool = False  # a constant-lr AdamW run: its checkpoints make up the lr front
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (alpha 2 × rank) on every projection
     probe: bool = False  # record the per-step retain probe (does not change training)
 
     @property
@@ -160,6 +166,7 @@ def _finch(cfg: CompareConfig, o: Mapping[str, Any]) -> tuple[str, dict[str, Any
     parts += [f"base={base:g}"] if "base_learning_rate" in o else []
     parts += [f"ema={float(o['ema']):g}"] if "ema" in o else []
     parts += [f"max_lr={cap:g}"] if "max_learning_rate" in o else []
+    parts += [f"lora={int(o['lora'])}"] if "lora" in o else []
     name = "finch" if direction == "adamw" else f"finch_{direction}"
     label = name + (f"({', '.join(parts)})" if parts else "")
     optimizer = {
@@ -188,7 +195,12 @@ def _per_seed_runs(cfg: CompareConfig, spec: MethodSpec) -> list[tuple[str, str,
         return [("sft_cosine", "sft_cosine", optimizer, {})]
     if spec.kind == "finch":
         label, optimizer = _finch(cfg, o)
-        return [(label, "finch", optimizer, {})]
+        return [(label, "finch", optimizer, {"lora_rank": _lora_rank(o.get("lora", 0), "finch", allow_zero=True)})]
+    if spec.kind == "lora":
+        rank, rate = _lora_rank(o.get("rank", 16), "lora"), float(o.get("lr", lr))
+        if not rate > 0:
+            raise ValueError(f"method lora: lr must be > 0, got {rate}")
+        return [(f"lora(r={rank})@{_lr_label(rate)}", "lora", dict(adamw, learning_rate=rate), {"lora_rank": rank})]
     if spec.kind == "sweep":
         lrs = o.get("lrs", [lr / 10, lr / 3])
         return [(f"const@{_lr_label(x)}", "sweep", dict(adamw, learning_rate=x), {"on_front": True}) for x in lrs]
@@ -213,6 +225,13 @@ def _per_seed_runs(cfg: CompareConfig, spec: MethodSpec) -> list[tuple[str, str,
         return [(f"l2sp(w={weight:g})", "l2sp", adamw, {"l2sp_weight": weight})]
     threshold = float(o.get("threshold", 6.0))
     return [(f"stm(t={threshold:g})", "stm", adamw, {"stm_threshold": threshold})]
+
+
+def _lora_rank(value: Any, kind: str, *, allow_zero: bool = False) -> int:
+    rank = int(value)
+    if rank < (0 if allow_zero else 1):
+        raise ValueError(f"method {kind}: the LoRA rank must be >= {0 if allow_zero else 1}, got {rank}")
+    return rank
 
 
 def expand_runs(cfg: CompareConfig) -> list[RunSpec]:

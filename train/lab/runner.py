@@ -9,6 +9,7 @@ where it stopped. Results go to ``results.json``, ``results.md`` and the plots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -21,8 +22,10 @@ import jax
 import numpy as np
 
 import models
+from models import lora as lora_lib
 from train import config as config_lib
 from train import finetune
+from train import program as program_lib
 from train.data import Document, PackedRows
 from train.generate import complete
 from train.lab import evaluate as eval_lib
@@ -75,8 +78,9 @@ def train_config(
     """The :class:`train.config.TrainConfig` of one run: ``cfg.train_overrides`` first, then the run's own values.
 
     Lab runs keep everything in memory: no checkpoints, no Hugging Face export, no TensorBoard."""
+    lora = {"rank": run.lora_rank, "alpha": 2.0 * run.lora_rank} if run.lora_rank else {}
     overrides = {
-        "model": {"source": cfg.model, "dtype": cfg.dtype, "scan_layers": cfg.scan_layers},
+        "model": {"source": cfg.model, "dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "lora": lora},
         "steps": cfg.steps,
         "seed": run.seed,
         "l2sp_weight": run.l2sp_weight,
@@ -90,10 +94,23 @@ def train_config(
     values = config_lib.to_dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict):
-            values[key].update(value)
+            for sub, inner in value.items():  # one level deeper for model.lora
+                if isinstance(inner, dict):
+                    values[key][sub].update(inner)
+                else:
+                    values[key][sub] = inner
         else:
             values[key] = value
     return config_lib.from_dict(values)
+
+
+def _plain_params(train_cfg: config_lib.TrainConfig) -> Callable[[Any], Any]:
+    """``state -> params of the plain model``: the state's params, or a LoRA state's adapters merged into its base."""
+    spec = program_lib.lora_spec(train_cfg.model)
+    if spec is None:
+        return lambda state: state.params
+    merge = jax.jit(functools.partial(lora_lib.merged_params, spec=spec, stacked=train_cfg.model.scan_layers))
+    return lambda state: merge(state.params, state.frozen)
 
 
 def _suppress_high_loss_tokens(
@@ -340,6 +357,7 @@ def _train_and_evaluate(
     """One fine-tune, its checkpoints evaluated from an ``on_step`` hook: ``(record without fingerprint, model)``."""
     checkpoints: list[dict[str, Any]] = []
     eval_seconds = [0.0]
+    plain = _plain_params(train_cfg)  # what the evaluator scores: a LoRA state as the plain model's params
     probe = RetainProbe(ctx.apply_fn, ctx.base_params, ctx.probe_rows) if run.probe else None
     eval_at = set(cfg.eval_steps[:-1])  # the last step is evaluated after training, with the quiz
 
@@ -349,11 +367,12 @@ def _train_and_evaluate(
         # The step was only dispatched: wait for it here, or its compute is timed as evaluation.
         jax.block_until_ready(state.params)
         t0 = time.perf_counter()
+        params = plain(state)
         if probe is not None:
-            probe.measure(step, state.params)
+            probe.measure(step, params)
         if step in eval_at:
             # cum_lr is filled in after training, from the full lr trace.
-            checkpoints.append(_checkpoint(step, 0.0, ctx.evaluator.evaluate(state.params, quiz=False)))
+            checkpoints.append(_checkpoint(step, 0.0, ctx.evaluator.evaluate(params, quiz=False)))
         eval_seconds[0] += time.perf_counter() - t0
 
     stm_stats: dict[str, float] = {}
@@ -374,7 +393,7 @@ def _train_and_evaluate(
     train_s = time.perf_counter() - t0 - eval_seconds[0]
     lr_trace = [float(x) for x in result.lr_trace]
     t0 = time.perf_counter()
-    final = ctx.evaluator.evaluate(result.params)
+    final = ctx.evaluator.evaluate(plain(result.state))
     checkpoints.append(_checkpoint(cfg.steps, float(sum(lr_trace)), final))
     eval_s = time.perf_counter() - t0 + eval_seconds[0]
     for c in checkpoints:  # the hook saw only the rates logged so far; the full trace is known now
