@@ -259,11 +259,17 @@ def _chat_prompt(loaded: Loaded, messages: list[dict[str, str]], args: argparse.
     return ids
 
 
-def _reply(loaded: Loaded, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
-    """Streams the assistant's reply to ``messages`` to stdout and returns it."""
-    template = _need_template(loaded)
-    end = template.end_of_turn()
-    ids = _chat_prompt(loaded, messages, args)
+def _text_prompt(loaded: Loaded, prompt: str, args: argparse.Namespace) -> list[int]:
+    """The token ids of a prompt to continue, checked to leave room for the continuation."""
+    tok = loaded.tokenizer
+    ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
+    check_room(len(ids), args.max_new_tokens, loaded.model.config.max_position_embeddings, "--max-new-tokens")
+    return ids
+
+
+def _reply(loaded: Loaded, ids: list[int], args: argparse.Namespace) -> str:
+    """Streams the assistant's reply to the rendered conversation ``ids`` to stdout and returns it."""
+    end = _need_template(loaded).end_of_turn()
     pieces = []
     for piece in stream_text(
         loaded.model,
@@ -310,21 +316,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_sampling_args(args, model_context(spec))
         loaded = load_for_generation(spec, step=args.step, dtype=args.dtype, chat_template=args.chat_template)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    conversations = [[*system, {"role": "user", "content": prompt}] for prompt in args.prompt]
+    # Every prompt is rendered and checked against the context before the first one is generated.
+    if args.chat:
+        prompts = [_chat_prompt(loaded, [*system, {"role": "user", "content": p}], args) for p in args.prompt]
+    else:
+        prompts = [_text_prompt(loaded, p, args) for p in args.prompt]
     tok = loaded.tokenizer
-    # Every prompt is checked against the context before the first one is generated.
-    for prompt, messages in zip(args.prompt, conversations):
-        if args.chat:
-            _chat_prompt(loaded, messages, args)
-        else:
-            ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
-            check_room(len(ids), args.max_new_tokens, loaded.model.config.max_position_embeddings, "--max-new-tokens")
-    for prompt, messages in zip(args.prompt, conversations):
+    for prompt, ids in zip(args.prompt, prompts):
         _write(f"{prompt}\u2192")
         if args.chat:
-            _reply(loaded, messages, args)
+            _reply(loaded, ids, args)
             continue
-        ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
         stop = (tok.eos_id,) if tok.eos_id is not None else ()
         for piece in stream_text(
             loaded.model,
@@ -377,7 +379,7 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
         if interactive:
             _write("assistant> ")
         try:
-            reply = _reply(loaded, messages, args)
+            reply = _reply(loaded, _chat_prompt(loaded, messages, args), args)
         except (ChatTemplateError, ConfigError) as e:  # this message only: the conversation goes on without it
             hint = " (type /reset to start over)" if isinstance(e, ConfigError) else ""
             print(f"error: {e}{hint}", file=sys.stderr)
