@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,37 @@ ROWS = {
     "finetune/hf_every<0": row("value", f"{FINETUNE} output.hf_every=-2", "output.hf_every must be >= 0"),
     "finetune/hf_dtype": row("value", f"{FINETUNE} output.hf_dtype=int8", "output.hf_dtype must be one of float32"),
     "finetune/lr": row("value", f"{FINETUNE} optimizer.max_learning_rate=-1", "must be > 0 and finite"),
+    # finetune: forgetting-aware settings (#25), refused with the rest before anything loads
+    "finetune/select": row("value", f"{FINETUNE} output.select=best", "output.select must be one of last, best_valid"),
+    "finetune/select_tolerance<0": row(
+        "value", f"{FINETUNE} output.select_tolerance=-0.1", "output.select_tolerance must be a finite number >= 0"
+    ),
+    "finetune/patience<0": row("value", f"{FINETUNE} guard.patience=-1", "guard.patience and guard.max_retain_kl"),
+    "finetune/max_retain_kl<0": row("value", f"{FINETUNE} guard.max_retain_kl=-1", "must be >= 0 (0: off)"),
+    "finetune/retain_rows<0": row("value", f"{FINETUNE} data.retain_rows=-1", "data.retain_rows must be >= 0"),
+    "finetune/retain_top_k<0": row("value", f"{FINETUNE} data.retain_top_k=-3", "data.retain_top_k must be >= 0"),
+    "finetune/generations<0": row("value", f"{FINETUNE} output.generations=-1", "output.generations must be >= 0"),
+    "finetune/generation_tokens<0": row(
+        "value", f"{FINETUNE} output.generation_tokens=-1", "output.generation_tokens must be >= 0"
+    ),
+    "finetune/select-without-validation": row(
+        "value", f"{FINETUNE} output.select=best_validation", "read the validation loss: set data.validation_files"
+    ),
+    "finetune/retain-budget-without-retain": row(
+        "value", f"{FINETUNE} guard.max_retain_kl=0.5", "read the retain KL: set data.retain_files"
+    ),
+    "finetune/select-without-checkpoints": row(
+        "value",
+        FINETUNE + " output.select=best_validation data.validation_files=[{data}] checkpoint.enabled=false",
+        "checkpoint.enabled must be true",
+    ),
+    "finetune/missing-retain": row(
+        "read", FINETUNE + " data.retain_files=[{missing}]", "data.retain_files '{missing}' does not exist"
+    ),
+    "finetune/folder-as-retain": row(
+        "read", FINETUNE + " data.retain_files=[{folder}]", "data.retain_files '{folder}' is a directory"
+    ),
+    "finetune/bad-retain-row": row("data", FINETUNE + " data.retain_files=[{bad_rows}]", ":2: not valid JSON", True),
     "finetune/missing-data": row("read", FINETUNE + " data.train_files=[{missing}]", "does not exist"),
     "finetune/folder-as-data": row("read", FINETUNE + " data.train_files=[{folder}]", "is a directory"),
     "finetune/folder-as-template": row("read", FINETUNE + " data.chat_template={folder}", "is a directory"),
@@ -310,7 +342,22 @@ def test_a_bad_input_is_one_line_and_exit_2_before_any_work_and_changes_nothing(
     lines = [line for line in err.splitlines() if line.strip() and "WARNING" not in line]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith(f"finch-train {argv[0]}: error: "), err
-    assert r.fragment in lines[0], lines[0]
+    assert r.fragment.format(**workspace) in lines[0], lines[0]
+    assert _snapshot(workspace["root"]) == before
+
+
+def test_the_built_in_retain_text_and_wandb_are_asked_for_before_anything_loads(workspace, monkeypatch, capsys):
+    """Two inputs the table cannot set in argv: the data cache the built-in retain text is read from, and wandb."""
+    argv = [a.format(**workspace) for a in FINETUNE.split()]
+    before = _snapshot(workspace["root"])
+    _forbid_work(monkeypatch, reads_model=False)
+    monkeypatch.setenv("FINCH_DATA_DIR", workspace["missing"])
+    assert cli.main([*argv, "data.retain_files=[builtin]"]) == 2
+    assert "does not exist yet: run `finch-train prepare retain`" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where it is not installed
+    assert cli.main([*argv, "wandb_project=probe"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finch-train finetune: error: wandb_project='probe' needs the wandb package"), err
     assert _snapshot(workspace["root"]) == before
 
 
@@ -425,7 +472,7 @@ def test_a_refused_run_leaves_no_run_folder_behind(workspace, tmp_path, capsys):
 # Summaries tell the truth
 
 
-def test_a_run_that_skipped_steps_and_stopped_early_says_so(workspace, tmp_path, capsys):
+def test_a_run_that_skipped_steps_and_diverged_says_so(workspace, tmp_path, capsys):
     out = tmp_path / "diverged"
     extra = ["optimizer.max_learning_rate=1e6", "optimizer.base_learning_rate=1e6", "guard.max_consecutive_skips=2"]
     assert cli.main(_finetune_argv(workspace["data"], out, "steps=12", *extra)) == 3
@@ -434,7 +481,7 @@ def test_a_run_that_skipped_steps_and_stopped_early_says_so(workspace, tmp_path,
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     skipped = sum(r["consecutive_skips"] > 0 for r in records)
     assert skipped >= 2 and summary["skipped_steps"] == skipped
-    assert summary["complete"] is False and "training diverged" in summary["stopped"]
+    assert summary["complete"] is False and "training diverged" in summary["interrupted"]
     assert summary["steps"][1] == records[-1]["step"] < 12 and summary["hf"] is None
     assert f"skipped    {skipped} of {len(records)} steps had a NaN/inf loss" in captured.out
     assert "stopped    before step 12: training diverged" in captured.out
@@ -442,6 +489,6 @@ def test_a_run_that_skipped_steps_and_stopped_early_says_so(workspace, tmp_path,
 
 def test_a_finished_run_says_it_is_complete_and_skipped_nothing(workspace):
     summary = json.loads((Path(workspace["run"]) / "summary.json").read_text())
-    assert summary["complete"] is True and summary["stopped"] is None and summary["skipped_steps"] == 0
+    assert summary["complete"] is True and summary["interrupted"] is None and summary["skipped_steps"] == 0
     assert yaml.safe_load((Path(workspace["run"]) / "config.yaml").read_text())["steps"] == 2
     assert os.path.isdir(summary["hf"])

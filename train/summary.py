@@ -166,10 +166,15 @@ def start_summary(
     lines.append(f"output     {out.dir}/")
     if cfg.checkpoint.enabled and cfg.checkpoint.directory:
         every = f"every {cfg.checkpoint.every} steps and " if cfg.checkpoint.every else ""
+        every += "at every evaluation and " if cfg.output.select != "last" else ""
         lines.append(f"{'':<10} checkpoints {cfg.checkpoint.directory} ({every}at the end, keep {cfg.checkpoint.keep})")
     if out.hf_export:
         every = f", and hf-step-N every {out.hf_every} steps" if out.hf_every else ""
-        lines.append(f"{'':<10} Hugging Face model {os.path.join(out.dir, 'hf')} at the end{every} ({out.hf_dtype})")
+        adapter = ", and the PEFT adapter in hf-adapter/" if cfg.model.lora.enabled else ""
+        picked = f"of the checkpoint output.select={out.select} picks" if out.select != "last" else "at the end"
+        lines.append(
+            f"{'':<10} Hugging Face model {os.path.join(out.dir, 'hf')} {picked}{every} ({out.hf_dtype}){adapter}"
+        )
     lines.append(
         f"resume     from step {start_step} of {cfg.steps}" if start_step else "resume     none: starting at step 0"
     )
@@ -180,7 +185,9 @@ def start_summary(
 class RunEnd:
     """How a run ended: printed by :meth:`text` after its last step, written by :meth:`write` as ``summary.json``.
 
-    ``stopped`` is why a run ended before ``steps`` (divergence, SIGTERM, a failed save), ``None`` when it did not.
+    ``interrupted`` is the error that ended a run before its last step (divergence, SIGTERM, a failed save), ``None``
+    when it finished; ``stopped`` is why a run that finished did so before ``steps`` (early stopping, the forgetting
+    budget: it exported and exited 0).
     """
 
     cfg: TrainConfig
@@ -190,7 +197,10 @@ class RunEnd:
     seconds: float
     checkpoint_steps: Sequence[int]
     hf_dir: str | None
-    stopped: str | None = None
+    interrupted: str | None = None  # the error that ended the run before its last step (nothing exported)
+    selected: dict[str, Any] | None = None  # the evaluation output.select chose (its step is exported as hf/)
+    stopped: str | None = None  # why the run ended before its steps (early stopping, the forgetting budget)
+    evaluation_seconds: dict[str, float] | None = None  # time spent on validation, retain KL and generations
 
     @property
     def skipped_steps(self) -> int:
@@ -205,7 +215,7 @@ class RunEnd:
             lines = [f"nothing to train: the checkpoint is already at step {self.start_step} >= steps={cfg.steps}"]
         else:
             per_step = self.seconds / len(records)
-            first = "stopped   " if self.stopped else "done      "
+            first = "stopped   " if self.interrupted else "done      "
             lines = [
                 f"{first} steps {self.start_step} -> {records[-1]['step']} in {self.seconds:.1f}s "
                 f"({per_step:.2f}s/step); loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}"
@@ -214,20 +224,34 @@ class RunEnd:
             lines[-1] += f"; validation loss {validation[0][1]:.4f} (step {validation[0][0]})"
             if len(validation) > 1:
                 lines[-1] += f" -> {validation[-1][1]:.4f} (step {validation[-1][0]})"
-        if self.stopped:
-            lines.append(f"stopped    before step {cfg.steps}: {self.stopped}")
+        if self.interrupted:
+            lines.append(f"stopped    before step {cfg.steps}: {self.interrupted}")
         if self.skipped_steps:
             lines.append(
                 f"skipped    {self.skipped_steps} of {len(records)} steps had a NaN/inf loss or gradient and changed "
                 "nothing (see `skipped` in metrics.jsonl); lower the learning rate or check the data if that is many"
             )
+        spent = {k: v for k, v in (self.evaluation_seconds or {}).items() if v > 0}
+        if spent and self.seconds > 0:
+            parts = ", ".join(f"{k} {v:.1f}s" for k, v in spent.items())
+            lines.append(f"evaluated  {parts}: {100 * sum(spent.values()) / self.seconds:.1f}% of the training time")
+        if self.stopped:
+            lines.append(f"stopped    early: {self.stopped}")
+        if self.selected is not None and not self.interrupted:
+            kl = f", retain KL {self.selected['retain_kl']:.4g}" if "retain_kl" in self.selected else ""
+            lines.append(
+                f"selected   step {self.selected['step']} (output.select={cfg.output.select}: validation loss "
+                f"{self.selected['val_loss']:.4f}{kl}); exported as hf/"
+            )
         lines.append(f"metrics    {self._metrics_path()}" + (" and tensorboard/" if cfg.tensorboard else ""))
         if self.checkpoint_steps:
             lines.append(f"checkpoint {cfg.checkpoint.directory} (steps {', '.join(map(str, self.checkpoint_steps))})")
-        if self.hf_dir and not self.stopped:
+        if self.hf_dir and not self.interrupted:
             lines.append(
                 f"model      {self.hf_dir} (Hugging Face: transformers, vLLM and llama.cpp's converter load it)"
             )
+            if cfg.model.lora.enabled:
+                lines.append(f"{'':<10} its LoRA adapters (PEFT) in {self.hf_dir}-adapter")
             lines.append(f"next       finch-train chat {self.hf_dir}")
         return "\n".join(lines)
 
@@ -237,8 +261,8 @@ class RunEnd:
         return {
             "model": self.cfg.model.source,
             "steps": [self.start_step, records[-1]["step"] if records else self.start_step],
-            "complete": self.stopped is None,
-            "stopped": self.stopped,
+            "complete": self.interrupted is None,
+            "interrupted": self.interrupted,
             "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
             "loss": [records[0]["loss"], records[-1]["loss"]] if records else None,
@@ -247,7 +271,10 @@ class RunEnd:
             "checkpoints": {"directory": self.cfg.checkpoint.directory, "steps": list(self.checkpoint_steps)}
             if self.checkpoint_steps
             else None,
-            "hf": None if self.stopped else self.hf_dir,
+            "hf": None if self.interrupted else self.hf_dir,
+            "selected": None if self.interrupted else self.selected,
+            "stopped_early": self.stopped,
+            "evaluation_seconds": self.evaluation_seconds,
         }
 
     def write(self) -> None:
