@@ -487,6 +487,18 @@ def test_a_run_that_skipped_steps_and_diverged_says_so(workspace, tmp_path, caps
     assert "stopped    before step 12: training diverged" in captured.out
 
 
+def test_a_run_that_skipped_steps_and_still_exits_0_counts_them(workspace, tmp_path, capsys):
+    """The issue's case: with the divergence guard off, a run of mostly skipped steps ends with rc 0, and says so."""
+    out = tmp_path / "skipping"
+    extra = ["optimizer.max_learning_rate=1e6", "optimizer.base_learning_rate=1e6", "guard.max_consecutive_skips=0"]
+    assert cli.main(_finetune_argv(workspace["data"], out, "steps=6", "output.hf_export=false", *extra)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = sum(r["consecutive_skips"] > 0 for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert skipped >= 2 and summary["skipped_steps"] == skipped and summary["complete"] is True
+    assert f"skipped    {skipped} of 6 steps had a NaN/inf loss" in capsys.readouterr().out
+
+
 def test_a_finished_run_says_it_is_complete_and_skipped_nothing(workspace):
     summary = json.loads((Path(workspace["run"]) / "summary.json").read_text())
     assert summary["complete"] is True and summary["interrupted"] is None and summary["skipped_steps"] == 0
