@@ -150,6 +150,33 @@ class ModelConfig:
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         return self.num_layers * block + embed + self.d_model
 
+    # The fields that decide which parameters a model has and their shapes: two configs that agree on them hold
+    # params of one tree structure (a base model and its fine-tune, for instance).
+    STRUCTURE_FIELDS = (
+        "vocab_size",
+        "d_model",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "mlp_dim",
+        "tie_embeddings",
+        "attention_bias",
+        "qk_norm",
+    )
+
+    def structure_differences(self, other: ModelConfig) -> list[tuple[str, Any, Any]]:
+        """``(field, mine, other's)`` for every :attr:`STRUCTURE_FIELDS` entry on which the two configs differ.
+
+        >>> get_preset("tiny").structure_differences(get_preset("tiny", tie_embeddings=False))
+        [('tie_embeddings', True, False)]
+        """
+        return [
+            (name, getattr(self, name), getattr(other, name))
+            for name in self.STRUCTURE_FIELDS
+            if getattr(self, name) != getattr(other, name)
+        ]
+
     # ----------------------------------------------------------------------------------------------------------------
     # Hugging Face config.json
     # ----------------------------------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.config import ConfigError
 from models.transformer import CausalLM, init_cache
 
-__all__ = ["generate", "generate_stream"]
+__all__ = ["check_room", "generate", "generate_stream"]
 
 _PROMPT_BUCKET = 16
 # Cache lengths are rounded up to this, so a chat session reuses one compiled decode step across turns.
@@ -47,6 +48,9 @@ def generate(
 
     Returns:
       The new tokens of each prompt (prompt excluded), at most ``max_new_tokens`` each.
+
+    Raises:
+      ConfigError: a bad setting, or a prompt that with ``max_new_tokens`` more would exceed the model's context.
     """
     _check(model, prompts, max_new_tokens, temperature, top_k)
     if max_new_tokens == 0:
@@ -119,19 +123,39 @@ def generate_stream(
 
 
 def _check(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_k):
+    """Refuses a request that cannot run as asked, before anything is compiled (:class:`ConfigError`)."""
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ConfigError("generate needs at least one prompt and every prompt needs at least one token")
+    if not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size={model.config.vocab_size}], got {top_k}")
+        raise ConfigError(f"top_k must be in [1, vocab_size={model.config.vocab_size}], got {top_k}")
     vocab = model.config.vocab_size
     for i, prompt in enumerate(prompts):
         bad = [t for t in prompt if not 0 <= int(t) < vocab]
         if bad:
-            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab}): {bad[:5]}")
+            raise ConfigError(f"prompt {i} holds token ids outside [0, {vocab}): {bad[:5]}")
+    check_room(max(len(p) for p in prompts), max_new_tokens, model.config.max_position_embeddings)
+
+
+def check_room(prompt_tokens: int, max_new_tokens: int, context: int, setting: str = "max_new_tokens") -> None:
+    """Refuses a prompt of ``prompt_tokens`` that, with ``max_new_tokens`` more, would run past the ``context``.
+
+    Positions past the context the model was trained on give meaningless text (and the KV cache grows with them),
+    so generation never goes there silently.
+    """
+    if prompt_tokens + max_new_tokens <= context:
+        return
+    if prompt_tokens >= context:
+        raise ConfigError(
+            f"a prompt of {prompt_tokens} tokens leaves no room for new tokens in the model's context of {context}"
+        )
+    raise ConfigError(
+        f"a prompt of {prompt_tokens} tokens plus {setting} {max_new_tokens} is {prompt_tokens + max_new_tokens} "
+        f"tokens, past the model's context of {context}; ask for at most {context - prompt_tokens} new tokens"
+    )
 
 
 def _left_padded(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ __all__ = [
     "load_gguf",
     "read_gguf",
     "config_from_gguf_fields",
+    "gguf_tensor_names",
     "smollm2_gguf_path",
     "SUPPORTED_GGUF_TYPES",
 ]
@@ -87,6 +88,14 @@ def read_gguf(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, Any]
         for tensor in reader.tensors:
             arrays[tensor.name] = dequantize_tensor(tensor, source=str(path))
     return fields, arrays
+
+
+def gguf_tensor_names(path: str | Path) -> set[str]:
+    """The names of the tensors a GGUF file holds, read from its header (no tensor data is read)."""
+    try:
+        return {tensor.name for tensor in gguf.GGUFReader(str(path)).tensors}
+    except Exception as e:
+        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 def dequantize_tensor(tensor: Any, source: str = "GGUF") -> np.ndarray:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import PRESETS, ConfigError, ModelConfig, get_preset
-from models.gguf_loader import config_from_gguf_fields, load_gguf, read_gguf, smollm2_gguf_path
+from models.gguf_loader import config_from_gguf_fields, gguf_tensor_names, load_gguf, read_gguf, smollm2_gguf_path
 from models.hf import HFDirectoryError, load_hf
 from models.tokenizer import ByteTokenizer, Tokenizer
 from models.transformer import CausalLM
@@ -59,10 +59,22 @@ def parse_source(spec: str) -> ModelSource:
         return source
     kind, sep, value = spec.partition(":")
     if not sep or kind not in SOURCE_KINDS or not value:
-        raise ConfigError(f"model {spec!r}: {_HELP}")
+        raise ConfigError(f"model {spec!r}: {_path_hint(spec)}{_HELP}")
     if kind == "preset" and value not in PRESETS:
         raise ConfigError(f"model {spec!r}: unknown preset {value!r}; available: {', '.join(sorted(PRESETS))}")
     return ModelSource(kind, value)
+
+
+def _path_hint(spec: str) -> str:
+    """What a model name that is a bare path lacks: its kind (an existing path), or existence (a missing one)."""
+    path = Path(spec)
+    if path.is_dir():
+        return f"a folder needs its kind, hf:{spec}; "
+    if path.is_file():
+        return f"a file needs its kind, gguf:{spec}; "
+    if "/" in spec or spec.startswith(".") or path.suffix in (".gguf", ".safetensors"):
+        return "no such file or folder (not found); "
+    return ""
 
 
 def resolve_dtype(name: str | Any, what: str = "dtype") -> Any:
@@ -76,8 +88,21 @@ def resolve_dtype(name: str | Any, what: str = "dtype") -> Any:
 
 def _gguf_path(source: ModelSource) -> Path:
     path = smollm2_gguf_path() if source.value == "smollm2" else Path(source.value)
+    if path.is_dir():
+        raise ConfigError(
+            f"model gguf:{source.value} is a directory, not a GGUF file (a Hugging Face folder is hf:DIR)"
+        )
     if not path.is_file():
         raise ConfigError(f"model gguf:{source.value}: GGUF file not found")
+    return path
+
+
+def _hf_directory(source: ModelSource) -> Path:
+    path = Path(source.value)
+    if path.is_file():
+        raise ConfigError(f"model hf:{source.value} is a file, not a Hugging Face folder (a GGUF file is gguf:PATH)")
+    if not path.is_dir():
+        raise ConfigError(f"model hf:{source.value}: folder not found")
     return path
 
 
@@ -100,13 +125,16 @@ def load_config(
     if source.kind == "preset":
         return get_preset(source.value, **fields)
     if source.kind == "hf":
-        config_json = Path(source.value) / "config.json"
+        config_json = _hf_directory(source) / "config.json"
         if not config_json.is_file():
             raise ConfigError(f"model hf:{source.value}: no config.json in that directory")
         return ModelConfig.from_hf_config(config_json, **fields)
     path = _gguf_path(source)
     header, _ = read_gguf(path, tensors=False)
-    return config_from_gguf_fields(header, str(path), **fields)
+    cfg = config_from_gguf_fields(header, str(path), **fields)
+    # As load_gguf decides it: the LM head is tied to the embedding unless the file has its own output tensor.
+    tied = "output.weight" not in gguf_tensor_names(path)
+    return cfg if cfg.tie_embeddings == tied else dataclasses.replace(cfg, tie_embeddings=tied)
 
 
 def load(
@@ -143,6 +171,7 @@ def load(
         return CausalLM(cfg, rngs=nnx.Rngs(seed)), tokenizer
     if source.kind == "gguf":
         return load_gguf(_gguf_path(source), dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    _hf_directory(source)
     try:
         model, tokenizer = load_hf(source.value, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     except HFDirectoryError as e:

@@ -115,8 +115,21 @@ def model_from_hf_tensors(
       file_names: HF name -> the tensor's name inside the file (GGUF), so errors name what the user can look up.
 
     Raises:
-      WeightError: naming the tensor and ``source`` for missing, unexpected or mis-shaped tensors.
+      WeightError: naming the tensor and ``source`` for missing, unexpected or mis-shaped tensors, tensors that are
+        not floating point or hold NaN/inf, and an LM head the config ties to the embedding that differs from it.
     """
+
+    def label(name: str) -> str:
+        if file_names and name in file_names:
+            return f"{file_names[name]!r} (= {name})"
+        return repr(name)
+
+    if cfg.tie_embeddings and "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors:
+        if not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])):
+            raise WeightError(
+                f"{source}: the config ties the LM head to the embedding (tie_word_embeddings), but tensor "
+                f"{label('lm_head.weight')} differs from the embedding; set tie_word_embeddings to false in its config"
+            )
     glob, layer = hf_tensor_specs(cfg)
     model = abstract_model(cfg)
     graphdef, state = nnx.split(model)
@@ -124,15 +137,11 @@ def model_from_hf_tensors(
 
     storage_dtype = np.dtype(cfg.param_dtype)
 
-    def label(name: str) -> str:
-        if file_names and name in file_names:
-            return f"{file_names[name]!r} (= {name})"
-        return repr(name)
-
     def convert(name: str, spec: _Spec) -> np.ndarray:
         if name not in tensors:
             raise WeightError(f"{source}: tensor {name!r} is missing (config expects shape {spec.hf_shape})")
         array = np.asarray(tensors[name])
+        _check_values(array, label(name), source)
         if tuple(array.shape) != spec.hf_shape:
             raise WeightError(
                 f"{source}: tensor {label(name)} has shape {tuple(array.shape)}, but the config implies {spec.hf_shape}"
@@ -171,6 +180,19 @@ def model_from_hf_tensors(
         raise WeightError(f"{source}: tensors not used by the {cfg.architecture} config: {shown}")
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def _check_values(array: np.ndarray, label: str, source: str) -> None:
+    """Refuses a tensor that is not floating point (not model weights) or that holds NaN or inf (a broken file)."""
+    if not jnp.issubdtype(array.dtype, jnp.floating):  # (NumPy alone does not count bfloat16 as floating)
+        raise WeightError(
+            f"{source}: tensor {label} is {array.dtype}, not floating point: this is not a model's weights file (or "
+            "one quantized in a way this loader does not read)"
+        )
+    if not np.isfinite(array).all():
+        raise WeightError(
+            f"{source}: tensor {label} holds NaN or inf values; the file is broken (export or download it again)"
+        )
 
 
 def model_to_hf_tensors(model: CausalLM, dtype: np.dtype | None = np.float32) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from train.lab import tasks
+from train.paths import PathError
 
 prepare_cache = runpy.run_path(str(Path(__file__).parent / "fixtures/lab/builders.py"))["prepare_cache"]
 
@@ -80,8 +81,10 @@ def test_retain_from_a_user_file(tmp_path):
     rows.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     with pytest.raises(ValueError, match="plain text rows"):
         tasks.load_retain(f"file:{rows}")
-    with pytest.raises(FileNotFoundError, match="retain file"):
+    with pytest.raises(PathError, match="--retain file '.*none.txt' does not exist"):
         tasks.load_retain(f"file:{tmp_path / 'none.txt'}")
+    with pytest.raises(PathError, match="--retain file '.*' is a directory; give a file"):
+        tasks.load_retain(f"file:{tmp_path}")
     with pytest.raises(ValueError, match="give file:PATH"):
         tasks.load_retain("wikipedia")
     with pytest.raises(ValueError, match="unknown task 'wikipedia'"):

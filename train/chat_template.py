@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -26,6 +26,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 __all__ = ["ChatTemplate", "ChatTemplateError", "special_token_text"]
 
 Message = Mapping[str, Any]
+
+
+# The roles named when a template drops another one.
+_COMMON_ROLES = ("system", "user", "assistant", "tool")
 
 
 class ChatTemplateError(ValueError):
@@ -85,6 +89,7 @@ class ChatTemplate:
         self.source = source
         self.origin = origin
         self._variables = {"bos_token": bos_token, "eos_token": eos_token}
+        self._renders_role: dict[Any, bool] = {}
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateError as e:
@@ -106,7 +111,13 @@ class ChatTemplate:
         return cls(source, bos_token=bos, eos_token=eos, origin="the model's chat template")
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False, **variables: Any) -> str:
-        """The conversation as text, ending with the assistant's header when ``add_generation_prompt``."""
+        """The conversation as text, ending with the assistant's header when ``add_generation_prompt``; as
+        transformers' ``apply_chat_template`` renders it, so a message of a role the template skips is left out
+        (:meth:`check_roles` refuses those where the project feeds a user's conversation: training rows, chat).
+
+        Raises:
+          ChatTemplateError: the template fails on the conversation.
+        """
         try:
             return self._template.render(
                 messages=list(messages),
@@ -116,6 +127,34 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.origin} failed on this conversation: {e}") from None
+
+    def check_roles(self, roles: Iterable[Any]) -> None:
+        """Raises :class:`ChatTemplateError` for the first of ``roles`` the template does not render."""
+        for role in dict.fromkeys(roles):
+            if not self.renders_role(role):
+                known = [r for r in _COMMON_ROLES if r != role and self.renders_role(r)]
+                raise ChatTemplateError(
+                    f"{self.origin} does not render messages of role {role!r}: they would be left out silently; "
+                    f"use a role it renders ({', '.join(known) or 'none of ' + ', '.join(_COMMON_ROLES)})"
+                )
+
+    def renders_role(self, role: Any) -> bool:
+        """Whether a message of ``role`` shows up in the rendering (many templates only know a few roles and skip
+        the others without a word). A template that refuses every probe conversation is given the benefit of the
+        doubt: rendering the real conversation reports its own error."""
+        if role not in self._renders_role:
+            probe = "zq_role_probe_qz"
+            message = {"role": role, "content": probe}
+            verdict = True
+            for conversation in ([message], [{"role": "user", "content": "hi"}, message]):
+                try:
+                    text = self._template.render(messages=conversation, add_generation_prompt=False, **self._variables)
+                except Exception:  # noqa: BLE001 - a template may raise anything on a probe; the real render says why
+                    continue
+                verdict = probe in text
+                break
+            self._renders_role[role] = verdict
+        return self._renders_role[role]
 
     def end_of_turn(self) -> str:
         """The text the template puts right after an assistant reply (``"<|im_end|>"`` for ChatML), stripped of
@@ -135,8 +174,10 @@ class ChatTemplate:
         Text after the last trained reply is dropped (nothing in it is trained on).
 
         Raises:
-          ChatTemplateError: rendering fails, or no assistant reply can be located.
+          ChatTemplateError: rendering fails, a message has a role the template does not render, or no assistant
+            reply can be located.
         """
+        self.check_roles(m.get("role") for m in messages)
         full = self.render(messages, **variables)
         spans: list[tuple[int, int]] = []
         untrained = 0

@@ -79,6 +79,7 @@ _FIRST_PARTY = ("finch_optax", "models", "train")
 
 # Errors that describe bad input (config, data, mesh, checkpoint, model files): one clear line, no traceback.
 _USER_ERRORS = (
+    ("train.paths", "PathError"),
     ("train.documents", "DataError"),
     ("train.chat_template", "ChatTemplateError"),
     ("train.mesh", "ShardingError"),

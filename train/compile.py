@@ -41,9 +41,9 @@ from models.config import ModelConfig
 from models.load import parse_source
 from train import config as config_lib
 from train import mesh as mesh_lib
+from train import paths, xla_analysis
 from train import program as program_lib
 from train import topology as topology_lib
-from train import xla_analysis
 from train.compile_report import advice, format_report, gib, largest_fitting, memory_fields, roofline
 from train.config import TrainConfig
 
@@ -446,6 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_platforms", "cpu")  # compiling needs no accelerator of this host
     topology = topology_lib.parse_topology(args.topology, args.num_slices)
     cfg, batch_chosen = _config(args)
+    # Every setting, the model's config and the report's path are checked before the first compile.
+    config_lib.check_ranges(cfg)
+    if args.max_batch is not None and args.max_batch < 0:
+        raise config_lib.ConfigError(f"--max-batch must be >= 0 rows per chip (0: search from 1), got {args.max_batch}")
+    out = args.out or _default_out(cfg, topology)
+    paths.check_file_to_write(out, "--out")
+    program_lib.model_config(cfg.model)
     if not batch_chosen:
         dp = mesh_lib.data_parallel_size(mesh_lib.make_mesh(cfg.mesh, topology_lib.topology_devices(topology)))
         cfg = _with_rows(cfg, 1, dp)
@@ -468,7 +475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"DOES NOT FIT: {report['memory_per_chip']['xla_refused']}\n{report['advice'][0]}")
     else:
         print(format_report(report))
-    out = args.out or _default_out(cfg, topology)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str)

@@ -532,6 +532,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     values: Any = {}
     if path:
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory; give a YAML file")
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
@@ -553,6 +555,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 # ranges
 
 _DTYPES = ("bfloat16", "float32")
+# The storage dtypes of a Hugging Face export (train.export.EXPORT_DTYPES maps them to NumPy types).
+HF_EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 _ON_CORRUPT = ("error", "previous")
 
 
@@ -569,9 +573,14 @@ def check_ranges(cfg: TrainConfig) -> None:
     }
     non_negative = {
         "steps": cfg.steps,
+        "seed": cfg.seed,
+        "model.init_seed": cfg.model.init_seed,
+        "data.seed": cfg.data.seed,
+        "data.validation_every": cfg.data.validation_every,
         "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep,
         "guard.max_consecutive_skips": cfg.guard.max_consecutive_skips,
+        "output.hf_every": cfg.output.hf_every,
         "data.retain_top_k": cfg.data.retain_top_k,
         "data.retain_rows": cfg.data.retain_rows,
         "output.generations": cfg.output.generations,
@@ -587,6 +596,8 @@ def check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.epochs must be a finite number >= 0, got {cfg.data.epochs}")
     if not (cfg.l2sp_weight >= 0 and cfg.l2sp_weight != float("inf")):
         raise ConfigError(f"l2sp_weight must be a finite number >= 0, got {cfg.l2sp_weight}")
+    if cfg.output.hf_dtype not in HF_EXPORT_DTYPES:  # used only once training is over: checked now
+        raise ConfigError(f"output.hf_dtype must be one of {', '.join(HF_EXPORT_DTYPES)}, got {cfg.output.hf_dtype!r}")
     if cfg.checkpoint.on_corrupt not in _ON_CORRUPT:
         raise ConfigError(
             f"checkpoint.on_corrupt must be one of {', '.join(_ON_CORRUPT)}, got {cfg.checkpoint.on_corrupt!r}"

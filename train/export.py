@@ -7,7 +7,9 @@ model was fine-tuned with, and ``generation_config.json``. ``transformers.AutoMo
 same logits as ours (``tests/test_train_export.py``), and so does ``models.load("hf:DIR")``.
 
 An export is written beside its destination and renamed into place, so an interrupted export never leaves a
-half-written directory where a complete one was.
+half-written directory where a complete one was. It replaces only what this tool wrote: a missing or empty folder, or
+an earlier export (marked by :data:`train.paths.OUTPUT_MARKER`); anything else at the destination is refused unless
+``overwrite`` (``--overwrite``) asks for it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import numpy as np
 import models
 from models import lora as lora_lib
 from train import config as config_lib
+from train import paths, run_folder
 from train import program as program_lib
-from train import run_folder
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import ConfigError
 
@@ -62,6 +64,7 @@ def export_hf(
     *,
     dtype: str = "float32",
     chat_template: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes ``model`` as a Hugging Face directory (see the module docstring), replacing ``directory`` atomically.
 
@@ -71,6 +74,10 @@ def export_hf(
       directory: the destination.
       dtype: storage dtype of the weights, one of :data:`EXPORT_DTYPES`.
       chat_template: written instead of the tokenizer's own (the template the fine-tune rendered chats with).
+      overwrite: replace whatever is at ``directory``; otherwise only a missing or empty folder or an earlier export.
+
+    Raises:
+      PathError: ``directory`` holds something this tool did not write, and ``overwrite`` is off.
     """
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"output.hf_dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
@@ -78,7 +85,7 @@ def export_hf(
     def write(staging: Path) -> None:
         models.save_hf(model, tokenizer, staging, dtype=EXPORT_DTYPES[dtype], chat_template=chat_template)
 
-    return _replace_directory(Path(directory), write)
+    return _replace_directory(Path(directory), write, "a Hugging Face export", overwrite=overwrite)
 
 
 def adapter_directory(hf_dir: str | os.PathLike) -> Path:
@@ -95,36 +102,57 @@ def export_run(
     *,
     dtype: str | None = None,
     chat_template: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """A fine-tuned model as a run exports it: the Hugging Face directory ``directory``; for a LoRA model also its
     PEFT adapter (:func:`adapter_directory`), and the directory then holds the merged model.
 
-    ``model`` is changed in place (the adapters are merged into it). Returns the directories written.
+    ``model`` is changed in place (the adapters are merged into it). Returns the directories written. Both
+    destinations are checked (see :func:`export_hf`'s ``overwrite``) before either is written.
     """
     dtype = dtype or cfg.output.hf_dtype
     written = []
-    if lora_lib.has_lora(model):
+    lora = lora_lib.has_lora(model)
+    destinations = [Path(directory)] + ([adapter_directory(directory)] if lora else [])
+    for destination in destinations:
+        paths.check_folder_to_replace(destination, "the export destination", overwrite=overwrite)
+    if lora:
         spec = program_lib.lora_spec(cfg.model) or lora_lib.LoraSpec()
         adapter = adapter_directory(directory)
         base = models.parse_source(cfg.model.source)
         base_name = str(Path(base.value).resolve()) if base.kind == "hf" else str(base)
-        written.append(_replace_directory(adapter, lambda d: lora_lib.save_peft(model, spec, d, base_model=base_name)))
+        written.append(
+            _replace_directory(
+                adapter,
+                lambda d: lora_lib.save_peft(model, spec, d, base_model=base_name),
+                "a PEFT LoRA adapter",
+                overwrite=overwrite,
+            )
+        )
         lora_lib.merge_lora(model)
-    written.insert(0, export_hf(model, tokenizer, directory, dtype=dtype, chat_template=chat_template))
+    written.insert(
+        0, export_hf(model, tokenizer, directory, dtype=dtype, chat_template=chat_template, overwrite=overwrite)
+    )
     return written
 
 
-def _replace_directory(directory: Path, write: Any) -> Path:
-    """``write(staging)`` beside ``directory``, then renamed into its place (a complete directory or none)."""
+def _replace_directory(directory: Path, write: Any, what: str, *, overwrite: bool) -> Path:
+    """``write(staging)`` beside ``directory``, marked as this tool's ``what``, then renamed into its place (a
+    complete directory or none); what is at ``directory`` is replaced only if this tool wrote it, or ``overwrite``."""
+    paths.check_folder_to_replace(directory, "the export destination", overwrite=overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     write(staging)
-    if directory.exists():
+    paths.mark_own_output(staging, what)
+    if os.path.lexists(directory):
         directory.rename(retired)
     staging.rename(directory)
-    shutil.rmtree(retired, ignore_errors=True)
+    if retired.is_dir() and not retired.is_symlink():
+        shutil.rmtree(retired, ignore_errors=True)
+    elif os.path.lexists(retired):
+        retired.unlink()  # a file (or link) that --overwrite replaced
     return directory
 
 
@@ -160,7 +188,8 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
     """
     directory = run_folder.checkpoint_directory(path)
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{path!r} is neither a run folder nor a checkpoint directory")
+        why = "it is a file" if os.path.exists(directory) else "it does not exist"
+        raise CheckpointError(f"{path!r} is neither a run folder nor a checkpoint directory: {why}")
     ckpt = Checkpointer(directory, async_save=False)
     try:
         steps = ckpt.all_steps()
@@ -198,12 +227,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--out", default=None, help="destination (default: <run folder>/hf-step-<step>)")
     parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="weight storage dtype")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what is at --out even if this tool did not write it (default: only an earlier export, or an "
+        "empty or missing folder)",
+    )
     args = parser.parse_args(argv)
+    # Everything the command is given is checked before the checkpoint (and its base model) loads.
+    if args.step is not None and args.step < 0:
+        raise ConfigError(f"--step must be >= 0, got {args.step}")
+    if args.out:
+        paths.check_folder_to_replace(args.out, "--out", overwrite=args.overwrite)
     loaded = load_checkpoint(args.path, args.step)
     run_dir = os.path.dirname(os.path.abspath(loaded.directory))
+    # Without --out the export goes into the run folder, whose hf-step-N folders are this tool's own.
     out = args.out or run_folder.hf_directory(run_dir, loaded.step)
     written = export_run(
-        loaded.model, loaded.tokenizer, loaded.config, out, dtype=args.dtype, chat_template=loaded.chat_template
+        loaded.model,
+        loaded.tokenizer,
+        loaded.config,
+        out,
+        dtype=args.dtype,
+        chat_template=loaded.chat_template,
+        overwrite=args.overwrite or not args.out,
     )
     print(
         f"exported step {loaded.step} of {loaded.directory} to {out} ({args.dtype} safetensors, tokenizer"

@@ -28,7 +28,7 @@ from models import lora as lora_lib
 from train import checkpoint as checkpoint_lib
 from train import config as config_lib
 from train import data as data_lib
-from train import distributed, run_folder, runlock
+from train import distributed, paths, readers, run_folder, runlock
 from train import evaluation as evaluation_lib
 from train import export as export_lib
 from train import guard as guard_lib
@@ -37,6 +37,7 @@ from train import resume as resume_lib
 from train import selection as selection_lib
 from train import step as step_lib
 from train import summary as summary_lib
+from train import trackers as trackers_lib
 from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
 from train.config import TrainConfig
 from train.metrics_log import DelayedMetrics, MetricsLogger
@@ -131,6 +132,8 @@ def run(
     cfg = run_folder.resolve(cfg, in_memory_documents=documents is not None)
     config_lib.check_ranges(cfg)
     selection_lib.check_settings(cfg)
+    trackers_lib.check_available(cfg.wandb_project)
+    _check_files_to_read(cfg, read_model=model is None, read_data=documents is None)
     program_lib.preflight(cfg)  # mesh, batch and optimizer settings: refused before anything loads
     if model is not None and tokenizer is None:
         raise ValueError("finetune.run(cfg, model=...) also needs the model's tokenizer")
@@ -141,15 +144,44 @@ def run(
         cfg = inputs.config  # with steps set by data.epochs, when that is on
         program, params, frozen = program_lib.build_program(cfg, inputs.model)
         session = _Session(cfg, program, inputs, preemption, on_step)
+        interrupted = None
         try:
             session.start(params, frozen)
             del params, frozen
             session.train()
             session.finish()
+        except _INTERRUPTIONS as e:
+            interrupted = e
+            raise
         finally:
             session.close()  # waits for the last checkpoint save: the end summary lists only finished ones
+            if interrupted is not None:  # the summary says why the run did not finish; the error itself goes on up
+                session.report(interrupted=str(interrupted).split("\n")[0])
         session.report()
         return session.result()
+
+
+# Errors that end a run before its last step and leave a run folder worth summarising (an early stop by
+# guard.patience or guard.max_retain_kl is no error: the run finishes, exports and exits 0).
+_INTERRUPTIONS = (guard_lib.DivergenceError, Preempted, CheckpointSaveError)
+
+
+def _check_files_to_read(cfg: TrainConfig, *, read_model: bool, read_data: bool) -> None:
+    """The data (training, validation, retain), template and model files exist as what they are named for (the model's config is read, no
+    weight): a wrong path is refused before the run folder is locked or anything loads."""
+    files = [("data.validation_files", f) for f in cfg.data.validation_files]
+    # ``builtin`` is refused here, with the command that prepares it, when it has not been prepared yet.
+    files += [("data.retain_files", f) for f in evaluation_lib.retain_paths(cfg.data.retain_files)]
+    if read_data:
+        files = [("data.train_files", f) for f in cfg.data.train_files] + files
+    if cfg.data.chat_template:
+        files.append(("data.chat_template", cfg.data.chat_template))
+    for setting, path in files:
+        if setting.endswith("_files") and readers.is_datasets_directory(path):
+            continue  # a datasets save_to_disk directory is an input; any other folder is refused below
+        paths.check_file_to_read(path, setting)
+    if read_model:
+        program_lib.model_config(cfg.model)
 
 
 def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
@@ -378,20 +410,28 @@ class _Session:
                 self.cfg,
                 run_folder.hf_directory(self.cfg.output.dir, step),
                 chat_template=self.inputs.chat_template,
+                overwrite=True,  # <run>/hf and hf-step-N are the run folder's own
             )
 
     # -- the loop and its end ---------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        cfg, total, logger = self.cfg, self.cfg.steps, self.logger
+        cfg, logger = self.cfg, self.logger
         delayed = DelayedMetrics(logger)
         last_good = None if self.checkpointer is None else self.checkpointer.latest_step
         skip_watch = guard_lib.SkipWatch(cfg.guard.max_consecutive_skips, last_good_step=last_good)
-        evaluate_now = self.evaluation.active and self.cfg.output.select != "last"
         if self.evaluation.active and self.start_step == 0:  # a resumed run's earlier session logged its own
             self.evaluate(0)
         t_start = time.perf_counter()
         logger.start_clock()
+        try:
+            self._steps(delayed, skip_watch)
+        finally:
+            self.seconds = time.perf_counter() - t_start
+
+    def _steps(self, delayed: DelayedMetrics, skip_watch: guard_lib.SkipWatch) -> None:
+        cfg, total, logger = self.cfg, self.cfg.steps, self.logger
+        evaluate_now = self.evaluation.active and cfg.output.select != "last"
         for step in range(self.start_step + 1, total + 1):
             self.state, metrics = self.program.step(self.state, self.program.place_batch(self.loader.next_batch()))
             delayed.push(step, metrics)
@@ -419,7 +459,6 @@ class _Session:
                 self._stop_for_preemption(step, saved)
         delayed.flush()
         skip_watch.check(logger.records)
-        self.seconds = time.perf_counter() - t_start
 
     def _stop_for_preemption(self, step: int, saved: bool) -> None:
         if self.checkpointer is None:
@@ -470,9 +509,10 @@ class _Session:
         if self.logger is not None:
             self.logger.close()
 
-    def report(self) -> None:
-        """The end summary: printed and written as ``summary.json`` (process 0)."""
-        if self.is_main:
+    def report(self, interrupted: str | None = None) -> None:
+        """The end summary: printed and written as ``summary.json`` (process 0); ``interrupted``: the error that
+        ended the run before its last step (then a summary.json that cannot be written is not a second error)."""
+        if self.is_main and self.logger is not None:
             steps = [] if self.checkpointer is None else self.checkpointer.all_steps()
             selected = self.evaluation.selection.selected
             run_end = summary_lib.RunEnd(
@@ -483,12 +523,17 @@ class _Session:
                 self.seconds,
                 steps,
                 self.hf_dir,
+                interrupted=interrupted,
                 selected=None if selected is None else selected.record(),
                 stopped=self.stopped,
                 evaluation_seconds=self.evaluation.seconds,
             )
             print(run_end.text(), flush=True)
-            run_end.write()
+            try:
+                run_end.write()
+            except OSError:
+                if interrupted is None:
+                    raise
 
     def result(self) -> FinetuneResult:
         records = self.logger.records

@@ -29,8 +29,12 @@ import jax
 
 import models
 from models import lora
+from models.config import ConfigError
+from models.generate import check_room
+from models.load import resolve_dtype
 from train import config as config_lib
 from train import export as export_lib
+from train import paths
 from train.chat_template import ChatTemplate, ChatTemplateError, special_token_text
 from train.program import load_model
 
@@ -107,9 +111,28 @@ def load_for_generation(
     return Loaded(model, tokenizer, template, description)
 
 
-def _load_adapter(directory: str, dtype: str) -> tuple[Any, Any, str]:
-    """A PEFT LoRA adapter directory (``runs/NAME/hf-adapter``) on the base its ``base_model_name_or_path`` names:
-    a model source (``gguf:smollm2``, ``preset:NAME``) or a Hugging Face directory."""
+def model_context(spec: str) -> int | None:
+    """The context length of the model ``spec`` names (as :func:`load_for_generation` takes it), read from its
+    config without loading any weight; ``None`` for a checkpoint directory outside a run folder.
+
+    Raises:
+      ConfigError: ``spec`` names no model (a missing path, a malformed name, a folder without a config).
+    """
+    if os.path.isfile(os.path.join(spec, "adapter_config.json")):
+        return models.load_config(_adapter_base(spec)).max_position_embeddings
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "config.json")):
+            return models.load_config(f"hf:{spec}").max_position_embeddings
+        for run_dir in (spec, os.path.dirname(os.path.abspath(spec))):  # a run folder, or its checkpoint directory
+            if os.path.isfile(os.path.join(run_dir, "config.yaml")):
+                cfg = config_lib.load_config(os.path.join(run_dir, "config.yaml"))
+                return models.load_config(cfg.model.source).max_position_embeddings
+        return None
+    return models.load_config(spec).max_position_embeddings
+
+
+def _adapter_base(directory: str) -> str:
+    """The model source of the base a PEFT LoRA adapter directory names (``base_model_name_or_path``)."""
     with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
         base = json.load(f).get("base_model_name_or_path") or ""
     if os.path.isdir(base):
@@ -119,6 +142,13 @@ def _load_adapter(directory: str, dtype: str) -> tuple[Any, Any, str]:
             f"{directory}: the adapter's base_model_name_or_path {base!r} is neither a model source (gguf:PATH, "
             "hf:DIR, preset:NAME) nor a directory here; load its base with transformers + peft instead"
         )
+    return base
+
+
+def _load_adapter(directory: str, dtype: str) -> tuple[Any, Any, str]:
+    """A PEFT LoRA adapter directory (``runs/NAME/hf-adapter``) on the base its ``base_model_name_or_path`` names:
+    a model source (``gguf:smollm2``, ``preset:NAME``) or a Hugging Face directory."""
+    base = _adapter_base(directory)
     model, tokenizer = models.load(base, dtype=dtype)
     model, spec = lora.load_peft(model, directory)
     return lora.merge_lora(model), tokenizer, f"{directory} (LoRA rank {spec.rank} on {base})"
@@ -182,6 +212,26 @@ def _write(piece: str) -> None:
     sys.stdout.flush()
 
 
+def _check_sampling_args(args: argparse.Namespace, context: int | None) -> None:
+    """Refuses sampling settings that cannot run, before the model loads (``context``: the model's, when known)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < float("inf"):
+        raise ConfigError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.step is not None and args.step < 0:
+        raise ConfigError(f"--step must be >= 0, got {args.step}")
+    resolve_dtype(args.dtype, "--dtype")
+    if args.chat_template:
+        paths.check_file_to_read(args.chat_template, "--chat-template")
+    if context is not None and args.max_new_tokens >= context:
+        raise ConfigError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context of {context} "
+            f"tokens; ask for at most {context - 1}"
+        )
+
+
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
@@ -200,17 +250,26 @@ def _need_template(loaded: Loaded) -> ChatTemplate:
     return loaded.template
 
 
-def _reply(loaded: Loaded, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
-    """Streams the assistant's reply to ``messages`` to stdout and returns it."""
+def _chat_prompt(loaded: Loaded, messages: list[dict[str, str]], args: argparse.Namespace) -> list[int]:
+    """The token ids of ``messages`` rendered for the assistant's reply, checked to leave room for it."""
     template = _need_template(loaded)
-    end = template.end_of_turn()
+    template.check_roles(m["role"] for m in messages)
     ids = loaded.tokenizer.encode(template.render(messages, add_generation_prompt=True))
-    context = loaded.model.config.max_position_embeddings
-    if len(ids) + args.max_new_tokens > context:
-        raise ChatTemplateError(
-            f"the conversation is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the "
-            f"model's context of {context} (type /reset to start over)"
-        )
+    check_room(len(ids), args.max_new_tokens, loaded.model.config.max_position_embeddings, "--max-new-tokens")
+    return ids
+
+
+def _text_prompt(loaded: Loaded, prompt: str, args: argparse.Namespace) -> list[int]:
+    """The token ids of a prompt to continue, checked to leave room for the continuation."""
+    tok = loaded.tokenizer
+    ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
+    check_room(len(ids), args.max_new_tokens, loaded.model.config.max_position_embeddings, "--max-new-tokens")
+    return ids
+
+
+def _reply(loaded: Loaded, ids: list[int], args: argparse.Namespace) -> str:
+    """Streams the assistant's reply to the rendered conversation ``ids`` to stdout and returns it."""
+    end = _need_template(loaded).end_of_turn()
     pieces = []
     for piece in stream_text(
         loaded.model,
@@ -247,21 +306,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = args.model or args.checkpoint
     if spec is None:
         cfg = config_lib.load_config(args.config, args.overrides)
+        _check_sampling_args(args, models.load_config(cfg.model.source).max_position_embeddings)
         model, tokenizer = load_model(cfg.model, dtype=args.dtype)
         template = (
             None if not (args.chat or args.chat_template) else ChatTemplate.for_model(tokenizer, args.chat_template)
         )
         loaded = Loaded(model, tokenizer, template, cfg.model.source)
     else:
+        _check_sampling_args(args, model_context(spec))
         loaded = load_for_generation(spec, step=args.step, dtype=args.dtype, chat_template=args.chat_template)
-    for prompt in args.prompt:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    # Every prompt is rendered and checked against the context before the first one is generated.
+    if args.chat:
+        prompts = [_chat_prompt(loaded, [*system, {"role": "user", "content": p}], args) for p in args.prompt]
+    else:
+        prompts = [_text_prompt(loaded, p, args) for p in args.prompt]
+    tok = loaded.tokenizer
+    for prompt, ids in zip(args.prompt, prompts):
         _write(f"{prompt}\u2192")
         if args.chat:
-            system = [{"role": "system", "content": args.system}] if args.system else []
-            _reply(loaded, [*system, {"role": "user", "content": prompt}], args)
+            _reply(loaded, ids, args)
             continue
-        tok = loaded.tokenizer
-        ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
         stop = (tok.eos_id,) if tok.eos_id is not None else ()
         for piece in stream_text(
             loaded.model,
@@ -288,8 +353,11 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--system", default=None, help="a system message at the start of the conversation")
     _add_sampling_args(parser, max_new_tokens=256)
     args = parser.parse_args(argv)
+    _check_sampling_args(args, model_context(args.model))
     loaded = load_for_generation(args.model, step=args.step, dtype=args.dtype, chat_template=args.chat_template)
-    _need_template(loaded)
+    template = _need_template(loaded)
+    if args.system:
+        template.check_roles(["system"])  # before the first message, not at it
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
@@ -311,9 +379,10 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
         if interactive:
             _write("assistant> ")
         try:
-            reply = _reply(loaded, messages, args)
-        except ChatTemplateError as e:
-            print(f"error: {e}", file=sys.stderr)
+            reply = _reply(loaded, _chat_prompt(loaded, messages, args), args)
+        except (ChatTemplateError, ConfigError) as e:  # this message only: the conversation goes on without it
+            hint = " (type /reset to start over)" if isinstance(e, ConfigError) else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": reply})

@@ -56,6 +56,12 @@ class Chunk:
     unit: str
 
 
+def is_datasets_directory(path: str) -> bool:
+    """Whether ``path`` is a folder ``datasets``' ``save_to_disk`` wrote (one split or a dict of splits)."""
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in markers)
+
+
 def input_kind(path: str, what: str = "training") -> str:
     """``"txt"``, ``"jsonl"``, ``"jsonl.gz"``, ``"jsonl.zst"``, ``"parquet"``, ``"arrow"`` or ``"datasets"``.
 
@@ -63,8 +69,7 @@ def input_kind(path: str, what: str = "training") -> str:
       DataError: the path does not exist or is of no supported kind.
     """
     if os.path.isdir(path):
-        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-        if any(os.path.isfile(os.path.join(path, m)) for m in markers):
+        if is_datasets_directory(path):
             return "datasets"
         raise DataError(f"{what} input {path!r} is a directory but not a datasets save_to_disk directory")
     if not os.path.isfile(path):

@@ -196,7 +196,12 @@ def start_summary(
 
 @dataclasses.dataclass(frozen=True)
 class RunEnd:
-    """How a run ended: printed by :meth:`text` after its last step, written by :meth:`write` as ``summary.json``."""
+    """How a run ended: printed by :meth:`text` after its last step, written by :meth:`write` as ``summary.json``.
+
+    ``interrupted`` is the error that ended a run before its last step (divergence, SIGTERM, a failed save), ``None``
+    when it finished; ``stopped`` is why a run that finished did so before ``steps`` (early stopping, the forgetting
+    budget: it exported and exited 0).
+    """
 
     cfg: TrainConfig
     start_step: int
@@ -205,9 +210,16 @@ class RunEnd:
     seconds: float
     checkpoint_steps: Sequence[int]
     hf_dir: str | None
+    interrupted: str | None = None  # the error that ended the run before its last step (nothing exported)
     selected: dict[str, Any] | None = None  # the evaluation output.select chose (its step is exported as hf/)
     stopped: str | None = None  # why the run ended before its steps (early stopping, the forgetting budget)
     evaluation_seconds: dict[str, float] | None = None  # time spent on validation, retain KL and generations
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps of this session whose NaN/inf loss or gradient made them change nothing (``consecutive_skips`` > 0
+        on exactly those)."""
+        return sum(1 for r in self.records if r.get("consecutive_skips", 0) > 0)
 
     def text(self) -> str:
         """The lines a run prints after its last step (or when there was nothing to train)."""
@@ -216,21 +228,29 @@ class RunEnd:
             lines = [f"nothing to train: the checkpoint is already at step {self.start_step} >= steps={cfg.steps}"]
         else:
             per_step = self.seconds / len(records)
+            first = "stopped   " if self.interrupted else "done      "
             lines = [
-                f"done       steps {self.start_step} -> {records[-1]['step']} in {self.seconds:.1f}s "
+                f"{first} steps {self.start_step} -> {records[-1]['step']} in {self.seconds:.1f}s "
                 f"({per_step:.2f}s/step); loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}"
             ]
         if validation:
             lines[-1] += f"; validation loss {validation[0][1]:.4f} (step {validation[0][0]})"
             if len(validation) > 1:
                 lines[-1] += f" -> {validation[-1][1]:.4f} (step {validation[-1][0]})"
+        if self.interrupted:
+            lines.append(f"stopped    before step {cfg.steps}: {self.interrupted}")
+        if self.skipped_steps:
+            lines.append(
+                f"skipped    {self.skipped_steps} of {len(records)} steps had a NaN/inf loss or gradient and changed "
+                "nothing (see `skipped` in metrics.jsonl); lower the learning rate or check the data if that is many"
+            )
         spent = {k: v for k, v in (self.evaluation_seconds or {}).items() if v > 0}
         if spent and self.seconds > 0:
             parts = ", ".join(f"{k} {v:.1f}s" for k, v in spent.items())
             lines.append(f"evaluated  {parts}: {100 * sum(spent.values()) / self.seconds:.1f}% of the training time")
         if self.stopped:
             lines.append(f"stopped    early: {self.stopped}")
-        if self.selected is not None:
+        if self.selected is not None and not self.interrupted:
             kl = f", retain KL {self.selected['retain_kl']:.4g}" if "retain_kl" in self.selected else ""
             lines.append(
                 f"selected   step {self.selected['step']} (output.select={cfg.output.select}: validation loss "
@@ -239,7 +259,7 @@ class RunEnd:
         lines.append(f"metrics    {self._metrics_path()}" + (" and tensorboard/" if cfg.tensorboard else ""))
         if self.checkpoint_steps:
             lines.append(f"checkpoint {cfg.checkpoint.directory} (steps {', '.join(map(str, self.checkpoint_steps))})")
-        if self.hf_dir:
+        if self.hf_dir and not self.interrupted:
             lines.append(
                 f"model      {self.hf_dir} (Hugging Face: transformers, vLLM and llama.cpp's converter load it)"
             )
@@ -254,6 +274,9 @@ class RunEnd:
         return {
             "model": self.cfg.model.source,
             "steps": [self.start_step, records[-1]["step"] if records else self.start_step],
+            "complete": self.interrupted is None,
+            "interrupted": self.interrupted,
+            "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
             "loss": [records[0]["loss"], records[-1]["loss"]] if records else None,
             "validation": [{"step": s, "loss": v} for s, v in self.validation],
@@ -261,8 +284,8 @@ class RunEnd:
             "checkpoints": {"directory": self.cfg.checkpoint.directory, "steps": list(self.checkpoint_steps)}
             if self.checkpoint_steps
             else None,
-            "hf": self.hf_dir,
-            "selected": self.selected,
+            "hf": None if self.interrupted else self.hf_dir,
+            "selected": None if self.interrupted else self.selected,
             "stopped_early": self.stopped,
             "evaluation_seconds": self.evaluation_seconds,
         }

@@ -7,13 +7,26 @@ has. Adding a tracker is one class here and one line in :func:`make_trackers`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-__all__ = ["JsonlTracker", "TensorBoardTracker", "Tracker", "WandbTracker", "make_trackers"]
+from models.config import ConfigError
+
+__all__ = ["JsonlTracker", "TensorBoardTracker", "Tracker", "WandbTracker", "check_available", "make_trackers"]
+
+
+def check_available(wandb_project: str) -> None:
+    """Refuses ``wandb_project`` when wandb is not installed, before a run loads anything (a run would otherwise
+    find out after its model and data loaded)."""
+    if wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"wandb_project={wandb_project!r} needs the wandb package, which is not installed: pip install "
+            "'finch-optax[wandb]', or leave wandb_project unset"
+        )
 
 
 class Tracker(Protocol):

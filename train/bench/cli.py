@@ -17,6 +17,7 @@ from pathlib import Path
 
 from jax._src import xla_bridge  # private, but the only way to tell whether jax has started its backend
 
+from train import paths
 from train.bench.report import format_table
 from train.bench.run import run_bench
 from train.bench.spec import FLAG_SETS, SECTIONS, BenchError, BenchSpec
@@ -157,10 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.table is not None:
+        paths.check_file_to_read(args.table, "--table")
         try:
             print(format_table(json.loads(Path(args.table).read_text())))
         except (OSError, json.JSONDecodeError, KeyError) as e:
-            print(f"bench: --table {args.table}: cannot read a bench result ({type(e).__name__}: {e})", file=sys.stderr)
+            print(
+                f"finch-train bench: error: --table {args.table}: cannot read a bench result ({type(e).__name__}: {e})",
+                file=sys.stderr,
+            )
             return 2
         return 0
     try:
@@ -168,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = spec_from_args(args)
         name = spec.model.rstrip("/").split("/")[-1].split(":")[-1]
         out = Path(args.out or f"runs/bench/{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        paths.check_file_to_write(out, "--out")
         result = run_bench(spec, argv, out=out)
     except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
+        print(f"finch-train bench: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
     print(f"\nJSON: {out}")

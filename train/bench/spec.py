@@ -233,6 +233,10 @@ def validate(spec: BenchSpec, num_devices: int) -> None:
     """Cheap checks of the whole request, so nothing heavy starts on a request that cannot finish."""
     if spec.batch_size <= 0 or spec.seq_len <= 0:
         raise BenchError(f"--batch-size and --seq-len must be positive, got {spec.batch_size} and {spec.seq_len}")
+    if not spec.max_minutes > 0:
+        raise BenchError(f"--max-minutes must be > 0, got {spec.max_minutes}")
+    if spec.seed < 0:
+        raise BenchError(f"--seed must be >= 0, got {spec.seed}")
     if spec.rounds < 1 or spec.steps < 1 or spec.warmup < 0 or spec.profile_steps < 1:
         raise BenchError(
             "need --rounds >= 1, --steps >= 1, --warmup >= 0, --profile-steps >= 1; got "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 import warnings
@@ -19,6 +18,9 @@ from pathlib import Path
 
 import yaml
 
+import models
+from train import paths
+from train.lab import tasks as tasks_lib
 from train.lab.config import CompareConfig
 from train.lab.evalsets import EvalConfig
 from train.lab.methods import METHODS, expand_runs
@@ -85,8 +87,7 @@ def config_from_args(
     values = dataclasses.asdict(defaults)
     values["methods"] = list(defaults.methods)
     if args.config:
-        if not os.path.isfile(args.config):
-            raise ValueError(f"--config {args.config!r} does not exist")
+        paths.check_file_to_read(args.config, "--config")
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         unknown = sorted(set(loaded) - set(values) - {"lr_max"})
         if unknown:
@@ -124,7 +125,21 @@ def config_from_args(
     cfg = CompareConfig(**values)
     # Method and train-override errors now, before anything loads.
     train_config(cfg, expand_runs(cfg)[0], None, Path(args.out))
+    _check_inputs(cfg, args.out)
     return cfg, args.out
+
+
+def _check_inputs(cfg: CompareConfig, out: str) -> None:
+    """The folder the comparison writes, the user's task and retain files (read whole: a bad row fails now, before
+    any download or model load) and the model's config (no weight is read)."""
+    paths.check_folder_to_write(out, "--out")
+    if cfg.cache_dir:
+        paths.check_folder_to_write(cfg.cache_dir, "--cache-dir")
+    if cfg.task.startswith("file:"):
+        tasks_lib.load_task(cfg.task, num_entities=cfg.facts_entities)
+    if cfg.retain.startswith("file:"):
+        tasks_lib.load_retain(cfg.retain)
+    models.load_config(cfg.model, dtype=cfg.dtype)
 
 
 def run_cli(

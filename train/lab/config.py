@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import models
@@ -62,11 +63,20 @@ class CompareConfig:
             raise ValueError("compare: seeds must not be empty")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"compare: seeds must be distinct, got {list(self.seeds)}")
-        if not self.max_learning_rate > 0:
-            raise ValueError(f"compare: max_learning_rate must be > 0, got {self.max_learning_rate}")
+        if not 0 < self.max_learning_rate < math.inf:
+            raise ValueError(f"compare: max_learning_rate must be > 0 and finite, got {self.max_learning_rate}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"compare: weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        for name in ("batch_size", "seq_len", "facts_entities"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"compare: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("show_answers", "eval_every", "bootstrap", "probe_windows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"compare: {name} must be >= 0, got {getattr(self, name)}")
+        if any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"compare: seeds must be >= 0, got {list(self.seeds)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compare: dtype must be float32 or bfloat16, got {self.dtype!r}")
         if not self.eval.retain_sequences:
             raise ValueError("compare: eval.retain_sequences must be >= 2: forgetting is measured on the retain text")
 

@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models.config import ConfigError
+from models.weights import WeightError
+from train import paths
 from train.lab import metrics as metrics_lib
 from train.lab import tasks as tasks_lib
 from train.lab.evalsets import EvalConfig, EvalRows, EvalSet, build_eval_set
@@ -205,6 +208,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+        # Settings, paths and the models' structure first: nothing loads or runs on a request that cannot finish.
+        if args.facts_entities < 1:
+            raise ConfigError(f"--facts-entities must be >= 1, got {args.facts_entities}")
+        if args.out:
+            paths.check_file_to_write(args.out, "--out")
+        if args.cache_dir:
+            paths.check_folder_to_read(args.cache_dir, "--cache-dir")
+        model_config = models.load_config(args.model, dtype=args.dtype)
+        _check_sizes(cfg, model_config)
+        if args.base:
+            _check_same_structure(args.model, model_config, args.base, models.load_config(args.base, dtype=args.dtype))
         task = (
             None
             if args.task == "none"
@@ -217,15 +231,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             else None
         )
         model, tokenizer = models.load(args.model, dtype=args.dtype)
-        _check_sizes(cfg, model)
         eval_set = build_eval_set(tokenizer, cfg, task=task, retain_texts=retain, quiz_items=quiz)
+        apply_fn, params, _ = split_model(model)
         base_params = None
         if args.base:
             base_params = split_model(models.load(args.base, dtype=args.dtype)[0])[1]
+            if jax.tree.structure(base_params) != jax.tree.structure(params):
+                raise WeightError(
+                    f"--base {args.base} and --model {args.model} hold differently structured parameters; KL and "
+                    "forgetting compare a model with the one it was fine-tuned from"
+                )
     except (ValueError, FileNotFoundError) as e:
-        print(f"eval: error: {e}", file=sys.stderr)
+        print(f"finch-train eval: error: {e}", file=sys.stderr)
         return 2
-    apply_fn, params, _ = split_model(model)
     evaluator = Evaluator(apply_fn, eval_set, base_params)
     t0 = time.perf_counter()
     metrics = evaluator.evaluate(params).metrics
@@ -248,20 +266,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _check_sizes(cfg: EvalConfig, model: Any) -> None:
+def _check_sizes(cfg: EvalConfig, model_config: models.ModelConfig) -> None:
     """Refuses rows longer than the model's context (the forward would allocate far past memory) or empty ones."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = model_config.max_position_embeddings
     if cfg.seq_len < 1 or cfg.batch_size < 1:
-        raise ValueError(f"--seq-len and --batch-size must be >= 1, got {cfg.seq_len} and {cfg.batch_size}")
-    if context is not None and cfg.seq_len > context:
-        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context of {context} tokens")
+        raise ConfigError(f"--seq-len and --batch-size must be >= 1, got {cfg.seq_len} and {cfg.batch_size}")
+    if cfg.seq_len > context:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's context of {context} tokens")
+
+
+def _check_same_structure(name: str, config: models.ModelConfig, base: str, base_config: models.ModelConfig) -> None:
+    """Refuses a ``--base`` whose parameters are not those of ``--model`` (KL needs the model it was tuned from)."""
+    differences = []
+    for field, mine, theirs in config.structure_differences(base_config):
+        if field == "tie_embeddings":
+            heads = {True: "ties its LM head to the embedding", False: "has a separate LM head"}
+            differences.append(f"{name} {heads[mine]}, {base} {heads[theirs]}")
+        else:
+            differences.append(f"{field} {mine} in {name}, {theirs} in {base}")
+    if differences:
+        raise WeightError(
+            f"--base {base} is not built like --model {name}: {'; '.join(differences)}; KL and forgetting compare a "
+            "model with the one it was fine-tuned from: pass that model as --base"
+        )
 
 
 def _write_report(path: str | None, report: Mapping[str, Any]) -> None:
     """Writes ``report`` as JSON to ``path`` atomically (a reader never sees half a file); no-op without a path."""
     if not path:
         return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # the write failed: no half file is left behind

@@ -178,7 +178,6 @@ def run_compare(
     """
     out = Path(out_dir)
     runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
     runs = expand_runs(cfg)  # bad methods fail here, before data or models load
 
     # Data first: a missing prepared dataset or an oversized eval set fails before the model loads.
@@ -204,6 +203,7 @@ def run_compare(
         )
     eval_hash = _eval_hash(eval_set)
     apply_fn, base_params, _ = split_model(model)
+    runs_dir.mkdir(parents=True, exist_ok=True)  # once data and model are known to be good: a bad one leaves nothing
     evaluator = eval_lib.Evaluator(apply_fn, eval_set, base_params)
     log(
         f"model {cfg.model} and data ready in {time.perf_counter() - t_load:.1f}s; eval sizes {eval_set.sizes()}; "

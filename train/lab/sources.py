@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from train import paths
 from train.data import Document
 from train.lab.quiz import parse_quiz
 
@@ -398,11 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [n for name in args.names for n in _expand_prepare_name(name)]
         if args.package_root and len(set(names)) != 1:
             raise ValueError("--package-root needs exactly one source name")
+        # The folders it reads and writes, before anything is fetched.
+        if args.package_root:
+            paths.check_folder_to_read(args.package_root, "--package-root")
+        if args.cache_dir:
+            paths.check_folder_to_write(args.cache_dir, "--cache-dir")
         for name in dict.fromkeys(names):
             prepare(name, args.cache_dir, package_root=args.package_root, force=args.force)
         if {"austen", "brown"} <= set(names) and not args.package_root:
             _write_retain_file(args.cache_dir)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
+        print(f"finch-train prepare: error: {e}", file=sys.stderr)
         return 2
     return 0

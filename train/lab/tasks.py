@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from train import paths
 from train.data import Document, read_documents
 from train.lab.facts import build_facts
 from train.lab.quiz import MultipleChoiceItem, quiz_items_from_rows
@@ -102,8 +103,7 @@ def _file_spec(spec: str, what: str) -> str:
     path = spec[len("file:") :] if spec.startswith("file:") else spec
     if not (spec.startswith("file:") or Path(path).suffix in (".txt", ".jsonl", ".json")):
         raise ValueError(f"unknown {what} {spec!r}: give file:PATH (a .txt or .jsonl file)")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} file {path!r} does not exist")
+    paths.check_file_to_read(path, f"--{what} file")
     return path
 
 
