@@ -1,0 +1,160 @@
+"""Object storage: the path layer, the run lock on gs:// and URL checks, against a local GCS emulator (no network).
+
+The emulator is fake-gcs-server on 127.0.0.1 (the ``gcs_emulator`` fixture of conftest). The end-to-end run on it
+(train, ``kill -9``, resume bit for bit, a corrupted object, a second writer) is in test_train_gcs.py.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from train import runlock, storage
+from train.config import load_config
+from train.run_folder import default_name, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "location, message",
+    [
+        ("s3://bucket/run", "s3:// is not supported"),
+        ("hdfs://host/run", "hdfs:// is not supported"),
+        ("gs:///run", "no bucket"),
+    ],
+)
+def test_unsupported_urls_are_storage_errors(location, message):
+    with pytest.raises(storage.StorageError, match=message):
+        storage.check(location, "output.dir")
+
+
+def test_half_configured_emulator_is_refused(monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
+    with pytest.raises(storage.StorageError, match="TENSORSTORE_GCS_HTTP_URL is not"):
+        storage.check("gs://b/run", "checkpoint.directory")
+
+
+def test_join_keeps_urls_as_urls_and_local_paths_local():
+    assert storage.join("gs://b/runs/", "x", "/y") == "gs://b/runs/x/y"
+    assert storage.join("runs", "x") == os.path.join("runs", "x")
+    cfg = resolve(load_config(None, ["model.source=preset:tiny", "output.dir=gs://b/run"]))
+    assert cfg.checkpoint.directory == "gs://b/run/checkpoints"
+
+
+@pytest.mark.parametrize(
+    "source, name",
+    [
+        ("hf:/m/Qwen2.5-0.5B", "Qwen2.5-0.5B-chat"),
+        ("hf:/m/Qwen2.5-0.5B-Instruct/", "Qwen2.5-0.5B-Instruct-chat"),
+        ("gguf:/m/SmolLM2-135M.Q8_0.gguf", "SmolLM2-135M.Q8_0-chat"),
+        ("preset:tiny", "tiny-chat"),
+    ],
+)
+def test_run_folder_names_keep_the_whole_model_name(source, name):
+    cfg = load_config(None, [f"model.source={source}", "data.train_files=[data/chat.jsonl]"])
+    assert default_name(cfg) == name
+
+
+def test_bucket_that_does_not_exist_is_refused(gcs_emulator):
+    t0 = time.perf_counter()
+    with pytest.raises(storage.StorageError, match="bucket no-such-bucket does not exist"):
+        storage.check("gs://no-such-bucket/run", "output.dir")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_staged_folder_uploads_what_changed_and_a_resume_pulls_it_back(gcs_bucket):
+    storage.check(gcs_bucket + "/run", "output.dir")
+    folder = storage.StagedFolder(gcs_bucket + "/run")
+    assert folder.staged and folder.pull() == []
+    with open(os.path.join(folder.local, "metrics.jsonl"), "w") as f:
+        f.write('{"step": 1}\n')
+    os.makedirs(os.path.join(folder.local, "tensorboard"))
+    Path(folder.local, "tensorboard", "events").write_bytes(b"\x00" * 10)
+    assert folder.push() == 2
+    assert folder.push() == 0  # nothing changed
+    with open(os.path.join(folder.local, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 2}\n')
+    assert folder.push() == 1
+    folder.close()
+    assert not os.path.exists(folder.local)
+    assert storage.read_text(gcs_bucket + "/run/metrics.jsonl") == '{"step": 1}\n{"step": 2}\n'
+    assert storage.path(gcs_bucket + "/run/tensorboard/events").read_bytes() == b"\x00" * 10
+    # A resume (here after a leftover staging folder of a killed run) starts from what the bucket holds.
+    again = storage.StagedFolder(gcs_bucket + "/run")
+    os.makedirs(again.local)
+    Path(again.local, "stale.txt").write_text("left by a killed run")
+    assert again.pull() == ["metrics.jsonl"]
+    assert sorted(os.listdir(again.local)) == ["metrics.jsonl"]
+    again.close()
+
+
+def _clock_moved_on(seconds):
+    """A ``datetime`` whose ``now()`` is ``seconds`` late: every lock object looks that much older."""
+    real = datetime
+
+    class Later(real):
+        @classmethod
+        def now(cls, tz=None):
+            return real.now(tz) + timedelta(seconds=seconds)
+
+    return Later
+
+
+def test_object_lock_refuses_a_live_owner_and_takes_over_a_silent_or_dead_one(gcs_bucket, monkeypatch):
+    directory = gcs_bucket + "/run"
+    first = runlock.ObjectLock(directory, heartbeat_s=3600)  # heartbeats called by hand below
+    first.acquire()
+    assert first.heartbeat()  # still its own: rewritten under its generation
+    second = runlock.ObjectLock(directory, heartbeat_s=3600)
+    with pytest.raises(runlock.RunLockedError, match=f"in use by another run \\(pid {os.getpid()} on host"):
+        second.acquire()
+    # Silent for longer than STALE_AFTER_S (the clock moved on): taken over, and the old owner learns it.
+    monkeypatch.setattr(runlock, "datetime", _clock_moved_on(runlock.STALE_AFTER_S + 1))
+    second.acquire()
+    assert second.took_over["pid"] == os.getpid()
+    assert not first.heartbeat()
+    with pytest.raises(runlock.RunLockedError, match="took over"):
+        runlock.check_held([first])
+    first.release()  # lost: leaves the new owner's lock alone
+    assert storage.exists(directory + "/" + runlock.LOCK_NAME)
+    second.release()
+    assert not storage.exists(directory + "/" + runlock.LOCK_NAME)
+    monkeypatch.setattr(runlock, "datetime", datetime)
+    # A lock naming a process of this host that is gone (a run killed with kill -9): taken over at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    storage.write_text(
+        directory + "/" + runlock.LOCK_NAME, f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}", "started": "x"}}'
+    )
+    third = runlock.ObjectLock(directory, heartbeat_s=3600)
+    third.acquire()
+    assert third.took_over["pid"] == dead.pid
+    third.release()
+
+
+def test_bad_url_exits_2_before_the_model_loads(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "alpha beta"}\n')
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "finetune", "model.source=preset:tiny", f"data.train_files=[{data}]"]
+        + ["output.dir=s3://bucket/run", "steps=1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.perf_counter() - t0
+    print(f"s3:// output.dir: rc {proc.returncode} in {seconds:.1f}s")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "output.dir='s3://bucket/run': s3:// is not supported" in proc.stderr
+    assert "model " not in proc.stdout  # no start summary: nothing was loaded
+    assert os.listdir(tmp_path) == ["train.jsonl"]  # no "s3:" folder, no runs/
