@@ -158,3 +158,42 @@ def test_bad_url_exits_2_before_the_model_loads(tmp_path):
     assert "output.dir='s3://bucket/run': s3:// is not supported" in proc.stderr
     assert "model " not in proc.stdout  # no start summary: nothing was loaded
     assert os.listdir(tmp_path) == ["train.jsonl"]  # no "s3:" folder, no runs/
+
+
+def test_save_clock_is_due_every_period_after_the_last_save():
+    from train.checkpoint import SaveClock
+
+    now = [0.0]
+    clock = SaveClock(10, clock=lambda: now[0])
+    now[0] = 599.0
+    assert not clock.due(1)
+    now[0] = 600.0
+    assert clock.due(2)
+    clock.saved()  # any save (by steps, at an evaluation) restarts the period
+    now[0] = 1199.0
+    assert not clock.due(3)
+    assert not SaveClock(0, clock=lambda: 1e9).due(4)  # 0: off
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_negative_or_nan_every_minutes_is_a_config_error(value):
+    from train.config import ConfigError, check_ranges
+
+    with pytest.raises(ConfigError, match="checkpoint.every_minutes must be >= 0"):
+        check_ranges(load_config(None, [f"checkpoint.every_minutes={value}"]))
+
+
+@pytest.mark.slow
+def test_a_run_saves_by_wall_time_without_a_step_cadence(tmp_path):
+    from test_train_resume import _overrides, _train
+
+    from train.checkpoint import Checkpointer
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"text": "{i}: alpha beta gamma delta"}}\n' for i in range(48)))
+    # every=0 (no step cadence) and a period far shorter than a step: every step is saved.
+    extra = ["checkpoint.every_minutes=0.00001", "checkpoint.keep=0", "steps=3"]
+    rc, out, err = _train(_overrides(data, tmp_path, every=0, extra=extra))
+    assert rc == 0, err[-3000:]
+    assert "every 1e-05 min of training and at the end, keep 0; a crash loses at most ~1e-05 min" in out
+    assert Checkpointer(str(tmp_path / "ckpt"), create=False).all_steps() == [1, 2, 3]
