@@ -197,3 +197,19 @@ def test_a_run_saves_by_wall_time_without_a_step_cadence(tmp_path):
     assert rc == 0, err[-3000:]
     assert "every 1e-05 min of training and at the end, keep 0; a crash loses at most ~1e-05 min" in out
     assert Checkpointer(str(tmp_path / "ckpt"), create=False).all_steps() == [1, 2, 3]
+
+
+def test_quarantine_moves_a_gs_step_aside(gcs_bucket):
+    from train.checkpoint import Checkpointer
+
+    directory = gcs_bucket + "/ckpt"
+    storage.write_text(directory + "/5/state/data", "x")
+    storage.write_text(directory + "/corrupt-5/state/data", "an earlier one")
+    checkpointer = Checkpointer(directory, async_save=False)
+    try:
+        assert checkpointer.directory == directory  # not made a local path
+        assert checkpointer.quarantine(5) == directory + "/corrupt-5.1"
+    finally:
+        checkpointer.close()
+    assert storage.read_text(directory + "/corrupt-5.1/state/data") == "x"
+    assert not storage.exists(directory + "/5/state/data")

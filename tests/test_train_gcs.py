@@ -113,3 +113,41 @@ def test_gs_run_folder_and_checkpoints_survive_sigkill_refuse_a_second_writer_an
     lines = _error_lines(err)
     assert len(lines) == 1 and f"{run}/ckpt/{STEPS}" in lines[0] and "corrupt" in lines[0], err[-2000:]
     assert not os.path.exists(staging)
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_gs_run_folder_and_agree_on_time_saves(data_file, gcs_bucket):  # noqa: F811
+    """2 processes × 4 CPU devices (gloo): process 0 alone holds the lock and writes the run folder; both join the
+    orbax saves, including the one due by wall time (decided on process 0's clock, agreed every 8 steps)."""
+    import subprocess
+    import sys
+
+    from test_train_resume import _env, _free_port
+
+    from train.checkpoint import Checkpointer, SaveClock
+
+    run = f"{gcs_bucket}/multi"
+    steps = SaveClock.AGREE_EVERY + 1
+    extra = ["mesh.data=-1", "mesh.fsdp=1", f"steps={steps}", "checkpoint.every_minutes=0.00001", "checkpoint.keep=0"]
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd = [sys.executable, "-m", "train", "finetune", "--coordinator", f"127.0.0.1:{port}"]
+        cmd += ["--num-processes", "2", "--process-id", str(pid), *_overrides(data_file, run, every=0, extra=extra)]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "checkpoints" in outs[0][0] and "done " in outs[0][0]
+    assert "done " not in outs[1][0], "only process 0 prints and writes the summaries"
+    assert sorted(_gcs_metrics(run)) == list(range(1, steps + 1))
+    checkpointer = Checkpointer(f"{run}/ckpt", create=False)
+    try:
+        # every=0: only the wall-time save at step 8 (the first agreement point) and the one at the end
+        assert checkpointer.all_steps() == [SaveClock.AGREE_EVERY, steps]
+    finally:
+        checkpointer.close()
+    assert not storage.exists(f"{run}/{runlock.LOCK_NAME}")
+    assert not os.path.exists(storage.StagedFolder(run).local)
