@@ -160,6 +160,15 @@ def test_bad_url_exits_2_before_the_model_loads(tmp_path):
     assert os.listdir(tmp_path) == ["train.jsonl"]  # no "s3:" folder, no runs/
 
 
+def test_data_and_token_cache_urls_are_refused_before_anything_loads():
+    from train.finetune import _check_locations
+
+    for key in ("data.train_files=[gs://b/train.jsonl]", "data.cache_dir=gs://b/tokens"):
+        cfg = resolve(load_config(None, ["model.source=preset:tiny", "output.dir=/tmp/x", key]))
+        with pytest.raises(storage.StorageError, match="is a URL; data is read from local files"):
+            _check_locations(cfg)
+
+
 def test_save_clock_is_due_every_period_after_the_last_save():
     from train.checkpoint import SaveClock
 

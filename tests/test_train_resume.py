@@ -170,6 +170,7 @@ def test_resume_in_a_fresh_process_is_bitwise_exact(straight_runs, data_file, tm
     shutil.rmtree(tmp_path / "ckpt" / str(STEPS))
     rc, out, err = _train(_overrides(data_file, tmp_path, every=STEPS // 2, extra=mesh))
     assert rc == 0, err[-3000:]
+    assert re.search(r"token cache \S+ \(found, built", out), out  # the rows the straight run tokenized, mapped
     resumed, straight = _metrics(tmp_path), _metrics(straight_dir)
     assert sorted(resumed) == list(range(STEPS // 2 + 1, STEPS + 1))  # it really started at N
     for step in resumed:
@@ -232,6 +233,7 @@ def test_two_processes_match_the_one_process_run(data_file, tmp_path):
     rc, _, err = _train(_overrides(data_file, straight_dir, every=STEPS // 2, extra=mesh))
     assert rc == 0, err[-3000:]
     multi_dir = tmp_path / "multi"
+    tokens = tmp_path / "tokens"  # a cache of their own: process 0 builds it, process 1 maps it
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -246,7 +248,7 @@ def test_two_processes_match_the_one_process_run(data_file, tmp_path):
             "2",
             "--process-id",
             str(pid),
-            *_overrides(data_file, multi_dir, every=STEPS // 2, extra=mesh),
+            *_overrides(data_file, multi_dir, every=STEPS // 2, extra=[*mesh, f"data.cache_dir={tokens}"]),
         ]
         procs.append(
             subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -254,6 +256,8 @@ def test_two_processes_match_the_one_process_run(data_file, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    assert len([n for n in os.listdir(tokens) if not n.startswith(".")]) == 1  # one build for both processes
+    assert re.search(r"token cache \S+ \(built in", outs[0][0]), outs[0][0]
     multi, single = _metrics(multi_dir), _metrics(straight_dir)
     assert sorted(multi) == list(range(1, STEPS + 1))
     for step in multi:

@@ -102,13 +102,15 @@ class ModelSettings:
 class DataConfig:
     """Where the fine-tuning text comes from and how it is cut into batches.
 
-    ``train_files`` are ``.txt`` (one document per blank-line separated paragraph) or ``.jsonl`` files (one object per
-    line with ``text``, ``prompt`` + ``completion``, or chat ``messages``; see :mod:`train.data`). Documents are
-    tokenized, packed into rows of ``seq_len`` tokens and shuffled per epoch from ``seed``. ``batch_size`` is the
-    global number of rows per optimizer step; it is split into ``grad_accum`` micro-batches inside the step.
+    ``train_files`` are ``.txt`` (one document per blank-line separated paragraph), ``.jsonl`` (also ``.gz`` /
+    ``.zst``), parquet or Arrow files, or ``datasets`` ``save_to_disk`` directories, whose rows hold ``text``,
+    ``prompt`` + ``completion``, or chat ``messages`` (other column names: ``fields``; see :mod:`train.readers`).
+    Documents are tokenized once into the token cache (``cache_dir``), packed into rows of ``seq_len`` tokens and
+    shuffled per epoch from ``seed``. ``batch_size`` is the global number of rows per optimizer step; it is split
+    into ``grad_accum`` micro-batches inside the step.
 
     Attributes:
-      train_files: .txt or .jsonl files; JSONL rows hold text, prompt + completion, or chat messages
+      train_files: .txt, .jsonl(.gz/.zst), .parquet or .arrow files, or datasets save_to_disk directories
       validation_files: held-out files in the same formats; their loss is logged during training
       validation_every: steps between validation losses (0: only before and after training)
       chat_template: a Jinja file to render messages rows with, instead of the model's own chat template
@@ -124,6 +126,9 @@ class DataConfig:
       retain_files: text the model should not forget; KL(base||current) and the loss on it are measured at every validation
       retain_top_k: base tokens kept per retain position for that KL in full fine-tuning (0: all; LoRA runs are exact)
       retain_rows: packed retain rows measured, evenly spaced over the retain text (0: all of them)
+      fields: column map, e.g. [text=body], [alpaca] (instruction+input -> prompt, output -> completion), [sharegpt] (conversations of from/value turns -> messages)
+      epochs: passes over the training rows; when > 0 it sets the run's length and steps is ignored (0: steps decides)
+      cache_dir: token cache directory ("": $FINCH_TOKEN_CACHE or ~/.cache/finch-train/tokens); every host must see it
     """
 
     train_files: tuple[str, ...] = ()
@@ -142,6 +147,9 @@ class DataConfig:
     retain_files: tuple[str, ...] = ()
     retain_top_k: int = 64
     retain_rows: int = 16
+    fields: tuple[str, ...] = ()
+    epochs: float = 0.0
+    cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +323,7 @@ class TrainConfig:
     """Root config of a fine-tuning run.
 
     Attributes:
-      steps: optimizer steps to train (a resumed run continues up to this total)
+      steps: optimizer steps to train (a resumed run continues up to this total); data.epochs > 0 sets it instead
       seed: seed of the train state's RNG
       l2sp_weight: weight of the L2-SP penalty toward the starting params (0: off)
       tensorboard: also write TensorBoard event files to <run folder>/tensorboard
@@ -578,6 +586,8 @@ def check_ranges(cfg: TrainConfig) -> None:
     for key, value in non_negative.items():
         if not value >= 0:  # NaN too
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not (cfg.data.epochs >= 0 and cfg.data.epochs != float("inf")):
+        raise ConfigError(f"data.epochs must be a finite number >= 0, got {cfg.data.epochs}")
     if not (cfg.l2sp_weight >= 0 and cfg.l2sp_weight != float("inf")):
         raise ConfigError(f"l2sp_weight must be a finite number >= 0, got {cfg.l2sp_weight}")
     if cfg.checkpoint.on_corrupt not in _ON_CORRUPT:

@@ -1,6 +1,9 @@
 """Fine-tuning data: tokenize documents, pack them into fixed rows, and serve batches in a resumable order.
 
-The files and their formats (text, prompt/completion and chat rows) are read by :mod:`train.documents`.
+The inputs and their formats (text, JSONL — also gzip/zstd —, parquet, Arrow and ``datasets`` directories, with a
+column map) are read by :mod:`train.readers` a chunk at a time; :mod:`train.packing` tokenizes each chunk in one
+batched call and packs it; training files go through the token cache (:mod:`train.token_cache`), so a later run
+maps the rows built by the first instead of tokenizing again.
 
 Text and prompt/completion documents become ``[bos] + prompt + text + [eos]``; a chat is exactly what its template
 renders (templates place their own special tokens). Inputs are ``ids[:-1]``, targets ``ids[1:]``. Documents are
@@ -16,18 +19,26 @@ integer, the number of rows consumed, so resuming from a checkpoint replays exac
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Sequence
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from models import ByteTokenizer, Tokenizer
+from train import packing, readers, token_cache
 from train.chat_template import ChatTemplate, ChatTemplateError
-from train.config import DataConfig
-from train.documents import DataError, Document, RowIssues, read_documents, read_file
+from train.config import DataConfig, TrainConfig
+from train.documents import DataError, Document, FieldMap, RowIssues, read_documents, read_file
+from train.rows import CompactRows, PackedRows, RowsWriter, token_dtype
 
 __all__ = [
+    "CompactRows",
     "DataError",
     "DataSplit",
     "Document",
@@ -35,11 +46,14 @@ __all__ = [
     "ResumableLoader",
     "RowIssues",
     "SourceStats",
+    "cache_directory",
     "load_split",
     "local_rows",
     "pack_documents",
     "padding_id",
     "read_documents",
+    "read_file",
+    "steps_for_epochs",
     "tokenize_documents",
 ]
 
@@ -49,70 +63,6 @@ def padding_id(tokenizer: Tokenizer | ByteTokenizer) -> int:
     if tokenizer.pad_id is not None:
         return tokenizer.pad_id
     return tokenizer.eos_id if tokenizer.eos_id is not None else 0
-
-
-def _pieces(
-    doc: Document, template: ChatTemplate | None, data_cfg: DataConfig
-) -> tuple[list[tuple[str, bool]], bool, int]:
-    """``(pieces, wrap, untrained_replies)``: the document as ``(text, trained)`` pieces; ``wrap`` adds BOS/EOS."""
-    if not doc.messages:
-        return [(doc.prompt, data_cfg.loss_on_prompt), (doc.text, True)], True, 0
-    if template is None:
-        raise DataError(
-            f"{doc.id or 'a document'}: a chat ('messages') row, but the model has no chat template; set "
-            "data.chat_template to a Jinja file (configs/chatml.jinja is one)"
-        )
-    pieces, untrained = template.pieces(doc.messages)
-    if data_cfg.loss_on_prompt:
-        pieces = [(text, True) for text, _ in pieces]
-    return pieces, False, untrained
-
-
-def _tokenize(
-    docs: Sequence[Document],
-    tokenizer: Tokenizer | ByteTokenizer,
-    data_cfg: DataConfig,
-    issues: RowIssues,
-    template: ChatTemplate | None,
-) -> tuple[list[tuple[np.ndarray, np.ndarray] | None], int]:
-    """One ``(ids, weights)`` per document (``None`` for a skipped or too-short one), and the untrained replies."""
-    layouts: list[tuple[list[tuple[str, bool]], bool] | None] = []
-    untrained = 0
-    for doc in docs:
-        try:
-            pieces, wrap, n = _pieces(doc, template, data_cfg)
-        except ChatTemplateError as e:
-            issues.bad(doc.id or f"document {len(layouts)}", "chat template failed", str(e))
-            layouts.append(None)
-            continue
-        layouts.append((pieces, wrap))
-        untrained += n
-    # One batched call to the Rust tokenizer for every piece of every document.
-    encoded = iter(tokenizer.encode_batch([text for layout in layouts if layout for text, _ in layout[0]]))
-    out: list[tuple[np.ndarray, np.ndarray] | None] = []
-    for layout in layouts:
-        if layout is None:
-            out.append(None)
-            continue
-        pieces, wrap = layout
-        ids: list[int] = []
-        trained: list[bool] = []
-        if wrap and data_cfg.add_bos and tokenizer.bos_id is not None:
-            ids.append(tokenizer.bos_id)
-            trained.append(False)  # never a target
-        for _, is_trained in pieces:
-            piece = next(encoded)
-            ids += piece
-            trained += [is_trained] * len(piece)
-        if wrap and data_cfg.add_eos and tokenizer.eos_id is not None:
-            ids.append(tokenizer.eos_id)
-            trained.append(True)
-        if len(ids) < 2:
-            out.append(None)
-            continue
-        # weights[i] is the loss weight of predicting ids[i + 1]
-        out.append((np.asarray(ids, np.int32), np.asarray(trained[1:], np.float32)))
-    return out, untrained
 
 
 def tokenize_documents(
@@ -132,8 +82,9 @@ def tokenize_documents(
     """
     if template is None and any(doc.messages for doc in docs):
         template = chat_template_for(tokenizer, data_cfg)
-    examples, _ = _tokenize(docs, tokenizer, data_cfg, RowIssues(skip=False), template)
-    return [e for e in examples if e is not None]
+    enc = packing.layout(docs, data_cfg, RowIssues(skip=False), lambda: template)
+    enc.ids, enc.lengths = packing.encode_texts(tokenizer, enc.texts)
+    return packing.tokenize_chunk(enc, tokenizer, data_cfg).examples()
 
 
 def chat_template_for(tokenizer: Tokenizer | ByteTokenizer, data_cfg: DataConfig) -> ChatTemplate | None:
@@ -141,23 +92,6 @@ def chat_template_for(tokenizer: Tokenizer | ByteTokenizer, data_cfg: DataConfig
         return ChatTemplate.for_model(tokenizer, data_cfg.chat_template)
     except ChatTemplateError as e:
         raise DataError(str(e)) from None
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedRows:
-    """Fixed-length rows; every field is ``[num_rows, seq_len]``."""
-
-    tokens: np.ndarray
-    targets: np.ndarray
-    loss_mask: np.ndarray
-    positions: np.ndarray
-    segment_ids: np.ndarray
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)}
 
 
 def pack_documents(
@@ -291,11 +225,15 @@ class SourceStats:
 
 @dataclasses.dataclass(frozen=True)
 class DataSplit:
-    """Packed rows of one split (training or validation) and where they came from."""
+    """Packed rows of one split (training or validation), where they came from, and the cache entry holding them.
 
-    rows: PackedRows
+    ``rows`` are :class:`PackedRows` in memory, or :class:`CompactRows` mapped from the token cache (``cache``).
+    """
+
+    rows: PackedRows | CompactRows
     sources: tuple[SourceStats, ...]
     issues: RowIssues
+    cache: token_cache.CacheEntry | None = None
 
     @property
     def documents(self) -> int:
@@ -310,6 +248,20 @@ class DataSplit:
         return sum(s.trained_tokens for s in self.sources)
 
 
+def cache_directory(data_cfg: DataConfig) -> str:
+    """The token cache directory ``data.cache_dir`` names (empty: the default, see :mod:`train.token_cache`)."""
+    return token_cache.resolve_dir(data_cfg.cache_dir)
+
+
+def steps_for_epochs(cfg: TrainConfig, num_rows: int) -> TrainConfig:
+    """``cfg`` with ``steps`` set from ``data.epochs`` when that is on: enough global batches to pass over every
+    row ``epochs`` times (rounded up; the last batch may reach into the next epoch's order). Off (0): unchanged."""
+    epochs = cfg.data.epochs
+    if epochs <= 0:
+        return cfg
+    return dataclasses.replace(cfg, steps=max(1, math.ceil(epochs * num_rows / cfg.data.batch_size)))
+
+
 def load_split(
     tokenizer: Tokenizer | ByteTokenizer,
     data_cfg: DataConfig,
@@ -318,8 +270,14 @@ def load_split(
     documents: Sequence[Document] | None = None,
     max_context: int | None = None,
     what: str = "training",
+    cache_dir: str | None = None,
+    progress: bool = False,
 ) -> DataSplit:
     """Reads, checks, tokenizes and packs ``files`` — or ``documents`` when given — into rows of ``data_cfg.seq_len``.
+
+    With ``cache_dir`` the files' rows come from the token cache there (built first if missing; see
+    :mod:`train.token_cache`) and stay on disk, memory-mapped; without it, or for in-memory ``documents``, they are
+    built in memory as :class:`PackedRows`. ``progress`` draws a progress bar while tokenizing.
 
     Raises:
       DataError: ``seq_len`` longer than the model's context, no files, a missing file, a bad row (unless
@@ -330,53 +288,199 @@ def load_split(
         raise DataError(f"data.seq_len={seq_len} is longer than the model's context of {max_context} tokens")
     if documents is None and not files:
         raise DataError(f"no {what} files given (set data.{'train' if what == 'training' else what}_files)")
-    issues = RowIssues(data_cfg.skip_invalid_rows)
-    sources: list[tuple[str, Sequence[Document] | None]] = (
-        [("<documents>", documents)] if documents is not None else [(path, None) for path in files]
+    fields = FieldMap.parse(data_cfg.fields)
+    pad = padding_id(tokenizer)
+    dtype = token_dtype(getattr(tokenizer, "vocab_size", None))
+
+    def build(directory: str | None) -> tuple[CompactRows | None, dict[str, Any]]:
+        writer = RowsWriter(seq_len, dtype, directory)
+        try:
+            stats, issues = _build(tokenizer, data_cfg, fields, files, documents, what, writer, progress)
+            rows = writer.finish(pad)
+        finally:
+            writer.close()
+        meta = {
+            "rows": writer.num_rows,
+            "pieces": writer.num_pieces,
+            "stream": writer.stream_len,
+            "max_id": writer.max_id,
+            "seq_len": seq_len,
+            "token_dtype": dtype.name,
+            "sources": [dataclasses.asdict(s) for s in stats],
+            "issues": {"skip": issues.skip, "counts": dict(issues.counts), "first": issues.first},
+        }
+        return rows, meta
+
+    if documents is not None or cache_dir is None:
+        for path in files if documents is None else ():
+            readers.input_kind(path, what)  # a missing or unsupported file, before any is read
+        rows, meta = build(None)
+        return DataSplit(rows.materialize(), *_provenance(meta))
+    entry = token_cache.open_or_build(
+        cache_dir,
+        files,
+        key=lambda: token_cache.cache_key(files, tokenizer, data_cfg, fields, what)[0],
+        pad_id=pad,
+        build=lambda directory: build(directory)[1],
     )
-    template = None
-    examples: list[tuple[np.ndarray, np.ndarray]] = []
+    return DataSplit(entry.rows, *_provenance(entry.meta), cache=entry)
+
+
+def _provenance(meta: dict[str, Any]) -> tuple[tuple[SourceStats, ...], RowIssues]:
+    issues = RowIssues(meta["issues"]["skip"])
+    issues.counts.update(meta["issues"]["counts"])
+    issues.first = meta["issues"]["first"]
+    return tuple(SourceStats(**s) for s in meta["sources"]), issues
+
+
+# -- the build: chunks read on a thread, encoded on another, packed here ---------------------------------------------
+
+
+def _in_background(chunks: Iterator[readers.Chunk], issues: RowIssues) -> Iterator[tuple[readers.Chunk, RowIssues]]:
+    """``chunks`` read ahead on a thread (at most two waiting), each with the bad rows found while reading it."""
+    ahead: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                ahead.put((chunk, issues.take()))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it in order
+            ahead.put(e)
+            return
+        ahead.put(None)
+
+    thread = threading.Thread(target=read, name="finch-data-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a reader blocked on a full queue finish
+            try:
+                ahead.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+def _source_chunks(
+    name: str, docs: Sequence[Document] | None, issues: RowIssues, what: str, fields: FieldMap
+) -> Iterator[readers.Chunk]:
+    if docs is None:
+        return readers.document_chunks(name, issues, what, fields)
+    step = 4096
+    return (
+        readers.Chunk(list(docs[s : s + step]), min(s + step, len(docs)), len(docs), "documents")
+        for s in range(0, max(len(docs), 1), step)
+    )
+
+
+def _encoded(
+    chunks: Iterable[tuple[readers.Chunk, RowIssues]],
+    tokenizer: Tokenizer | ByteTokenizer,
+    data_cfg: DataConfig,
+    issues: RowIssues,
+    template: Callable[[], ChatTemplate | None],
+) -> Iterator[tuple[readers.Chunk, packing.Encoded]]:
+    """Each chunk laid out and encoded, in order. Two chunks are encoded at once (the GIL is released), so the
+    tokenizer's threads never wait for the end of one chunk while the caller packs the chunk before."""
+    first_index = 0
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(_ENCODING_AHEAD, thread_name_prefix="finch-data-encode") as pool:
+        for chunk, read_issues in chunks:
+            issues.absorb(read_issues)
+            enc = packing.layout(chunk.documents, data_cfg, issues, template, first_index)
+            first_index += len(chunk.documents)
+            pending.append((chunk, enc, pool.submit(packing.encode_texts, tokenizer, enc.texts)))
+            if len(pending) > _ENCODING_AHEAD - 1:
+                yield _finished(*pending.popleft())
+        while pending:
+            yield _finished(*pending.popleft())
+
+
+_ENCODING_AHEAD = 2
+
+
+def _finished(chunk: readers.Chunk, enc: packing.Encoded, future: Any) -> tuple[readers.Chunk, packing.Encoded]:
+    enc.ids, enc.lengths = future.result()
+    return chunk, enc
+
+
+def _build(
+    tokenizer: Tokenizer | ByteTokenizer,
+    data_cfg: DataConfig,
+    fields: FieldMap,
+    files: Sequence[str],
+    documents: Sequence[Document] | None,
+    what: str,
+    writer: RowsWriter,
+    progress: bool,
+) -> tuple[list[SourceStats], RowIssues]:
+    """Reads, tokenizes and packs every source into ``writer``; the per-source counts and the bad rows."""
+    seq_len = data_cfg.seq_len
+    issues = RowIssues(data_cfg.skip_invalid_rows)
+    templates: list[ChatTemplate | None] = []
+
+    def template() -> ChatTemplate | None:
+        if not templates:
+            templates.append(chat_template_for(tokenizer, data_cfg))
+        return templates[0]
+
+    packer = packing.Packer(seq_len, data_cfg.pack, writer)
+    sources = [("<documents>", documents)] if documents is not None else [(path, None) for path in files]
     stats = []
     for name, docs in sources:
         skipped_before = issues.skipped
-        if docs is None:
-            docs = read_file(name, issues, what)
-        if template is None and any(doc.messages for doc in docs):
-            template = chat_template_for(tokenizer, data_cfg)
-        tokenized, untrained = _tokenize(docs, tokenizer, data_cfg, issues, template)
-        kept = []
-        chats = 0
-        for index, (doc, example) in enumerate(zip(docs, tokenized)):
-            if example is None:
-                continue
-            structured = bool(doc.messages or doc.prompt)
-            if len(example[0]) - 1 > seq_len and (structured or not data_cfg.pack):
+        counts = dict(documents=0, tokens=0, trained_tokens=0, chats=0, untrained_replies=0)
+        bar = _progress_bar(name, progress)
+        reading = RowIssues(issues.skip)  # bad rows met by the reader thread, handed over with each chunk
+        chunks = _in_background(_source_chunks(name, docs, reading, what, fields), reading)
+        for chunk, enc in _encoded(chunks, tokenizer, data_cfg, issues, template):
+            tokenized = packing.tokenize_chunk(enc, tokenizer, data_cfg)
+            lengths = np.diff(tokenized.bounds)
+            structured = np.fromiter((bool(d.messages or d.prompt) for d in tokenized.docs), bool, len(lengths))
+            too_long = (lengths - 1 > seq_len) & (structured | (not data_cfg.pack))
+            for n in np.flatnonzero(too_long).tolist():
+                doc = tokenized.docs[n]
                 kind = "chat" if doc.messages else "prompt/completion row" if doc.prompt else "document"
                 issues.bad(
-                    doc.id or f"{name}[{index}]",
+                    doc.id or f"{name}[{tokenized.index[n]}]",
                     "longer than seq_len",
-                    f"this {kind} has {len(example[0])} tokens, more than data.seq_len={seq_len} + 1 (raise seq_len "
+                    f"this {kind} has {lengths[n]} tokens, more than data.seq_len={seq_len} + 1 (raise seq_len "
                     "or shorten it; it is never cut, which would train on a reply without its context)",
                 )
-                continue
-            kept.append(example)
-            chats += bool(doc.messages)
-        examples += kept
-        stats.append(
-            SourceStats(
-                name=name,
-                documents=len(kept),
-                tokens=sum(len(ids) for ids, _ in kept),
-                trained_tokens=int(sum(np.count_nonzero(w) for _, w in kept)),
-                chats=chats,
-                skipped=issues.skipped - skipped_before,
-                untrained_replies=untrained,
-            )
-        )
-    if not examples:
+            tokenized = tokenized.select(~too_long)
+            packer.add(tokenized)
+            firsts = tokenized.trained[tokenized.bounds[:-1]].sum() if len(tokenized.docs) else 0
+            counts["documents"] += len(tokenized.docs)
+            counts["tokens"] += int(tokenized.bounds[-1])
+            counts["trained_tokens"] += int(tokenized.trained.sum() - firsts)
+            counts["chats"] += sum(bool(d.messages) for d in tokenized.docs)
+            counts["untrained_replies"] += enc.untrained
+            if bar is not None:
+                bar.update(chunk.done - bar.n)
+                bar.total = chunk.total or None
+                seconds = max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix_str(f"{counts['tokens'] / seconds / 1e6:.2f}M tokens/s", refresh=False)
+        if bar is not None:
+            bar.close()
+        stats.append(SourceStats(name=name, skipped=issues.skipped - skipped_before, **counts))
+    if not writer.num_rows:
         names = [name for name, _ in sources]
         raise DataError(
             f"the {what} data {names} hold no documents" + (f"; {issues.describe()}" * bool(issues.skipped))
         )
-    rows = pack_documents(examples, seq_len, padding_id(tokenizer), pack=data_cfg.pack)
-    return DataSplit(rows=rows, sources=tuple(stats), issues=issues)
+    return stats, issues
+
+
+def _progress_bar(name: str, progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=f"tokenizing {name}", unit="B", unit_scale=True, unit_divisor=1024, leave=True, dynamic_ncols=True)

@@ -1,31 +1,40 @@
-"""Reading fine-tuning files into :class:`Document` s, with every bad row named by ``file:line`` or counted.
+"""Fine-tuning documents and rows: :class:`Document`, the row formats, the column map, and bad rows.
 
-Input files (one format per row; files and rows may mix them):
+A row (a JSONL line, a parquet or Arrow row) is one of three kinds, and files and rows may mix them:
 
-* ``.txt`` — documents separated by blank lines; every token is trained on.
-* ``.jsonl`` — one JSON object per line:
+* ``{"text": ...}``: trained on every token;
+* ``{"prompt": ..., "completion": ...}``: the prompt's tokens get loss weight 0, so the model learns only the
+  completion (``loss_on_prompt`` trains on both);
+* ``{"messages": [{"role": ..., "content": ...}, ...]}``: a conversation, rendered with the model's own chat
+  template (or ``data.chat_template``, see :mod:`train.chat_template`); only the assistant replies, each with its
+  end-of-turn marker, are trained on.
 
-  - ``{"text": ...}``: trained on every token;
-  - ``{"prompt": ..., "completion": ...}``: the prompt's tokens get loss weight 0, so the model learns only the
-    completion (``loss_on_prompt`` trains on both);
-  - ``{"messages": [{"role": ..., "content": ...}, ...]}``: a conversation, rendered with the model's own chat
-    template (or ``data.chat_template``, see :mod:`train.chat_template`); only the assistant replies, each with its
-    end-of-turn marker, are trained on.
+Other column names are mapped with ``data.fields`` (:class:`FieldMap`: ``text=body``, ``alpaca`` for
+``instruction``/``input``/``output``, ``sharegpt`` for ``conversations`` of ``from``/``value`` turns). ``.txt``
+files hold text documents separated by blank lines. The file formats are read by :mod:`train.readers`.
 
 A malformed line, an empty text, a chat without an assistant reply or non-UTF-8 bytes is a bad row: an error
-naming ``file:line``, or, with ``skip_invalid_rows``, skipped and counted in a :class:`RowIssues`.
+naming ``file:line`` (``file:row N`` for parquet/Arrow), or, with ``skip_invalid_rows``, skipped and counted in a
+:class:`RowIssues`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["DataError", "Document", "RowIssues", "read_documents", "read_file"]
+__all__ = [
+    "BadRow",
+    "DataError",
+    "Document",
+    "FieldMap",
+    "RowIssues",
+    "read_documents",
+    "read_file",
+    "row_document",
+]
 
 
 class DataError(ValueError):
@@ -70,6 +79,19 @@ class RowIssues:
         if self.first is None:
             self.first = message
 
+    def absorb(self, other: RowIssues) -> None:
+        """Adds ``other``'s counts (rows met after this one's)."""
+        self.counts.update(other.counts)
+        if self.first is None:
+            self.first = other.first
+
+    def take(self) -> RowIssues:
+        """The rows counted so far, as a new :class:`RowIssues`; this one starts again from none."""
+        out = RowIssues(self.skip)
+        out.counts, out.first = self.counts, self.first
+        self.counts, self.first = collections.Counter(), None
+        return out
+
     @property
     def skipped(self) -> int:
         return sum(self.counts.values())
@@ -82,109 +104,160 @@ class RowIssues:
         return f"{self.skipped} rows skipped ({reasons}); first: {self.first}"
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
+    """A row that cannot be used: ``reason`` (counted) and ``detail`` (the message after ``file:line:``)."""
+
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
 
 
-def _string_field(obj: Mapping[str, Any], key: str, *, allow_empty: bool = False) -> str:
-    value = obj[key]
+# What ``data.fields`` may name: a preset, or ``target=source[+source...]``.
+FIELD_PRESETS = {
+    "alpaca": ("prompt=instruction+input", "completion=output"),
+    "sharegpt": ("messages=conversations",),
+}
+# ShareGPT's ``from`` values and the chat-template role each becomes (anything else is kept as it is).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldMap:
+    """Which columns of a row hold the text, the prompt and completion, and the chat messages.
+
+    Each target reads one column, or several joined by a blank line (``prompt=instruction+input``: the first
+    column must be there, the others may be missing, null or empty). ``messages`` lists may hold ShareGPT turns
+    (``{"from": "human" | "gpt" | "system", "value": ...}``), read as ``{"role", "content"}`` (:data:`SHAREGPT_ROLES`).
+
+    >>> FieldMap.parse(["alpaca"]).prompt
+    ('instruction', 'input')
+    >>> FieldMap.parse(["text=body"]).text, FieldMap.parse(["text=body"]).messages
+    (('body',), ('messages',))
+    """
+
+    text: tuple[str, ...] = ("text",)
+    prompt: tuple[str, ...] = ("prompt",)
+    completion: tuple[str, ...] = ("completion",)
+    messages: tuple[str, ...] = ("messages",)
+
+    @classmethod
+    def parse(cls, entries: Sequence[str]) -> FieldMap:
+        """The map ``data.fields`` describes (empty: the default column names).
+
+        Raises:
+          DataError: an entry that is neither a preset nor ``target=source[+source...]`` with a known target.
+        """
+        mapping: dict[str, tuple[str, ...]] = {}
+        for entry in entries:
+            for item in FIELD_PRESETS.get(entry.strip(), (entry,)):
+                target, sep, sources = item.partition("=")
+                target = target.strip()
+                names = tuple(s.strip() for s in sources.split("+"))
+                if not sep or target not in _TARGETS or not all(names):
+                    raise DataError(
+                        f"data.fields entry {entry!r}: expected a preset ({', '.join(FIELD_PRESETS)}) or "
+                        f"TARGET=COLUMN[+COLUMN...] with TARGET one of {', '.join(_TARGETS)}"
+                    )
+                if target == "messages" and len(names) > 1:
+                    raise DataError(f"data.fields entry {entry!r}: messages come from one column")
+                mapping[target] = names
+        return cls(**mapping)
+
+    def columns(self) -> list[str]:
+        """Every column some target reads (for reading only those from parquet/Arrow)."""
+        return sorted({name for t in _TARGETS for name in getattr(self, t)})
+
+    def describe(self) -> list[str]:
+        """The map as ``target=source[+source]`` entries (defaults included), e.g. for the cache key."""
+        return [f"{t}={'+'.join(getattr(self, t))}" for t in _TARGETS]
+
+
+_TARGETS = ("text", "prompt", "completion", "messages")
+DEFAULT_FIELDS = FieldMap()
+
+
+def _present(obj: Mapping[str, Any], key: str) -> bool:
+    # A null column of a parquet/Arrow row reads as absent (mixed formats in one table leave the others null).
+    return obj.get(key) is not None
+
+
+def _joined(obj: Mapping[str, Any], target: str, sources: tuple[str, ...], *, allow_empty: bool = False) -> str:
+    """The text of ``target``: its one column, or its columns joined by a blank line."""
+    first = sources[0]
+    value = obj[first]
     if not isinstance(value, str):
-        raise _BadRow("wrong type", f"field {key!r} must be a string, got {type(value).__name__}")
+        raise BadRow("wrong type", f"field {first!r} must be a string, got {type(value).__name__}")
+    if len(sources) > 1:
+        parts = [value]
+        for name in sources[1:]:
+            extra = obj.get(name)
+            if extra is None:
+                continue
+            if not isinstance(extra, str):
+                raise BadRow("wrong type", f"field {name!r} must be a string, got {type(extra).__name__}")
+            parts.append(extra)
+        value = "\n\n".join(p for p in parts if p.strip())
     if not allow_empty and not value.strip():
-        raise _BadRow(f"empty {key}", f"field {key!r} is empty")
+        raise BadRow(f"empty {target}", f"field {first!r} is empty")
     return value
 
 
-def _chat_messages(value: Any) -> tuple[dict[str, Any], ...]:
+def _sharegpt(message: Any) -> Any:
+    """A ShareGPT turn as ``{"role", "content"}``; anything else unchanged."""
+    if isinstance(message, dict) and message.get("role") is None and "from" in message and "value" in message:
+        role = message["from"]
+        return {"role": SHAREGPT_ROLES.get(role, role), "content": message["value"]}
+    return message
+
+
+def _chat_messages(value: Any, name: str = "messages") -> tuple[dict[str, Any], ...]:
     if not isinstance(value, list) or not value:
-        raise _BadRow("bad messages", "field 'messages' must be a non-empty list of {'role', 'content'} objects")
+        raise BadRow("bad messages", f"field {name!r} must be a non-empty list of {{'role', 'content'}} objects")
+    value = [_sharegpt(m) for m in value]
     for n, message in enumerate(value):
         if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
-            raise _BadRow("bad messages", f"messages[{n}] must be an object with 'role' and 'content'")
+            raise BadRow("bad messages", f"{name}[{n}] must be an object with 'role' and 'content'")
         if not isinstance(message["role"], str) or not isinstance(message["content"], str):
-            raise _BadRow("wrong type", f"messages[{n}]: 'role' and 'content' must be strings")
+            raise BadRow("wrong type", f"{name}[{n}]: 'role' and 'content' must be strings")
     replies = [m for m in value if m["role"] == "assistant"]
     if not replies:
-        raise _BadRow("no assistant message", "the conversation has no 'assistant' message to train on")
+        raise BadRow("no assistant message", "the conversation has no 'assistant' message to train on")
     if any(not m["content"].strip() for m in replies):
-        raise _BadRow("empty content", "an assistant message is empty")
+        raise BadRow("empty content", "an assistant message is empty")
     return tuple(value)
 
 
-def _row_document(obj: Any, where: str) -> Document:
-    """One JSONL row as a Document (raises :class:`_BadRow`)."""
+def row_document(obj: Any, where: str, fields: FieldMap = DEFAULT_FIELDS) -> Document:
+    """One JSONL/parquet/Arrow row as a Document: a chat if its messages column is there, else prompt/completion
+    if both are, else text (raises :class:`BadRow`)."""
     if not isinstance(obj, dict):
-        raise _BadRow("not an object", f"expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
-        return Document(messages=_chat_messages(obj["messages"]), id=where)
-    if "prompt" in obj and "completion" in obj:
-        prompt = _string_field(obj, "prompt", allow_empty=True)
-        return Document(text=_string_field(obj, "completion"), prompt=prompt, id=where)
-    if "text" in obj:
-        return Document(text=_string_field(obj, "text"), id=where)
-    raise _BadRow(
+        raise BadRow("not an object", f"expected a JSON object, got {type(obj).__name__}")
+    if _present(obj, fields.messages[0]):
+        return Document(messages=_chat_messages(obj[fields.messages[0]], fields.messages[0]), id=where)
+    if _present(obj, fields.prompt[0]) and _present(obj, fields.completion[0]):
+        prompt = _joined(obj, "prompt", fields.prompt, allow_empty=True)
+        return Document(text=_joined(obj, "completion", fields.completion), prompt=prompt, id=where)
+    if _present(obj, fields.text[0]):
+        return Document(text=_joined(obj, "text", fields.text), id=where)
+    hint = "" if fields != DEFAULT_FIELDS else "; other column names are mapped with data.fields"
+    raise BadRow(
         "unknown format",
-        f"expected a 'text' field, 'prompt' + 'completion' fields or a 'messages' list, got keys {sorted(obj)}",
+        f"expected a {fields.text[0]!r} field, {fields.prompt[0]!r} + {fields.completion[0]!r} fields or a "
+        f"{fields.messages[0]!r} list, got keys {sorted(obj)}{hint}",
     )
 
 
-def _read_jsonl(path: str, issues: RowIssues) -> list[Document]:
-    docs = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                issues.bad(where, "not UTF-8", f"not UTF-8 text (byte {e.start} of the line)")
-                continue
-            if not line.strip():
-                continue
-            try:
-                docs.append(_row_document(json.loads(line), where))
-            except json.JSONDecodeError as e:
-                issues.bad(where, "not JSON", f"not valid JSON ({e.msg})")
-            except _BadRow as e:
-                issues.bad(where, e.reason, e.detail)
-    return docs
+def read_file(
+    path: str, issues: RowIssues, what: str = "training", fields: FieldMap = DEFAULT_FIELDS
+) -> list[Document]:
+    """The documents of one input (any format :mod:`train.readers` reads; ``what`` names the split in errors)."""
+    from train import readers  # reads the formats with this module's rows
 
-
-def _read_text(path: str, issues: RowIssues) -> list[Document]:
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        # A text file is one stream: a bad byte makes the whole file unusable, so this is never skipped.
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start} of the file)") from None
-    docs, lines, start = [], [], 0
-    for lineno, line in enumerate(text.splitlines() + [""], 1):
-        if line.strip():
-            if not lines:
-                start = lineno
-            lines.append(line)
-        elif lines:
-            docs.append(Document(text="\n".join(lines).strip(), id=f"{path}:{start}"))
-            lines = []
-    return docs
-
-
-def read_file(path: str, issues: RowIssues, what: str = "training") -> list[Document]:
-    """The documents of one ``.txt`` or ``.jsonl`` file (``what`` names the split in errors)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{what} file {path!r} does not exist")
-    if path.endswith(".jsonl"):
-        return _read_jsonl(path, issues)
-    if path.endswith(".txt"):
-        return _read_text(path, issues)
-    raise DataError(f"{what} file {path!r}: unsupported extension (use .txt or .jsonl)")
+    return [doc for chunk in readers.document_chunks(path, issues, what, fields) for doc in chunk.documents]
 
 
 def read_documents(paths: Sequence[str], *, skip_invalid_rows: bool = False) -> list[Document]:
-    """All documents of the given ``.txt`` / ``.jsonl`` files, in file order.
+    """All documents of the given inputs (``.txt``, ``.jsonl``, parquet, ...), in file order.
 
     Raises:
       DataError: no files given, a missing file, an unknown extension, a bad row (unless ``skip_invalid_rows``),

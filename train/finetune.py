@@ -87,11 +87,12 @@ class _Inputs:
     tokenizer: Any
     model_name: str
     train: data_lib.DataSplit
-    rows: data_lib.PackedRows  # the training rows, after ``transform_rows``
+    rows: data_lib.PackedRows | data_lib.CompactRows  # the training rows, after ``transform_rows``
     validation: data_lib.DataSplit | None
     retain: data_lib.DataSplit | None  # text the model should not forget (the retain KL's)
     chat_template: str | None  # the template chats were rendered with when it is not the tokenizer's own
     fingerprint: str
+    config: TrainConfig  # the run's config, ``steps`` set from ``data.epochs`` when that is on
 
 
 def run(
@@ -138,6 +139,7 @@ def run(
     written = [cfg.output.dir] + ([cfg.checkpoint.directory] if cfg.checkpoint.enabled else [])
     with runlock.hold(written if jax.process_index() == 0 else []) as locks, PreemptionWatch() as preemption:
         inputs = _load_inputs(cfg, model, tokenizer, documents, transform_rows)
+        cfg = inputs.config  # with steps set by data.epochs, when that is on
         program, params, frozen = program_lib.build_program(cfg, inputs.model)
         session = _Session(cfg, program, inputs, preemption, on_step)
         session.locks = locks
@@ -153,8 +155,8 @@ def run(
 
 
 def _check_locations(cfg: TrainConfig) -> None:
-    """The run folder and checkpoint directory must be local paths or reachable ``gs://`` URLs; data is read from
-    local files only (for now)."""
+    """The run folder and checkpoint directory must be local paths or reachable ``gs://`` URLs; data and the token
+    cache are local only (for now): a URL there is refused here rather than failing inside a reader."""
     storage.check(cfg.output.dir, "output.dir")
     if cfg.checkpoint.enabled:
         storage.check(cfg.checkpoint.directory, "checkpoint.directory")
@@ -164,6 +166,7 @@ def _check_locations(cfg: TrainConfig) -> None:
         ("data.validation_files", d.validation_files),
         ("data.retain_files", d.retain_files),
         ("data.chat_template", [d.chat_template] if d.chat_template else []),
+        ("data.cache_dir", [d.cache_dir] if d.cache_dir else []),
     ):
         for name in files or ():
             if storage.is_url(str(name)):
@@ -174,7 +177,12 @@ def _check_locations(cfg: TrainConfig) -> None:
 
 
 def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
-    """Loads the model (unless given) and the data, and checks that they fit each other."""
+    """Loads the model (unless given) and the data, and checks that they fit each other.
+
+    Training and validation files come from the token cache (``data.cache_dir``): mapped, not held in memory; the
+    data fingerprint checked on resume is then the cache key and row count. In-memory ``documents`` are packed in
+    memory, and ``transform_rows`` gets (and returns) dense in-memory rows; both fingerprint the rows themselves.
+    """
     model_name = f"{cfg.model.source} (given to finetune.run)" if model is not None else cfg.model.source
     if model is None:
         model, tokenizer = program_lib.load_model(cfg.model)
@@ -182,12 +190,28 @@ def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
         # A base model given by the caller (the lab reuses one for every run) stays as it is: adapt a copy.
         model = program_lib.with_adapters(nnx.clone(model), cfg.model)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    train = data_lib.load_split(tokenizer, cfg.data, cfg.data.train_files, documents=documents, max_context=context)
-    rows = train.rows if transform_rows is None else transform_rows(train.rows)
+    cache_dir = data_lib.cache_directory(cfg.data)
+    progress = cfg.progress and jax.process_index() == 0
+    train = data_lib.load_split(
+        tokenizer,
+        cfg.data,
+        cfg.data.train_files,
+        documents=documents,
+        max_context=context,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    rows = train.rows if transform_rows is None else transform_rows(train.rows.materialize())
     validation = retain = None
     if cfg.data.validation_files:
         validation = data_lib.load_split(
-            tokenizer, cfg.data, cfg.data.validation_files, max_context=context, what="validation"
+            tokenizer,
+            cfg.data,
+            cfg.data.validation_files,
+            max_context=context,
+            what="validation",
+            cache_dir=cache_dir,
+            progress=progress,
         )
     if cfg.data.retain_files:
         retain_files = evaluation_lib.retain_paths(cfg.data.retain_files)
@@ -195,16 +219,18 @@ def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
         retain = evaluation_lib.subsample(retain, cfg.data.retain_rows)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for split_rows in (rows, *(None if split is None else split.rows for split in (validation, retain))):
-        if vocab is not None and split_rows is not None and int(split_rows.tokens.max()) >= vocab:
-            raise data_lib.DataError(
-                f"token id {int(split_rows.tokens.max())} is outside the model's vocabulary of {vocab}"
-            )
+        if vocab is not None and split_rows is not None and split_rows.max_token_id >= vocab:
+            raise data_lib.DataError(f"token id {split_rows.max_token_id} is outside the model's vocabulary of {vocab}")
     chat_template = None
     if cfg.data.chat_template:
         with open(cfg.data.chat_template, encoding="utf-8") as f:
             chat_template = f.read()
-    fingerprint = resume_lib.rows_fingerprint(rows)
-    return _Inputs(model, tokenizer, model_name, train, rows, validation, retain, chat_template, fingerprint)
+    if train.cache is not None and transform_rows is None:
+        fingerprint = train.cache.fingerprint
+    else:
+        fingerprint = resume_lib.rows_fingerprint(rows)
+    config = data_lib.steps_for_epochs(cfg, len(rows))
+    return _Inputs(model, tokenizer, model_name, train, rows, validation, retain, chat_template, fingerprint, config)
 
 
 class _Session:

@@ -37,6 +37,8 @@ __all__ = [
 # Dotted keys (or prefixes ending in ".") that may differ between a checkpoint's run and the resuming one.
 SAFE_TO_CHANGE = (
     "checkpoint.",
+    "data.cache_dir",
+    "data.epochs",
     "data.validation_files",
     "data.validation_every",
     "data.retain_files",
@@ -113,7 +115,16 @@ def check_same_run(
     """
     diff = config_diff(meta.get("config", {}), config)
     saved = meta.get("data_fingerprint")
-    if saved is not None and saved != data_fingerprint:
+    if saved is not None and saved.startswith("cache:") != data_fingerprint.startswith("cache:"):
+        # One side hashed the rows themselves, the other names a token-cache entry: not comparable.
+        diff.append(
+            (
+                "data (fingerprinted another way: saved before the token cache, or with in-memory rows)",
+                saved[:12],
+                data_fingerprint[:12],
+            )
+        )
+    elif saved is not None and saved != data_fingerprint:
         diff.append(("data (content of the packed training rows)", saved[:12], data_fingerprint[:12]))
     elif saved is not None:  # the same rows from files that moved (another machine, a renamed folder)
         diff = [d for d in diff if d[0] != "data.train_files"]

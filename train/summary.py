@@ -106,11 +106,23 @@ def _split_lines(title: str, split: data_lib.DataSplit, seq_len: int) -> list[st
         )
         title = ""
     rows = split.rows
-    fill = float((rows.segment_ids > 0).mean())
-    lines.append(f"{'':<10} -> {len(rows):,} rows of {seq_len} tokens ({fill:.0%} filled)")
+    lines.append(f"{'':<10} -> {len(rows):,} rows of {seq_len} tokens ({rows.fill:.0%} filled)")
+    if split.cache is not None:
+        lines.append(f"{'':<10} {_cache_line(split.cache)}")
     if split.issues.skipped:
         lines.append(f"{'':<10} {split.issues.describe()}")
     return lines
+
+
+def _cache_line(entry: Any) -> str:
+    meta, size = entry.meta, entry.disk_bytes
+    tokens = sum(s["tokens"] for s in meta["sources"])
+    if entry.hit:
+        how = f"found, built {meta['built_at']}"
+    else:
+        rate = tokens / max(meta["build_seconds"], 1e-9)
+        how = f"built in {meta['build_seconds']:.1f} s, {rate / 1e6:.2f}M tokens/s"
+    return f"token cache {entry.path} ({how}; {size / 2**20:,.1f} MiB, {size / max(tokens, 1):.2f} bytes/token)"
 
 
 def random_init_warning(source: str) -> str:
@@ -159,7 +171,8 @@ def start_summary(
     epochs = cfg.steps * d.batch_size / len(train.rows)
     lines.append(
         f"steps      {cfg.steps} x {d.batch_size} rows x {d.seq_len} tokens = {per_step:,} tokens per step "
-        f"({epochs:.1f} epochs of the training rows)" + (f", {d.grad_accum} micro-batches" if d.grad_accum > 1 else "")
+        f"({epochs:.1f} epochs of the training rows{f', from data.epochs={d.epochs:g}' if d.epochs else ''})"
+        + (f", {d.grad_accum} micro-batches" if d.grad_accum > 1 else "")
     )
     lines.append(_optimizer_line(cfg))
     out = cfg.output
