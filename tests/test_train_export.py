@@ -98,7 +98,8 @@ def test_default_run_folder_holds_everything_and_the_summaries_say_so(run):
         "steps      4 x 8 rows x 384 tokens = 3,072 tokens per step",
         "optimizer  finch_adamw: max_learning_rate 0.003, base_learning_rate 0.003",
         "output     runs/tiny-chat/",
-        "checkpoints runs/tiny-chat/checkpoints (every 2 steps and at the end, keep 3)",
+        "checkpoints runs/tiny-chat/checkpoints (every 2 steps and every 10 min of training and at the end, keep 3; "
+        "a crash loses at most ~10 min of training)",
         "Hugging Face model runs/tiny-chat/hf at the end, and hf-step-N every 2 steps (float32)",
         "resume     none: starting at step 0",
         "done       steps 0 -> 4 in",

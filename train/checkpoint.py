@@ -17,9 +17,9 @@ the order they are added in, so it is the same for any sharding or mesh the stat
 Only finite states are saved: :meth:`Checkpointer.save` refuses a state with a NaN/inf anywhere (params or optimizer
 state), so every checkpoint on disk is a good one and ``keep``-N rotation can never leave only poisoned ones.
 
-Orbax writes each step to a temporary directory and renames it only once every file is on disk, so a process killed
-mid-save leaves the previous checkpoints intact and the partial one invisible; resume then starts from the last
-complete step. This module deletes nothing except through ``keep`` after a successful save; a restore only reads.
+Orbax writes each step to a temporary directory and renames it only once every file is on disk (on ``gs://``, which
+has no rename, a step counts once its ``commit_success.txt`` object exists), so a process killed mid-save leaves the
+previous checkpoints intact and the partial one invisible; resume then starts from the last complete step. This module deletes nothing except through ``keep`` after a successful save; a restore only reads.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from train import orbax_loop
+from train import orbax_loop, storage
 from train.mesh import path_str
 from train.step import TrainState
 
@@ -48,6 +49,7 @@ __all__ = [
     "CheckpointSaveError",
     "Checkpointer",
     "CorruptCheckpointError",
+    "SaveClock",
     "state_digest",
     "state_signature",
 ]
@@ -189,6 +191,36 @@ class _Protected:
         return [checkpoint.step in keep for checkpoint in checkpoints]
 
 
+class SaveClock:
+    """When a save is due by wall time: ``minutes`` after the last save (or the start of training).
+
+    A save is collective, so every process must decide alike: in a multi-process run process 0's clock decides,
+    and the processes agree on it (one small broadcast) every :attr:`AGREE_EVERY` steps only.
+    """
+
+    AGREE_EVERY = 8
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.period_s = 60.0 * minutes
+        self._clock = clock
+        self._last = clock()
+
+    def saved(self) -> None:
+        self._last = self._clock()
+
+    def due(self, step: int) -> bool:
+        if self.period_s <= 0:
+            return False
+        late = self._clock() - self._last >= self.period_s
+        if jax.process_count() == 1:
+            return late
+        if step % self.AGREE_EVERY:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+
+
 class Checkpointer:
     """Save / restore :class:`TrainState` + metadata under ``directory`` (one sub-directory per step)."""
 
@@ -203,7 +235,8 @@ class Checkpointer:
     ):
         """``keep`` newest checkpoints are kept (0: all), and every step ``protected()`` names at the time of a save
         (e.g. checkpoints a selection may still export)."""
-        self.directory = os.path.abspath(directory)
+        # A URL (gs://...) goes to orbax as it is; abspath would make it a local path named "gs:".
+        self.directory = directory if storage.is_url(directory) else os.path.abspath(directory)
         policies: list[Any] = [preservation.LatestN(n=keep)] if keep > 0 else [preservation.PreserveAll()]
         if protected is not None:
             policies.append(_Protected(protected))
@@ -380,14 +413,14 @@ class Checkpointer:
 
     def quarantine(self, step: int) -> str:
         """Renames step ``step``'s directory to ``corrupt-<step>`` (kept for inspection, no longer a checkpoint)."""
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.directory, f"{QUARANTINE_PREFIX}{step}")
+        src = storage.join(self.directory, str(step))
+        dst = storage.join(self.directory, f"{QUARANTINE_PREFIX}{step}")
         n = 1
-        while os.path.exists(dst):
-            dst = os.path.join(self.directory, f"{QUARANTINE_PREFIX}{step}.{n}")
+        while storage.exists(dst):
+            dst = storage.join(self.directory, f"{QUARANTINE_PREFIX}{step}.{n}")
             n += 1
         if jax.process_index() == 0:
-            os.rename(src, dst)
+            storage.path(src).rename(dst)  # on gs://: a copy of every object, then a delete
         self._manager.reload()
         return dst
 

@@ -249,12 +249,13 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints of the whole train state: on by default, in ``<run folder>/checkpoints``; a save every
-    ``every`` steps and at the end.
+    ``every`` steps, at least every ``every_minutes`` of training (a crash loses at most that), and at the end.
 
     Attributes:
       enabled: save orbax checkpoints of the whole train state (for resume, and for `export`)
       directory: where they go (empty: <run folder>/checkpoints)
-      every: steps between saves (0: only at the end)
+      every: steps between saves (0: none by step count)
+      every_minutes: wall-clock minutes of training after which the next step is saved (0: none by time)
       keep: how many of the newest checkpoints to keep (0: all)
       async_save: write checkpoints in the background while training continues
       resume: continue from the newest checkpoint in the directory (false: refuse a non-empty directory)
@@ -265,6 +266,7 @@ class CheckpointConfig:
     enabled: bool = True
     directory: str = ""
     every: int = 0
+    every_minutes: float = 10.0
     keep: int = 3
     async_save: bool = True
     resume: bool = True
@@ -579,6 +581,7 @@ def check_ranges(cfg: TrainConfig) -> None:
         "data.validation_every": cfg.data.validation_every,
         "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep,
+        "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
         "guard.max_consecutive_skips": cfg.guard.max_consecutive_skips,
         "output.hf_every": cfg.output.hf_every,
         "data.retain_top_k": cfg.data.retain_top_k,
@@ -590,7 +593,7 @@ def check_ranges(cfg: TrainConfig) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     for key, value in non_negative.items():
-        if value < 0:
+        if not value >= 0:  # NaN too
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if not (cfg.data.epochs >= 0 and cfg.data.epochs != float("inf")):
         raise ConfigError(f"data.epochs must be a finite number >= 0, got {cfg.data.epochs}")

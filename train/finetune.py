@@ -28,7 +28,7 @@ from models import lora as lora_lib
 from train import checkpoint as checkpoint_lib
 from train import config as config_lib
 from train import data as data_lib
-from train import distributed, paths, readers, run_folder, runlock
+from train import distributed, paths, readers, run_folder, runlock, storage
 from train import evaluation as evaluation_lib
 from train import export as export_lib
 from train import guard as guard_lib
@@ -135,16 +135,18 @@ def run(
     trackers_lib.check_available(cfg.wandb_project)
     _check_files_to_read(cfg, read_model=model is None, read_data=documents is None)
     program_lib.preflight(cfg)  # mesh, batch and optimizer settings: refused before anything loads
+    _check_locations(cfg)  # a URL that cannot work (s3://, a missing bucket): refused before anything loads
     if model is not None and tokenizer is None:
         raise ValueError("finetune.run(cfg, model=...) also needs the model's tokenizer")
     # One writer per run folder, taken before anything is loaded: a second run is refused at once.
     written = [cfg.output.dir] + ([cfg.checkpoint.directory] if cfg.checkpoint.enabled else [])
-    with runlock.hold(written if jax.process_index() == 0 else []), PreemptionWatch() as preemption:
+    with runlock.hold(written if jax.process_index() == 0 else []) as locks, PreemptionWatch() as preemption:
         inputs = _load_inputs(cfg, model, tokenizer, documents, transform_rows)
         cfg = inputs.config  # with steps set by data.epochs, when that is on
         program, params, frozen = program_lib.build_program(cfg, inputs.model)
         session = _Session(cfg, program, inputs, preemption, on_step)
         interrupted = None
+        session.locks = locks
         try:
             session.start(params, frozen)
             del params, frozen
@@ -182,6 +184,28 @@ def _check_files_to_read(cfg: TrainConfig, *, read_model: bool, read_data: bool)
         paths.check_file_to_read(path, setting)
     if read_model:
         program_lib.model_config(cfg.model)
+
+
+def _check_locations(cfg: TrainConfig) -> None:
+    """The run folder and checkpoint directory must be local paths or reachable ``gs://`` URLs; data and the token
+    cache are local only (for now): a URL there is refused here rather than failing inside a reader."""
+    storage.check(cfg.output.dir, "output.dir")
+    if cfg.checkpoint.enabled:
+        storage.check(cfg.checkpoint.directory, "checkpoint.directory")
+    d = cfg.data
+    for key, files in (
+        ("data.train_files", d.train_files),
+        ("data.validation_files", d.validation_files),
+        ("data.retain_files", d.retain_files),
+        ("data.chat_template", [d.chat_template] if d.chat_template else []),
+        ("data.cache_dir", [d.cache_dir] if d.cache_dir else []),
+    ):
+        for name in files or ():
+            if storage.is_url(str(name)):
+                raise storage.StorageError(
+                    f"{key}: {name!r} is a URL; data is read from local files (copy it first, e.g. `gcloud storage "
+                    "cp`); output.dir and checkpoint.directory may be gs:// URLs"
+                )
 
 
 def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
@@ -248,6 +272,11 @@ class _Session:
         self.cfg, self.program, self.inputs = cfg, program, inputs
         self.preemption, self.on_step = preemption, on_step
         self.is_main = jax.process_index() == 0
+        self.locks: list = []  # the run locks (process 0), checked at each save: another run may take one over
+        # Process 0 writes the run folder; a gs:// one through a local staging folder uploaded as it grows.
+        self.folder = storage.StagedFolder(cfg.output.dir) if self.is_main else None
+        self.out = None if self.folder is None else self.folder.local
+        self.clock = checkpoint_lib.SaveClock(cfg.checkpoint.every_minutes)
         self.loader = data_lib.ResumableLoader(inputs.rows, cfg.data.batch_size, seed=cfg.data.seed)
         self.checkpointer: Checkpointer | None = None
         self.logger: MetricsLogger | None = None
@@ -287,7 +316,7 @@ class _Session:
         self.state = state
         self._prepare_run_folder(params, frozen, config_changes)
         self.logger = MetricsLogger(
-            self.cfg.output.dir,
+            self.out,
             total_steps=self.cfg.steps,
             start_step=self.start_step,
             tensorboard=self.cfg.tensorboard,
@@ -350,13 +379,14 @@ class _Session:
     def _prepare_run_folder(self, params: Any, frozen: Any, config_changes: list) -> None:
         if not self.is_main:
             return
-        cfg, inputs, out = self.cfg, self.inputs, self.cfg.output.dir
-        os.makedirs(out, exist_ok=True)
+        cfg, inputs, out = self.cfg, self.inputs, self.out
+        self.folder.pull()  # a gs:// run folder's metrics and config, to append to and compare with
         if config_changes:  # accepted on resume: the config the earlier steps ran with stays beside the new one
             resume_lib.keep_previous_config(out, self.start_step)
         if self.start_step > 0:  # steps logged after the checkpoint by a run that then died are about to run again
             resume_lib.trim_metrics(out, self.start_step)
         config_lib.save_config(cfg, os.path.join(out, "config.yaml"))
+        self.folder.push()
         if inputs.model_name == cfg.model.source and models.parse_source(cfg.model.source).is_random_init:
             print(summary_lib.random_init_warning(cfg.model.source), flush=True)
         uses_chat = any(s.chats for s in inputs.train.sources)
@@ -384,7 +414,9 @@ class _Session:
         self.stopped = self.evaluation.stop_reason()
 
     def save(self, step: int) -> None:
+        self.clock.saved()
         if self.checkpointer is not None and step not in self.checkpointer.all_steps():
+            runlock.check_held(self.locks)
             # Let the step finish first, so the save's device-to-host copies never interleave with a running step's
             # collectives; the file writes still happen in the background while the next steps run.
             jax.block_until_ready(self.state)
@@ -396,7 +428,16 @@ class _Session:
                 "frozen_digest": self.frozen_digest,
                 "evaluations": [e.record() for e in self.evaluation.history if e.step <= step],
             }
+            # The run folder first: its files in the bucket then always reach at least the newest checkpoint.
+            self.sync()
             self.checkpointer.save(step, self.state, meta)
+
+    def sync(self) -> None:
+        """Uploads the run folder's new and changed files (a gs:// one; nothing to do for a local one)."""
+        if self.folder is not None and self.folder.staged:
+            if self.logger is not None:
+                self.logger.flush()
+            self.folder.push()
 
     def export(self, step: int | None) -> None:
         # Every process joins the gather; process 0 writes.
@@ -408,10 +449,11 @@ class _Session:
                 host_model,
                 self.inputs.tokenizer,
                 self.cfg,
-                run_folder.hf_directory(self.cfg.output.dir, step),
+                run_folder.hf_directory(self.out, step),
                 chat_template=self.inputs.chat_template,
                 overwrite=True,  # <run>/hf and hf-step-N are the run folder's own
             )
+            self.sync()
 
     # -- the loop and its end ---------------------------------------------------------------------------------------
 
@@ -424,6 +466,7 @@ class _Session:
             self.evaluate(0)
         t_start = time.perf_counter()
         logger.start_clock()
+        self.clock.saved()  # the wall-time cadence counts from the first step
         try:
             self._steps(delayed, skip_watch)
         finally:
@@ -441,7 +484,10 @@ class _Session:
             evaluated = self.evaluation.active and _every(cfg.data.validation_every, step, total)
             # A checkpoint the selection may pick must exist: save at every evaluation when selecting.
             saved = _every(cfg.checkpoint.every, step, total) or (evaluated and evaluate_now)
+            # ... and at least every checkpoint.every_minutes (all processes agree on process 0's clock).
+            saved = saved or (self.checkpointer is not None and step < total and self.clock.due(step))
             if saved:
+                delayed.flush()  # this step's metrics are logged (and uploaded) before its checkpoint
                 self.save(step)
             if evaluated:
                 self.evaluate(step)
@@ -479,7 +525,7 @@ class _Session:
             self.save(last)
             if self.evaluation.active:
                 self.evaluate(last)
-        if self.hf_dir is not None and (last > self.start_step or not os.path.isdir(self.hf_dir)):
+        if self.hf_dir is not None and (last > self.start_step or not storage.exists(self.hf_dir)):
             selected = self.evaluation.selection.selected
             if selected is not None and selected.step != int(self.state.step):
                 self._export_selected(selected.step)
@@ -489,7 +535,7 @@ class _Session:
             evaluation_lib.plot_selection(
                 self.evaluation.history,
                 self.evaluation.selection.selected,
-                os.path.join(self.cfg.output.dir, "selection.png"),
+                os.path.join(self.out, "selection.png"),
                 f"{self.cfg.model.source}: output.select={self.cfg.output.select}",
             )
 
@@ -504,10 +550,14 @@ class _Session:
             self.state = final
 
     def close(self) -> None:
-        if self.checkpointer is not None:
-            self.checkpointer.close()
-        if self.logger is not None:
-            self.logger.close()
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            if self.folder is not None:
+                self.folder.close()  # a gs:// run folder: the last upload, then the staging folder is deleted
 
     def report(self, interrupted: str | None = None) -> None:
         """The end summary: printed and written as ``summary.json`` (process 0); ``interrupted``: the error that

@@ -110,6 +110,13 @@ class MetricsLogger:
         for tracker in self._trackers if self.is_main else ():
             tracker.text(step, name, text)
 
+    def flush(self) -> None:
+        """Everything logged so far is in the run folder's files (before they are uploaded)."""
+        for tracker in self._trackers:
+            flush = getattr(tracker, "flush", None)
+            if flush is not None:
+                flush()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

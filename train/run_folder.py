@@ -10,7 +10,11 @@
     runs/<name>/hf-step-<N>/       exports every output.hf_every steps, or made later by `finch-train export`
     runs/<name>/summary.json       what the run did and where everything went
 
-The default name is ``<model>-<first train file>``, so running the same command again resumes the same run.
+The default name is ``<model>-<first train file>``, so running the same command again resumes the same run. The whole
+model name is kept (``Qwen2.5-0.5B`` and ``Qwen2.5-0.5B-Instruct`` get two folders); only ``.gguf`` is dropped.
+
+``output.dir`` and ``checkpoint.directory`` may be ``gs://`` URLs (:mod:`train.storage`): a ``gs://`` run folder is
+written through a local staging folder and uploaded as it grows.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 import yaml
 
 from models.load import parse_source
+from train import storage
 from train.config import TrainConfig
 
 __all__ = ["CHECKPOINTS", "HF", "checkpoint_directory", "default_name", "hf_directory", "resolve"]
@@ -43,7 +48,10 @@ def default_name(cfg: TrainConfig, *, in_memory_documents: bool = False) -> str:
     'smollm2-chat'
     """
     source = parse_source(cfg.model.source)
-    model = os.path.splitext(os.path.basename(os.path.normpath(source.value)))[0]
+    model = os.path.basename(os.path.normpath(source.value))
+    # Only a file extension goes: a dot inside a model's name stays (Qwen2.5-0.5B and Qwen2.5-0.5B-Instruct).
+    if source.kind == "gguf" and model.lower().endswith(".gguf"):
+        model = model[: -len(".gguf")]
     if in_memory_documents or not cfg.data.train_files:
         data = "documents"
     else:
@@ -59,18 +67,28 @@ def resolve(cfg: TrainConfig, *, in_memory_documents: bool = False) -> TrainConf
     )
     ckpt = cfg.checkpoint
     if ckpt.enabled and not ckpt.directory:
-        ckpt = dataclasses.replace(ckpt, directory=os.path.join(run_dir, CHECKPOINTS))
+        ckpt = dataclasses.replace(ckpt, directory=storage.join(run_dir, CHECKPOINTS))
     return dataclasses.replace(cfg, output=dataclasses.replace(out, dir=run_dir), checkpoint=ckpt)
 
 
 def hf_directory(run_dir: str, step: int | None = None) -> str:
     """``<run>/hf`` for the final export, ``<run>/hf-step-<step>`` for one at a given step."""
-    return os.path.join(run_dir, HF if step is None else f"{HF}-step-{step}")
+    return storage.join(run_dir, HF if step is None else f"{HF}-step-{step}")
 
 
 def checkpoint_directory(path: str) -> str:
     """The orbax checkpoint directory of a run folder (``<path>/checkpoints``, or where its ``config.yaml`` put
-    them), or ``path`` itself when it is not a run folder."""
+    them), or ``path`` itself when it is not a run folder. ``path`` may be a ``gs://`` URL."""
+    if storage.is_url(path):
+        candidate = storage.join(path, CHECKPOINTS)
+        if storage.exists(candidate):
+            return candidate
+        config = storage.join(path, "config.yaml")
+        if storage.exists(config):
+            directory = ((yaml.safe_load(storage.read_text(config)) or {}).get("checkpoint") or {}).get("directory")
+            if directory and storage.exists(directory):
+                return directory
+        return path
     candidate = os.path.join(path, CHECKPOINTS)
     if os.path.isdir(candidate):
         return candidate

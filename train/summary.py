@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from train import data as data_lib
+from train import storage
 from train.config import TrainConfig
 
 __all__ = ["RunEnd", "count_parameters", "random_init_warning", "start_summary"]
@@ -180,13 +180,23 @@ def start_summary(
     if cfg.checkpoint.enabled and cfg.checkpoint.directory:
         every = f"every {cfg.checkpoint.every} steps and " if cfg.checkpoint.every else ""
         every += "at every evaluation and " if cfg.output.select != "last" else ""
-        lines.append(f"{'':<10} checkpoints {cfg.checkpoint.directory} ({every}at the end, keep {cfg.checkpoint.keep})")
+        minutes = cfg.checkpoint.every_minutes
+        every += f"every {minutes:g} min of training and " if minutes > 0 else ""
+        if minutes > 0:
+            lost = f"a crash loses at most ~{minutes:g} min of training"
+        elif cfg.checkpoint.every:
+            lost = f"a crash loses at most {cfg.checkpoint.every} steps"
+        else:
+            lost = "a crash loses the whole run"
+        lines.append(
+            f"{'':<10} checkpoints {cfg.checkpoint.directory} ({every}at the end, keep {cfg.checkpoint.keep}; {lost})"
+        )
     if out.hf_export:
         every = f", and hf-step-N every {out.hf_every} steps" if out.hf_every else ""
         adapter = ", and the PEFT adapter in hf-adapter/" if cfg.model.lora.enabled else ""
         picked = f"of the checkpoint output.select={out.select} picks" if out.select != "last" else "at the end"
         lines.append(
-            f"{'':<10} Hugging Face model {os.path.join(out.dir, 'hf')} {picked}{every} ({out.hf_dtype}){adapter}"
+            f"{'':<10} Hugging Face model {storage.join(out.dir, 'hf')} {picked}{every} ({out.hf_dtype}){adapter}"
         )
     lines.append(
         f"resume     from step {start_step} of {cfg.steps}" if start_step else "resume     none: starting at step 0"
@@ -292,8 +302,7 @@ class RunEnd:
 
     def write(self) -> None:
         """``<output.dir>/summary.json``."""
-        with open(os.path.join(self.cfg.output.dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(self.record(), f, indent=2)
+        storage.write_text(storage.join(self.cfg.output.dir, "summary.json"), json.dumps(self.record(), indent=2))
 
     def _metrics_path(self) -> str:
-        return os.path.join(self.cfg.output.dir, "metrics.jsonl")
+        return storage.join(self.cfg.output.dir, "metrics.jsonl")

@@ -73,6 +73,9 @@ class TensorBoardTracker:
     def text(self, step: int, name: str, text: str) -> None:
         self._writer.add_text(name, text, int(step))
 
+    def flush(self) -> None:
+        self._writer.flush()
+
     def close(self) -> None:
         self._writer.close()
 
