@@ -116,7 +116,7 @@ def _split_lines(title: str, split: data_lib.DataSplit, seq_len: int) -> list[st
 def random_init_warning(source: str) -> str:
     return (
         f"WARNING: model.source={source} is a randomly initialised model, not a pretrained one: fine-tuning it "
-        "teaches it nothing useful. Set model.source=gguf:smollm2, hf:DIR or gguf:PATH."
+        "teaches it nothing useful. Set model.source=gguf:smollm2, hf:DIR, hub:REPO_ID or gguf:PATH."
     )
 
 
