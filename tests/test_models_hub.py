@@ -2,18 +2,21 @@
 and the errors and hints around Hub names."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 import models
-from models import hub
-from train import cli
+from models import hub, lora
+from train import cli, export, generate, program
+from train.config import load_config
 
 hub_constants = pytest.importorskip("huggingface_hub.constants")
 
@@ -130,3 +133,23 @@ def test_the_environment_variables_alone_select_cache_and_offline_mode(cached, t
     out = subprocess.run(command + ["--max-new-tokens", "3"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ab\u2192")
+
+
+def test_a_lora_adapter_on_a_hub_base_names_it_as_peft_does_and_loads_back(offline, tmp_path):
+    """The PEFT adapter of a `hub:` run records the bare repo id and its revision (PEFT's convention); `generate` and
+    `chat` load that base from the Hub cache and merge the adapter."""
+    cfg = load_config(None, [f"model.source=hub:{REPO}@v1", "model.lora.rank=4"])
+    model, tokenizer = models.load(cfg.model.source)
+    model = lora.add_lora(model, program.lora_spec(cfg.model), seed=1)
+    for i, (_, name, module) in enumerate(lora._projections(model)):
+        b = getattr(module, f"{name}_lora_b", None)
+        if b is not None:  # non-zero, so the adapter changes the logits
+            b.set_value(0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
+    adapted = np.asarray(model(offline["tokens"]))
+    assert not np.array_equal(adapted, offline["logits"])
+    export.export_run(model, tokenizer, cfg, tmp_path / "hf")
+    adapter_config = json.loads((tmp_path / "hf-adapter" / "adapter_config.json").read_text())
+    assert (adapter_config["base_model_name_or_path"], adapter_config["revision"]) == (REPO, "v1")
+    loaded = generate.load_for_generation(str(tmp_path / "hf-adapter"))
+    assert loaded.description.endswith(f"on hub:{REPO}@v1)")
+    np.testing.assert_allclose(np.asarray(loaded.model(offline["tokens"])), adapted, atol=1e-5)
