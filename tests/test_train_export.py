@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -194,6 +195,42 @@ def test_help_lists_every_key_and_print_config_shows_the_run_folder(capsys):
     assert printed["output"]["dir"] == "runs/smollm2-chat"
     assert printed["checkpoint"]["directory"] == "runs/smollm2-chat/checkpoints"
     assert config_lib.from_dict(printed).model.source == "gguf:smollm2"
+
+
+@pytest.mark.torch
+def test_sharded_export_loads_in_transformers_check_export_generate_and_chat(run, tmp_path, capsys, monkeypatch):
+    """`export --max-shard-size` splits the weights as transformers does; every reader of exports still loads it."""
+    out = tmp_path / "sharded"
+    assert cli.main(["export", str(run["dir"]), "--out", str(out), "--max-shard-size", "100KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert f"in {len(shards)} shards" in capsys.readouterr().out
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    single = load_file(run["dir"] / "hf" / "model.safetensors")  # the same step, exported in one file
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in single.values())
+    for shard in shards:
+        tensors = load_file(out / shard)
+        assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 100_000
+        assert all(np.array_equal(t, single[name]) for name, t in tensors.items())
+    assert sorted(index["weight_map"]) == sorted(single)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = [
+            transformers.AutoModelForCausalLM.from_pretrained(d).float().eval()(tokens).logits.numpy()
+            for d in (out, run["dir"] / "hf")
+        ]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    check_export = runpy.run_path(str(ROOT / "scripts" / "check_export.py"))
+    assert check_export["main"]([str(out), "--message", "Hi"]) == 0
+    assert "  OK" in capsys.readouterr().out
+    assert cli.main(["generate", "--model", str(out), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert cli.main(["chat", str(out), "--max-new-tokens", "2"]) == 0
+    # A bad size is refused before the checkpoint is read.
+    assert cli.main(["export", str(run["dir"]), "--out", str(tmp_path / "bad"), "--max-shard-size", "5 parsecs"]) == 2
+    assert "--max-shard-size='5 parsecs' is not a size" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.torch

@@ -332,6 +332,8 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
         ("optimizer.max_learning_rate=.inf", "learning_rate must be > 0 and finite"),
         ("optimizer.ema_decay=0.5", "ema_decay=0.5 is a FINCH setting"),
         ("checkpoint.on_corrupt=ignore", "checkpoint.on_corrupt must be one of"),
+        ("output.hf_shard_size=5TBB", "output.hf_shard_size='5TBB' is not a size"),
+        ("output.hf_shard_size=0GB", "output.hf_shard_size='0GB' is not a size"),
         ("guard.max_consecutive_skips=-1", "guard.max_consecutive_skips must be >= 0"),
         ("data.seq_len=0", "data.seq_len must be >= 1"),
         ("mesh.rules=[mpl=tensor]", "unknown logical axis 'mpl'"),

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(
             f"finch-train {name}: the training stack's dependency {e.name!r} is not installed; run `make install` in "
-            f"the finch-optax checkout (or `pip install -e '.[lab]'` there)",
+            f"the finch-optax checkout (or `pip install -c constraints.txt -e '.[lab]'` there)",
             file=sys.stderr,
         )
         return 2

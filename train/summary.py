@@ -128,7 +128,7 @@ def _cache_line(entry: Any) -> str:
 def random_init_warning(source: str) -> str:
     return (
         f"WARNING: model.source={source} is a randomly initialised model, not a pretrained one: fine-tuning it "
-        "teaches it nothing useful. Set model.source=gguf:smollm2, hf:DIR or gguf:PATH."
+        "teaches it nothing useful. Set model.source=gguf:smollm2, hf:DIR, hub:REPO_ID or gguf:PATH."
     )
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "TopologyError",
     "parse_topology",
     "quiet_libtpu_without_tpus",
+    "require_libtpu",
     "topology_devices",
 ]
 
@@ -165,19 +166,32 @@ def quiet_libtpu_without_tpus() -> None:
 
 
 @functools.cache
+def require_libtpu() -> None:
+    """Refuses, naming the install command, when libtpu (the TPU compiler, left out of ``make install``) is missing.
+
+    Raises:
+      TopologyError: libtpu cannot be imported.
+    """
+    quiet_libtpu_without_tpus()
+    try:
+        import libtpu  # noqa: F401  (only to give a clear error when it is missing)
+    except ImportError:
+        import jax
+
+        raise TopologyError(
+            "compiling for a TPU topology needs libtpu, the TPU compiler (~700 MB), which `make install` leaves out: "
+            "run `make install-compile` in the finch-optax checkout, or there `pip install -c constraints.txt -e "
+            f"'.[compile]'` (on a TPU VM it comes with `pip install -c constraints.txt 'jax[tpu]=={jax.__version__}'`)"
+        ) from None
+
+
 def topology_devices(topology: Topology) -> list[Any]:
     """The (abstract) devices of ``topology``, from libtpu; compile for them with ``jit(...).lower(...).compile()``.
 
     Raises:
       TopologyError: libtpu is not installed, or refuses the topology.
     """
-    quiet_libtpu_without_tpus()
-    try:
-        import libtpu  # noqa: F401  (only to give a clear error when it is missing)
-    except ImportError:
-        raise TopologyError(
-            "compiling for a TPU topology needs libtpu: `pip install libtpu` (installed by `make install`)"
-        ) from None
+    require_libtpu()
     from jax.experimental import topologies
 
     host_bounds = (1, 1, 1) if topology.chips_per_slice < 4 else (2, 2, 1)

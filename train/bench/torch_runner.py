@@ -14,7 +14,7 @@ import numpy as np
 
 from train.bench.profile_torch import profile_torch_step
 from train.bench.runner import Runner, synthetic_batch
-from train.bench.spec import BenchSpec, model_config
+from train.bench.spec import BenchError, BenchSpec, model_config
 from train.bench.stats import timed_steps
 
 __all__ = ["build_torch_runner"]
@@ -26,10 +26,17 @@ def build_torch_runner(name: str, spec: BenchSpec, dtype_name: str, mode: str) -
     The same numerics as the JAX side: fp32 params and optimizer state, matmuls in ``dtype_name`` (bf16 via
     autocast), fp32 loss. ``compile_s`` is the first step's time minus a steady step's (compilation is lazy).
     """
-    # Imported here: torch and transformers are the test extra, not dependencies; a missing torch is reported
-    # as this runner's error while the JAX sections run.
-    import torch
-    import transformers
+    # Imported here: torch and transformers are the `bench` and `test` extras, not dependencies; a missing torch is
+    # reported as this runner's error while the JAX sections run.
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise BenchError(
+            f"the PyTorch side of the benchmark needs torch and transformers ({e.name} is missing): run `make "
+            "install-bench` in the finch-optax checkout, or there `pip install -c constraints.txt -e '.[bench]'`; "
+            "or leave it out with --sections step,finch,profile"
+        ) from None
 
     model_cfg = model_config(spec, dtype_name)
     hf = dict(model_cfg.to_hf_config())
