@@ -1,6 +1,7 @@
 """Accelerators' published per-chip limits, in one table: TPU generations (for pod compiles) and GPUs.
 
-``compile`` reads a TPU generation's HBM, bf16 peak and HBM bandwidth for its memory check and roofline; ``bench``
+``compile`` reads a TPU generation's HBM, bf16 peak, HBM bandwidth and interconnect bandwidths (ICI within a slice,
+DCN between slices) for its memory check and roofline; ``bench``
 reads the peak of whatever chip it runs on for the MFU that MaxText and Levanter report (dense figures, no 2:4
 sparsity). CPUs have no entry (a VM's turbo clocks and core counts are not a spec): the benchmark's other MFU
 divides by a matmul peak measured in the same run.
@@ -30,6 +31,11 @@ class Chip:
       cores_per_chip_in_name: TPUs: 2 where the accelerator type counts TensorCores (v4, v5p), else 1.
       chip_config: TPUs: libtpu's chip configuration for JAX's one-device-per-chip view (v4 runs as "megacore").
       slice_sizes: TPUs: chip counts a single slice can have.
+      ici_bytes_per_second: what one chip can send (and at the same time receive) over all its chip-to-chip links
+        (TPU ICI, GPU NVLink): half the published bidirectional per-chip figure. 0: unknown.
+      dcn_bytes_per_second: what one chip can send to other slices (TPU data-center network; GPU: the node's
+        network per GPU): the published per-host NIC bandwidth over the chips of a host. 0: unknown.
+      network_source: where the two bandwidths come from, and which are derived or assumed.
     """
 
     name: str
@@ -42,32 +48,57 @@ class Chip:
     cores_per_chip_in_name: int = 1
     chip_config: str = ""
     slice_sizes: tuple[int, ...] = ()
+    ici_bytes_per_second: float = 0.0
+    dcn_bytes_per_second: float = 0.0
+    network_source: str = ""
 
 
 _POW2_3D = tuple(2**k for k in range(2, 13))  # 4 .. 4096 chips: 2x2x1 .. 16x16x16
 _POW2_2D = (1, 4, 8, 16, 32, 64, 128, 256)
 
-# Published Cloud TPU specifications (the "System architecture" table of each generation's page).
+_Gbps = 1e9 / 8  # bytes per second of one Gbit/s
+
+# Published Cloud TPU specifications (the "System architecture" table of each generation's page). Interconnect:
+# the pages give the bidirectional ICI bandwidth per chip (v5e 400, v5p 1200, v6e 800 GB/s; "Interchip
+# Interconnect BW" 1600 / 4800 / 3584 Gbit/s in older versions of the same pages, i.e. one direction) and, for
+# v5p, the DCN bandwidth per chip (50 Gbit/s); v5e and v6e give the NICs per 8-chip host (2 x 100, 4 x 200
+# Gbit/s; = 6.4 and 25.6 Tbit/s per 256-chip Pod, the pages' other figure). v4's page gives neither: its ICI figure
+# is derived from its "all-reduce bandwidth per Pod" (1.1 PB/s over 4096 chips), the same derivation that gives
+# exactly half the bidirectional figure for v5e (51.2 TB/s / 256) and v6e (102.4 TB/s / 256); its DCN bandwidth is
+# not published (unknown): the lowest per-chip figure of the other generations, v5e's 25 Gbit/s, is assumed.
 TPU_CHIPS: dict[str, Chip] = {
     "v4": Chip(
         "v4", "TPU v4", 32 * GiB, 275e12, 1200e9,
         "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, HBM2 32 GiB at 1200 GB/s",
         dims=3, cores_per_chip_in_name=2, chip_config="megacore", slice_sizes=_POW2_3D,
+        ici_bytes_per_second=1.1e15 / 4096, dcn_bytes_per_second=25 * _Gbps,
+        network_source="cloud.google.com/tpu/docs/v4: no per-chip ICI figure; 268.6 GB/s one way = its all-reduce "
+        "bandwidth per Pod, 1.1 PB/s, over 4096 chips (derived); DCN per chip not published: unknown, v5e's 25 "
+        "Gbit/s assumed",
     ),
     "v5e": Chip(
         "v5e", "TPU v5 lite", 16 * GiB, 197e12, 819e9,
         "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, HBM2 16 GB at 819 GB/s",
         dims=2, chip_config="default", slice_sizes=_POW2_2D,
+        ici_bytes_per_second=400e9 / 2, dcn_bytes_per_second=2 * 100 * _Gbps / 8,
+        network_source="cloud.google.com/tpu/docs/v5e: bidirectional ICI 400 GB/s per chip (1600 Gbit/s one way); "
+        "2 x 100 Gbit/s NICs per 8-chip host = 25 Gbit/s per chip (6.4 Tbit/s per 256-chip Pod)",
     ),
     "v5p": Chip(
         "v5p", "TPU v5", 95 * GiB, 459e12, 2765e9,
         "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, HBM2e 95 GiB at 2765 GB/s",
         dims=3, cores_per_chip_in_name=2, chip_config="default", slice_sizes=_POW2_3D,
+        ici_bytes_per_second=1200e9 / 2, dcn_bytes_per_second=50 * _Gbps,
+        network_source="cloud.google.com/tpu/docs/v5p: bidirectional ICI 1200 GB/s per chip (4800 Gbit/s one way); "
+        "DCN 50 Gbit/s per chip",
     ),
     "v6e": Chip(
         "v6e", "TPU v6 lite", 32 * GiB, 918e12, 1640e9,
         "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, HBM 32 GB at 1640 GB/s",
         dims=2, chip_config="default", slice_sizes=_POW2_2D,
+        ici_bytes_per_second=800e9 / 2, dcn_bytes_per_second=4 * 200 * _Gbps / 8,
+        network_source="cloud.google.com/tpu/docs/v6e: bidirectional ICI 800 GB/s per chip; 4 x 200 Gbit/s NICs per "
+        "8-chip host = 100 Gbit/s per chip (25.6 Tbit/s per 256-chip Pod)",
     ),
 }  # fmt: skip
 
