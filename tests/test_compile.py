@@ -340,3 +340,14 @@ def test_lora_and_qlora_steps_compile_with_adapters_only_in_the_optimizer_state(
     # Adam's two moments of the adapters only (rank 4 against the tiny model's width 64: about a fifth).
     assert state["optimizer_state"] < 0.25 * full["memory_per_chip"]["state"]["optimizer_state"]
     assert "LoRA rank 4 on 7 projections, base nf4" in compile_lib.format_report(qlora)
+
+
+def test_gpu_names_map_to_one_node_and_bad_ones_are_refused(capsys):
+    node = topology_lib.parse_gpu("h200:4")
+    assert (node.platform, node.chip.name, node.num_chips) == ("gpu", "h200", 4)
+    assert topology_lib.parse_gpu("H100").num_chips == 8  # one node of eight by default
+    for bad, fragment in [("b200", "unknown GPU"), ("h100:9", "1 to 8"), ("a100:x", "1 to 8")]:
+        with pytest.raises(topology_lib.TopologyError, match=fragment):
+            topology_lib.parse_gpu(bad)
+    assert cli.main(["compile", "--gpu", "h100:2", "--num-slices", "2", "--model", "preset:tiny"]) == 2
+    assert "--num-slices is for TPU slices" in capsys.readouterr().err

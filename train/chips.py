@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ACCELERATORS", "Chip", "GiB", "TPU_CHIPS", "chip_for_device_kind", "spec_peak_flops"]
+__all__ = [
+    "ACCELERATORS",
+    "GPU_TARGETS",
+    "Chip",
+    "GiB",
+    "TPU_CHIPS",
+    "chip_for_device_kind",
+    "gpu_target_config",
+    "spec_peak_flops",
+]
 
 GiB = 2**30
 
@@ -102,13 +111,64 @@ TPU_CHIPS: dict[str, Chip] = {
     ),
 }  # fmt: skip
 
-# NVIDIA's data sheets (dense tensor-core bf16, SXM unless named).
+# NVIDIA's data sheets (dense tensor-core bf16, SXM unless named). Interconnect: NVLink per GPU (H100/H200 SXM: 18
+# links, 900 GB/s bidirectional; A100: 600 GB/s); between nodes, one 400 Gbit/s NIC per GPU as in NVIDIA's DGX
+# H100/H200 (200 Gbit/s for DGX A100): deployment-dependent, these are the reference systems' figures.
 _GPU_CHIPS = (
-    Chip("h200", "H200", 141 * 10**9, 989e12, 4.8e12, "nvidia.com H200 data sheet: 989 TFLOP/s bf16, 141 GB at 4.8 TB/s"),
+    Chip("h200", "H200", 141 * 10**9, 989e12, 4.8e12, "nvidia.com H200 data sheet: 989 TFLOP/s bf16, 141 GB at 4.8 TB/s",
+         ici_bytes_per_second=450e9, dcn_bytes_per_second=400 * _Gbps,
+         network_source="nvidia.com H200 data sheet: NVLink 900 GB/s bidirectional; DGX H200: 400 Gbit/s NIC per GPU"),
     Chip("h100-pcie", "H100 PCIe", 80 * 10**9, 756e12, 2.0e12, "nvidia.com H100 data sheet: PCIe 756 TFLOP/s, 2.0 TB/s"),
-    Chip("h100-sxm", "H100", 80 * 10**9, 989e12, 3.35e12, "nvidia.com H100 data sheet: SXM 989 TFLOP/s, 3.35 TB/s"),
-    Chip("a100", "A100", 80 * 10**9, 312e12, 2.039e12, "nvidia.com A100 data sheet: 312 TFLOP/s bf16, 80 GB at 2.0 TB/s"),
+    Chip("h100-sxm", "H100", 80 * 10**9, 989e12, 3.35e12, "nvidia.com H100 data sheet: SXM 989 TFLOP/s, 3.35 TB/s",
+         ici_bytes_per_second=450e9, dcn_bytes_per_second=400 * _Gbps,
+         network_source="nvidia.com H100 data sheet: NVLink 900 GB/s bidirectional; DGX H100: 400 Gbit/s NIC per GPU"),
+    Chip("a100", "A100", 80 * 10**9, 312e12, 2.039e12, "nvidia.com A100 data sheet: 312 TFLOP/s bf16, 80 GB at 2.0 TB/s",
+         ici_bytes_per_second=300e9, dcn_bytes_per_second=200 * _Gbps,
+         network_source="nvidia.com A100 data sheet: NVLink 600 GB/s bidirectional; DGX A100: 200 Gbit/s NIC per GPU"),
 )  # fmt: skip
+
+# What XLA's GPU compiler needs to know of a GPU it does not see (its GpuTargetConfigProto): the hardware facts
+# of NVIDIA's data sheets and the CUDA programming guide's compute-capability table. (name, compute capability,
+# SMs, boost clock GHz, L2 bytes, shared memory per SM / opt-in per block in bytes).
+GPU_TARGETS: dict[str, tuple[tuple[int, int], int, float, int, int, int]] = {
+    "h100-sxm": ((9, 0), 132, 1.98, 50 * 2**20, 228 * 1024, 227 * 1024),
+    "h200": ((9, 0), 132, 1.98, 50 * 2**20, 228 * 1024, 227 * 1024),
+    "a100": ((8, 0), 108, 1.41, 40 * 2**20, 164 * 1024, 163 * 1024),
+}
+
+
+def gpu_target_config(chip: Chip) -> str:
+    """The text ``GpuTargetConfigProto`` that lets XLA compile for ``chip`` without one attached (deviceless AOT)."""
+    (major, minor), sms, clock, l2, smem, smem_optin = GPU_TARGETS[chip.name]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {smem}
+  shared_memory_per_block_optin: {smem_optin}
+  threads_per_core_limit: 2048
+  core_count: {sms}
+  fpus_per_core: {128 if major >= 9 else 64}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  thread_dim_limit_x: 1024
+  thread_dim_limit_y: 1024
+  thread_dim_limit_z: 64
+  memory_bandwidth: {int(chip.hbm_bytes_per_second)}
+  l2_cache_size: {l2}
+  clock_rate_ghz: {clock}
+  device_memory_size: {chip.hbm_bytes}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  name: "NVIDIA {chip.device_kind}"
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 patch: 0 }}
+device_description_str: "NVIDIA {chip.device_kind}"
+"""
+
 
 # Every chip, in the order device kinds are matched: most specific first ("TPU v5 lite" before "TPU v5").
 ACCELERATORS: tuple[Chip, ...] = (

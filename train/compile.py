@@ -298,6 +298,13 @@ def compile_step(cfg: TrainConfig, topology: topology_lib.Topology, *, costs: bo
 
 
 def _add_estimate(report: dict[str, Any], cfg: TrainConfig, topology: topology_lib.Topology, built: _Built) -> None:
+    if xla_analysis.costs(built.compiled) is None:
+        # XLA's GPU compiler gives no cost analysis for a GPU it does not see (deviceless): without HBM bytes the
+        # roofline would read compute-bound at any size. Memory and collectives stand; the estimate does not.
+        report["estimate_unavailable"] = (
+            f"XLA has no cost analysis (FLOPs, HBM bytes) for {topology.chip.device_kind} compiled without one"
+        )
+        return
     devices = topology_lib.topology_devices(topology)
     model_cfg = program_lib.model_config(cfg.model)
     try:
@@ -472,7 +479,13 @@ def build_parser(prog: str = "finch-train compile") -> argparse.ArgumentParser:
         "--help`).\n\nexample: finch-train compile --topology v5p-64 --model preset:qwen3-4b model.attention_impl=splash",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--topology", required=True, help="v5e-256, v5p-64, v4-32, v6e-16, ... or libtpu's v5e:4x4")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--topology", help="v5e-256, v5p-64, v4-32, v6e-16, ... or libtpu's v5e:4x4")
+    target.add_argument(
+        "--gpu",
+        help="h100, h200 or a100, optionally :COUNT (default 8, one node): compile for NVIDIA GPUs with JAX's CUDA "
+        "plugin (pip install jax-cuda12-plugin jax-cuda12-pjrt), no GPU needed",
+    )
     parser.add_argument("--num-slices", type=int, default=1, help="slices joined by the data-center network")
     parser.add_argument("--model", default=None, help="the model, as model.source: preset:qwen3-4b, hf:DIR, gguf:PATH")
     parser.add_argument("--config", default=None, help="a finetune YAML config")
@@ -510,7 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     topology_lib.quiet_libtpu_without_tpus()
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")  # compiling needs no accelerator of this host
-    topology = topology_lib.parse_topology(args.topology, args.num_slices)
+    if args.gpu is not None:
+        if args.num_slices != 1:
+            raise topology_lib.TopologyError("--num-slices is for TPU slices; --gpu compiles for one node")
+        topology = topology_lib.parse_gpu(args.gpu)
+    else:
+        topology = topology_lib.parse_topology(args.topology, args.num_slices)
     cfg, batch_chosen = _config(args)
     if not batch_chosen:
         dp = mesh_lib.data_parallel_size(mesh_lib.make_mesh(cfg.mesh, topology_lib.topology_devices(topology)))
