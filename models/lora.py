@@ -56,6 +56,7 @@ __all__ = [
     "merged_params",
     "peft_tensors",
     "quantize_base",
+    "quantized_kinds",
     "save_peft",
 ]
 
@@ -196,8 +197,14 @@ def quantize_base(model: Any, spec: LoraSpec) -> Any:
         delattr(module, name)
         setattr(module, f"{name}_codes", QuantizedKernel(codes, out_sharding=axes, eager_sharding=False))
         setattr(module, f"{name}_scales", QuantizedKernel(scales, out_sharding=axes, eager_sharding=False))
-        module.quantized = dict(getattr(module, "quantized", {}), **{name: spec.quantize})
+        module.quantized = (*quantized_kinds(module).items(), (name, spec.quantize))
     return model
+
+
+def quantized_kinds(module: Any) -> dict[str, str]:
+    """``{kernel name: nf4 | int8}`` of the module's quantized kernels. (Kept on the module as a tuple of pairs: a
+    module's static attributes must be hashable, they are part of its graph definition.)"""
+    return dict(getattr(module, "quantized", ()))
 
 
 def _blocks_of(w: jax.Array, block: int) -> jax.Array:
@@ -315,9 +322,9 @@ def merge_lora(model: Any) -> Any:
     """
     stacked = model.config.scan_layers
     for _, name, module in _projections(model):
-        if getattr(module, f"{name}_lora_a", None) is None and name not in getattr(module, "quantized", {}):
+        kind = quantized_kinds(module).get(name)
+        if getattr(module, f"{name}_lora_a", None) is None and kind is None:
             continue
-        kind = getattr(module, "quantized", {}).get(name)
         if kind is not None:
             codes, scales = getattr(module, f"{name}_codes")[...], getattr(module, f"{name}_scales")[...]
             kernel = np.asarray(jax.device_get(dequantize(kind, codes, scales, jnp.float32)))

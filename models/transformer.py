@@ -123,7 +123,7 @@ def _token_matmul(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Arr
 
 def _kernel(module: nnx.Module, name: str, dtype: Any) -> jax.Array:
     """``module.<name>`` in ``dtype``: the kernel itself, or its dequantized codes (a QLoRA base, :mod:`models.lora`)."""
-    kind = getattr(module, "quantized", {}).get(name)
+    kind = lora.quantized_kinds(module).get(name)
     if kind is None:
         return getattr(module, name)[...].astype(dtype)
     return lora.dequantize(kind, getattr(module, f"{name}_codes")[...], getattr(module, f"{name}_scales")[...], dtype)

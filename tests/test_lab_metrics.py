@@ -123,3 +123,24 @@ def test_kl_nonnegative_and_zero_on_itself(a, b):
     base = jnp.asarray(a) - jax.nn.logsumexp(jnp.asarray(a), axis=-1, keepdims=True)
     assert float(em.token_kl(base, jnp.asarray(b)).min()) >= -1e-5
     assert float(jnp.abs(em.token_kl(base, jnp.asarray(a))).max()) < 1e-5
+
+
+def test_common_facts_are_four_choice_items_with_the_answer_among_them():
+    from train.lab import known
+
+    items = known.common_fact_items(seed=0)
+    assert len(items) == sum(len(v) for v in known.COMMON_FACTS.values())
+    for item in items:
+        assert len(item.choices) == 4 and len(set(item.choices)) == 4
+        prompt_answers = dict(known.COMMON_FACTS[item.table])
+        assert item.choices[item.label] == prompt_answers[item.prompt]
+
+
+def test_known_share_counts_only_what_the_base_knew():
+    from train.lab import known
+
+    base = [True, True, True, False, True]
+    tuned = [True, False, True, True, True]  # lost one of the four known; learned one it did not know (not counted)
+    out = known.known_share(base, tuned)
+    assert out["known"] == 4 and out["kept"] == 0.75 and out["points_lost"] == 25.0
+    assert out["se"] == pytest.approx((0.75 * 0.25 / 4) ** 0.5)

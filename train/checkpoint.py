@@ -27,12 +27,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from train import orbax_loop
 from train.mesh import path_str
@@ -176,13 +178,37 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+class _Protected:
+    """An orbax preservation policy: keep the steps ``steps()`` names at the time of each decision."""
+
+    def __init__(self, steps: Callable[[], set[int]]):
+        self._steps = steps
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        keep = self._steps()
+        return [checkpoint.step in keep for checkpoint in checkpoints]
+
+
 class Checkpointer:
     """Save / restore :class:`TrainState` + metadata under ``directory`` (one sub-directory per step)."""
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, create: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        create: bool = True,
+        protected: Callable[[], set[int]] | None = None,
+    ):
+        """``keep`` newest checkpoints are kept (0: all), and every step ``protected()`` names at the time of a save
+        (e.g. checkpoints a selection may still export)."""
         self.directory = os.path.abspath(directory)
+        policies: list[Any] = [preservation.LatestN(n=keep)] if keep > 0 else [preservation.PreserveAll()]
+        if protected is not None:
+            policies.append(_Protected(protected))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep > 0 else None,
+            preservation_policy=preservation.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             # The step directory is made in save() itself: made in the background, a failure to make it (an
             # unwritable directory) left orbax's other commit threads waiting for it for 20 minutes, blocking exit.

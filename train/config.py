@@ -121,6 +121,9 @@ class DataConfig:
       add_bos: start every text and prompt/completion document with BOS (chat rows use their template's)
       add_eos: end every text and prompt/completion document with EOS (chat rows use their template's)
       loss_on_prompt: also train on prompts and on the non-assistant turns of chats
+      retain_files: text the model should not forget; KL(base||current) and the loss on it are measured at every validation
+      retain_top_k: base tokens kept per retain position for that KL in full fine-tuning (0: all; LoRA runs are exact)
+      retain_rows: packed retain rows measured, evenly spaced over the retain text (0: all of them)
     """
 
     train_files: tuple[str, ...] = ()
@@ -136,6 +139,9 @@ class DataConfig:
     add_bos: bool = True
     add_eos: bool = True
     loss_on_prompt: bool = False
+    retain_files: tuple[str, ...] = ()
+    retain_top_k: int = 64
+    retain_rows: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,9 +271,13 @@ class GuardConfig:
 
     Attributes:
       max_consecutive_skips: stop with an error after this many skipped steps in a row (0: never stop)
+      patience: stop early (exit 0) after this many evaluations without a lower validation loss (0: never)
+      max_retain_kl: stop early (exit 0) when the retain KL exceeds this forgetting budget (0: no budget)
     """
 
     max_consecutive_skips: int = 10
+    patience: int = 0
+    max_retain_kl: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +291,10 @@ class OutputConfig:
       hf_export: write a Hugging Face model directory (safetensors, config, tokenizer, chat template) to <run>/hf
       hf_every: also export to <run>/hf-step-N every N steps (0: only at the end)
       hf_dtype: storage dtype of exported weights (float32 keeps logits exact; bfloat16 halves the size)
+      select: the checkpoint exported as hf/: last, best_validation, or least_forgetting (the smallest retain KL among the checkpoints within select_tolerance of the best validation loss)
+      select_tolerance: least_forgetting's band: validation losses up to this fraction above the best
+      generations: greedy replies to this many validation prompts at every evaluation, logged as text (0: none)
+      generation_tokens: new tokens per generation
     """
 
     dir: str = ""
@@ -288,6 +302,10 @@ class OutputConfig:
     hf_export: bool = True
     hf_every: int = 0
     hf_dtype: str = "float32"
+    select: str = "last"
+    select_tolerance: float = 0.05
+    generations: int = 2
+    generation_tokens: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +317,7 @@ class TrainConfig:
       seed: seed of the train state's RNG
       l2sp_weight: weight of the L2-SP penalty toward the starting params (0: off)
       tensorboard: also write TensorBoard event files to <run folder>/tensorboard
+      wandb_project: also log to Weights & Biases under this project (needs the wandb package; WANDB_MODE=offline works)
       progress: draw a progress bar
     """
 
@@ -313,6 +332,7 @@ class TrainConfig:
     seed: int = 0
     l2sp_weight: float = 0.0
     tensorboard: bool = True
+    wandb_project: str = ""
     progress: bool = True
 
 
@@ -544,6 +564,10 @@ def check_ranges(cfg: TrainConfig) -> None:
         "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep,
         "guard.max_consecutive_skips": cfg.guard.max_consecutive_skips,
+        "data.retain_top_k": cfg.data.retain_top_k,
+        "data.retain_rows": cfg.data.retain_rows,
+        "output.generations": cfg.output.generations,
+        "output.generation_tokens": cfg.output.generation_tokens,
     }
     for key, value in positive.items():
         if value < 1:

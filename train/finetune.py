@@ -29,10 +29,12 @@ from train import checkpoint as checkpoint_lib
 from train import config as config_lib
 from train import data as data_lib
 from train import distributed, run_folder, runlock
+from train import evaluation as evaluation_lib
 from train import export as export_lib
 from train import guard as guard_lib
 from train import program as program_lib
 from train import resume as resume_lib
+from train import selection as selection_lib
 from train import step as step_lib
 from train import summary as summary_lib
 from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
@@ -40,7 +42,6 @@ from train.config import TrainConfig
 from train.metrics_log import DelayedMetrics, MetricsLogger
 from train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from train.preemption import Preempted, PreemptionWatch
-from train.validation import Validator
 
 __all__ = ["FinetuneResult", "main", "run"]
 
@@ -88,6 +89,7 @@ class _Inputs:
     train: data_lib.DataSplit
     rows: data_lib.PackedRows  # the training rows, after ``transform_rows``
     validation: data_lib.DataSplit | None
+    retain: data_lib.DataSplit | None  # text the model should not forget (the retain KL's)
     chat_template: str | None  # the template chats were rendered with when it is not the tokenizer's own
     fingerprint: str
 
@@ -127,6 +129,7 @@ def run(
     """
     cfg = run_folder.resolve(cfg, in_memory_documents=documents is not None)
     config_lib.check_ranges(cfg)
+    selection_lib.check_settings(cfg)
     program_lib.preflight(cfg)  # mesh, batch and optimizer settings: refused before anything loads
     if model is not None and tokenizer is None:
         raise ValueError("finetune.run(cfg, model=...) also needs the model's tokenizer")
@@ -158,13 +161,17 @@ def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     train = data_lib.load_split(tokenizer, cfg.data, cfg.data.train_files, documents=documents, max_context=context)
     rows = train.rows if transform_rows is None else transform_rows(train.rows)
-    validation = None
+    validation = retain = None
     if cfg.data.validation_files:
         validation = data_lib.load_split(
             tokenizer, cfg.data, cfg.data.validation_files, max_context=context, what="validation"
         )
+    if cfg.data.retain_files:
+        retain_files = evaluation_lib.retain_paths(cfg.data.retain_files)
+        retain = data_lib.load_split(tokenizer, cfg.data, retain_files, max_context=context, what="retain")
+        retain = evaluation_lib.subsample(retain, cfg.data.retain_rows)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    for split_rows in (rows, None if validation is None else validation.rows):
+    for split_rows in (rows, *(None if split is None else split.rows for split in (validation, retain))):
         if vocab is not None and split_rows is not None and int(split_rows.tokens.max()) >= vocab:
             raise data_lib.DataError(
                 f"token id {int(split_rows.tokens.max())} is outside the model's vocabulary of {vocab}"
@@ -174,7 +181,7 @@ def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
         with open(cfg.data.chat_template, encoding="utf-8") as f:
             chat_template = f.read()
     fingerprint = resume_lib.rows_fingerprint(rows)
-    return _Inputs(model, tokenizer, model_name, train, rows, validation, chat_template, fingerprint)
+    return _Inputs(model, tokenizer, model_name, train, rows, validation, retain, chat_template, fingerprint)
 
 
 class _Session:
@@ -192,17 +199,9 @@ class _Session:
         self.seconds = 0.0
         self.validation: list[tuple[int, float]] = []
         self.hf_dir = run_folder.hf_directory(cfg.output.dir) if cfg.output.hf_export else None
-        self.validator = None
-        if inputs.validation is not None:
-            self.validator = Validator(
-                program.apply_fn,
-                inputs.validation.rows,
-                cfg.data.batch_size // cfg.data.grad_accum,
-                program.place_batch,
-                program.params_shardings,
-                program.batch_sharding,
-                program.frozen_shardings,
-            )
+        self.evaluation: evaluation_lib.RunEvaluation | None = None
+        self.final_step = cfg.steps
+        self.stopped: str | None = None  # why the run ended before cfg.steps (early stopping, the retain budget)
 
     # -- start: checkpoints, the initial state, the run folder ------------------------------------------------------
 
@@ -212,6 +211,15 @@ class _Session:
         state = self.program.init_state(params, frozen)
         # A LoRA run's checkpoints hold the adapters only: the base they were trained on is identified by its digest.
         self.frozen_digest = None if frozen is None else checkpoint_lib.tree_digest(state.frozen)
+        # Built from the step-0 state: the retain KL's reference is the base model's distributions.
+        self.evaluation = evaluation_lib.RunEvaluation(
+            self.cfg,
+            self.program,
+            validation=self.inputs.validation,
+            retain=self.inputs.retain,
+            tokenizer=self.inputs.tokenizer,
+            initial=state,
+        )
         config_changes: list = []
         if resume_step is None:
             guard_lib.check_finite_params(state.params, self.inputs.model_name)  # NaN weights: every step skipped
@@ -228,14 +236,20 @@ class _Session:
             tensorboard=self.cfg.tensorboard,
             progress=self.cfg.progress,
             append=self.start_step > 0,
+            wandb_project=self.cfg.wandb_project,
+            config=config_lib.to_dict(self.cfg),
         )
+        self.evaluation.logger = self.logger
 
     def _open_checkpoints(self) -> int | None:
         """Opens the checkpoint directory (if checkpoints are on); the step to resume from, if any."""
         c = self.cfg.checkpoint
         if not (c.enabled and c.directory):
             return None
-        self.checkpointer = Checkpointer(c.directory, keep=c.keep, async_save=c.async_save)
+        # Checkpoints the selection may still pick stay out of the keep-N rotation.
+        self.checkpointer = Checkpointer(
+            c.directory, keep=c.keep, async_save=c.async_save, protected=lambda: self.evaluation.selection.protected()
+        )
         latest = self.checkpointer.latest_step()
         if latest is not None and not c.resume:
             raise CheckpointError(
@@ -273,6 +287,7 @@ class _Session:
         jax.block_until_ready(state)
         self.loader.load_state_dict(meta["loader"])
         self.start_step = int(meta["step"])
+        self.evaluation.resume([selection_lib.Evaluation(**e) for e in meta.get("evaluations", [])])
         return state._replace(frozen=frozen), changes
 
     def _prepare_run_folder(self, params: Any, frozen: Any, config_changes: list) -> None:
@@ -304,11 +319,12 @@ class _Session:
 
     # -- what happens between steps -------------------------------------------------------------------------------
 
-    def validate(self, step: int) -> None:
-        jax.block_until_ready(self.state)  # as for saves: never interleave two programs' collectives
-        loss, tokens = self.validator(self.state.params, self.state.frozen)
-        self.validation.append((step, loss))
-        self.logger.log_eval(step, {"val_loss": loss, "val_tokens": tokens})
+    def evaluate(self, step: int) -> None:
+        """Validation loss, retain KL and generations at ``step``; sets :attr:`stopped` when the run should end."""
+        evaluation = self.evaluation(step, self.state)
+        if self.evaluation.validator is not None:
+            self.validation.append((step, evaluation.val_loss))
+        self.stopped = self.evaluation.stop_reason()
 
     def save(self, step: int) -> None:
         if self.checkpointer is not None and step not in self.checkpointer.all_steps():
@@ -321,6 +337,7 @@ class _Session:
                 "data_fingerprint": self.inputs.fingerprint,
                 "loader": self.loader.state_dict(),
                 "frozen_digest": self.frozen_digest,
+                "evaluations": [e.record() for e in self.evaluation.history if e.step <= step],
             }
             self.checkpointer.save(step, self.state, meta)
 
@@ -345,8 +362,9 @@ class _Session:
         delayed = DelayedMetrics(logger)
         last_good = None if self.checkpointer is None else self.checkpointer.latest_step
         skip_watch = guard_lib.SkipWatch(cfg.guard.max_consecutive_skips, last_good_step=last_good)
-        if self.validator is not None and self.start_step == 0:  # a resumed run's earlier session logged its own
-            self.validate(0)
+        evaluate_now = self.evaluation.active and self.cfg.output.select != "last"
+        if self.evaluation.active and self.start_step == 0:  # a resumed run's earlier session logged its own
+            self.evaluate(0)
         t_start = time.perf_counter()
         logger.start_clock()
         for step in range(self.start_step + 1, total + 1):
@@ -355,11 +373,18 @@ class _Session:
             skip_watch.check(logger.records)
             if self.checkpointer is not None:
                 self.checkpointer.check_for_errors()  # a failed background save stops the run now, not later
-            saved = _every(cfg.checkpoint.every, step, total)
+            evaluated = self.evaluation.active and _every(cfg.data.validation_every, step, total)
+            # A checkpoint the selection may pick must exist: save at every evaluation when selecting.
+            saved = _every(cfg.checkpoint.every, step, total) or (evaluated and evaluate_now)
             if saved:
                 self.save(step)
-            if self.validator is not None and _every(cfg.data.validation_every, step, total):
-                self.validate(step)
+            if evaluated:
+                self.evaluate(step)
+                if self.stopped is not None:  # early stopping or the forgetting budget: this step is the last
+                    self.final_step = step
+                    if not saved:
+                        self.save(step)
+                    break
             if self.hf_dir is not None and _every(cfg.output.hf_every, step, total):
                 self.export(step)
             if self.on_step is not None:
@@ -384,14 +409,35 @@ class _Session:
         )
 
     def finish(self) -> None:
-        """The last checkpoint, validation and export."""
-        total = self.cfg.steps
-        if total > self.start_step:
-            self.save(total)
-            if self.validator is not None:
-                self.validate(total)
-        if self.hf_dir is not None and (total > self.start_step or not os.path.isdir(self.hf_dir)):
+        """The last checkpoint and evaluation, then the export of the selected checkpoint (or the last)."""
+        last = self.final_step
+        if last > self.start_step and self.stopped is None:
+            self.save(last)
+            if self.evaluation.active:
+                self.evaluate(last)
+        if self.hf_dir is not None and (last > self.start_step or not os.path.isdir(self.hf_dir)):
+            selected = self.evaluation.selection.selected
+            if selected is not None and selected.step != int(self.state.step):
+                self._export_selected(selected.step)
+            else:
+                self.export(None)
+        if self.is_main:
+            evaluation_lib.plot_selection(
+                self.evaluation.history,
+                self.evaluation.selection.selected,
+                os.path.join(self.cfg.output.dir, "selection.png"),
+                f"{self.cfg.model.source}: output.select={self.cfg.output.select}",
+            )
+
+    def _export_selected(self, step: int) -> None:
+        """Exports checkpoint ``step`` (the selection's) as ``hf/`` instead of the final state."""
+        self.checkpointer.wait()
+        restored, _ = self.checkpointer.restore(step, self.program.abstract_state)
+        final, self.state = self.state, restored._replace(frozen=self.state.frozen)
+        try:
             self.export(None)
+        finally:
+            self.state = final
 
     def close(self) -> None:
         if self.checkpointer is not None:
@@ -403,8 +449,18 @@ class _Session:
         """The end summary: printed and written as ``summary.json`` (process 0)."""
         if self.is_main:
             steps = [] if self.checkpointer is None else self.checkpointer.all_steps()
+            selected = self.evaluation.selection.selected
             run_end = summary_lib.RunEnd(
-                self.cfg, self.start_step, self.logger.records, self.validation, self.seconds, steps, self.hf_dir
+                self.cfg,
+                self.start_step,
+                self.logger.records,
+                self.validation,
+                self.seconds,
+                steps,
+                self.hf_dir,
+                selected=None if selected is None else selected.record(),
+                stopped=self.stopped,
+                evaluation_seconds=self.evaluation.seconds,
             )
             print(run_end.text(), flush=True)
             run_end.write()

@@ -1,4 +1,4 @@
-"""Per-step metrics: a JSONL file, TensorBoard event files and a terminal progress bar.
+"""Per-step metrics: to the run's trackers (a JSONL file, TensorBoard, W&B) and a terminal progress bar.
 
 The training loop hands metrics over one step late (:class:`DelayedMetrics`): step ``t``'s device scalars are read
 back only after step ``t + 1`` has been dispatched, so the host never waits on the device between steps.
@@ -6,17 +6,15 @@ back only after step ``t + 1`` has been dispatched, so the host never waits on t
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
+
+from train import trackers as trackers_lib
 
 __all__ = ["DelayedMetrics", "MetricsLogger", "to_host_scalars"]
 
@@ -33,10 +31,11 @@ def to_host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class MetricsLogger:
-    """Writes one JSON object per step to ``<output_dir>/metrics.jsonl`` and scalars to TensorBoard.
+    """Hands every step's metrics, every evaluation's and every generation to the run's trackers
+    (:mod:`train.trackers`: ``metrics.jsonl``, TensorBoard, W&B) and draws the progress bar.
 
-    Only process 0 writes files and draws the progress bar. ``tokens_per_s`` is measured between consecutive logged
-    steps (wall time of the host loop, so it includes any input pipeline stalls).
+    Only process 0 writes and draws. ``tokens_per_s`` is measured between consecutive logged steps (wall time of the
+    host loop, so it includes any input pipeline stalls). The bar shows the last evaluation beside the loss.
     """
 
     def __init__(
@@ -48,18 +47,24 @@ class MetricsLogger:
         tensorboard: bool = True,
         progress: bool = True,
         append: bool = False,
+        wandb_project: str = "",
+        config: Mapping[str, Any] | None = None,
     ):
         self.is_main = jax.process_index() == 0
         self.records: list[dict[str, float]] = []
-        self._jsonl = None
-        self._tb = None
+        self._trackers: list[trackers_lib.Tracker] = []
         self._bar = None
         self._last_time: float | None = None
+        self._last_eval: dict[str, str] = {}
         if self.is_main and output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a" if append else "w", encoding="utf-8")
-            if tensorboard:
-                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self._trackers = trackers_lib.make_trackers(
+                output_dir,
+                append=append,
+                tensorboard=tensorboard,
+                wandb_project=wandb_project,
+                config=config,
+                resume_step=start_step,
+            )
         if self.is_main and progress:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="finetune", unit="step", dynamic_ncols=True)
 
@@ -77,44 +82,40 @@ class MetricsLogger:
                 record["tokens_per_s"] = record["tokens"] / dt
         self._last_time = now
         self.records.append(record)
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"train/{k}", v, int(step))
+        for tracker in self._trackers:
+            tracker.scalars("train", step, record)
         if self._bar is not None:
             post = {"loss": f"{record.get('loss', float('nan')):.4f}", "lr": f"{record.get('lr', float('nan')):.2e}"}
             if "tokens_per_s" in record:
                 post["tok/s"] = f"{record['tokens_per_s']:.0f}"
-            self._bar.set_postfix(post, refresh=False)
+            self._bar.set_postfix({**post, **self._last_eval}, refresh=False)
             self._bar.update(1)
         return record
 
     def log_eval(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
-        """Records evaluation scalars (e.g. ``val_loss``) at ``step`` as their own JSONL line and TensorBoard
-        ``eval/`` scalars, and prints them; they stay out of :attr:`records` (one per training step)."""
+        """Records evaluation scalars (``val_loss``, ``retain_kl``, ...) at ``step`` as their own JSONL line and
+        TensorBoard ``eval/`` scalars, and prints them; they stay out of :attr:`records` (one per training step)."""
         record: dict[str, float] = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         if not self.is_main:
             return record
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if math.isfinite(v):
-                    self._tb.add_scalar(f"eval/{k}", float(v), int(step))
+        for tracker in self._trackers:
+            tracker.scalars("eval", step, record)
+        shown = {k: v for k, v in metrics.items() if k in ("val_loss", "retain_kl")}
+        self._last_eval = {k.replace("_loss", "").replace("retain_", "ret_"): f"{v:.4g}" for k, v in shown.items()}
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return record
+
+    def log_text(self, step: int, name: str, text: str) -> None:
+        """Records a text (e.g. the evaluation's greedy generations) under ``name``."""
+        for tracker in self._trackers if self.is_main else ():
+            tracker.text(step, name, text)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 class DelayedMetrics:

@@ -166,10 +166,15 @@ def start_summary(
     lines.append(f"output     {out.dir}/")
     if cfg.checkpoint.enabled and cfg.checkpoint.directory:
         every = f"every {cfg.checkpoint.every} steps and " if cfg.checkpoint.every else ""
+        every += "at every evaluation and " if cfg.output.select != "last" else ""
         lines.append(f"{'':<10} checkpoints {cfg.checkpoint.directory} ({every}at the end, keep {cfg.checkpoint.keep})")
     if out.hf_export:
         every = f", and hf-step-N every {out.hf_every} steps" if out.hf_every else ""
-        lines.append(f"{'':<10} Hugging Face model {os.path.join(out.dir, 'hf')} at the end{every} ({out.hf_dtype})")
+        adapter = ", and the PEFT adapter in hf-adapter/" if cfg.model.lora.enabled else ""
+        picked = f"of the checkpoint output.select={out.select} picks" if out.select != "last" else "at the end"
+        lines.append(
+            f"{'':<10} Hugging Face model {os.path.join(out.dir, 'hf')} {picked}{every} ({out.hf_dtype}){adapter}"
+        )
     lines.append(
         f"resume     from step {start_step} of {cfg.steps}" if start_step else "resume     none: starting at step 0"
     )
@@ -187,6 +192,9 @@ class RunEnd:
     seconds: float
     checkpoint_steps: Sequence[int]
     hf_dir: str | None
+    selected: dict[str, Any] | None = None  # the evaluation output.select chose (its step is exported as hf/)
+    stopped: str | None = None  # why the run ended before its steps (early stopping, the forgetting budget)
+    evaluation_seconds: dict[str, float] | None = None  # time spent on validation, retain KL and generations
 
     def text(self) -> str:
         """The lines a run prints after its last step (or when there was nothing to train)."""
@@ -203,6 +211,18 @@ class RunEnd:
             lines[-1] += f"; validation loss {validation[0][1]:.4f} (step {validation[0][0]})"
             if len(validation) > 1:
                 lines[-1] += f" -> {validation[-1][1]:.4f} (step {validation[-1][0]})"
+        spent = {k: v for k, v in (self.evaluation_seconds or {}).items() if v > 0}
+        if spent and self.seconds > 0:
+            parts = ", ".join(f"{k} {v:.1f}s" for k, v in spent.items())
+            lines.append(f"evaluated  {parts}: {100 * sum(spent.values()) / self.seconds:.1f}% of the training time")
+        if self.stopped:
+            lines.append(f"stopped    early: {self.stopped}")
+        if self.selected is not None:
+            kl = f", retain KL {self.selected['retain_kl']:.4g}" if "retain_kl" in self.selected else ""
+            lines.append(
+                f"selected   step {self.selected['step']} (output.select={cfg.output.select}: validation loss "
+                f"{self.selected['val_loss']:.4f}{kl}); exported as hf/"
+            )
         lines.append(f"metrics    {self._metrics_path()}" + (" and tensorboard/" if cfg.tensorboard else ""))
         if self.checkpoint_steps:
             lines.append(f"checkpoint {cfg.checkpoint.directory} (steps {', '.join(map(str, self.checkpoint_steps))})")
@@ -210,6 +230,8 @@ class RunEnd:
             lines.append(
                 f"model      {self.hf_dir} (Hugging Face: transformers, vLLM and llama.cpp's converter load it)"
             )
+            if cfg.model.lora.enabled:
+                lines.append(f"{'':<10} its LoRA adapters (PEFT) in {self.hf_dir}-adapter")
             lines.append(f"next       finch-train chat {self.hf_dir}")
         return "\n".join(lines)
 
@@ -227,6 +249,9 @@ class RunEnd:
             if self.checkpoint_steps
             else None,
             "hf": self.hf_dir,
+            "selected": self.selected,
+            "stopped_early": self.stopped,
+            "evaluation_seconds": self.evaluation_seconds,
         }
 
     def write(self) -> None:

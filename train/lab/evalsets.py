@@ -38,6 +38,8 @@ class EvalConfig:
       ece_bins: at most this many equal-count confidence bins for the ECE ...
       ece_min_per_bin: ... and fewer when there are not this many items per bin.
       seed: which windows, documents and quiz items are drawn.
+      common_facts: also ask the built-in common facts (``train/lab/known.py``) as quiz items, for the
+        known-knowledge probe (off by default: the quiz numbers of earlier comparisons stay comparable).
     """
 
     seq_len: int = 64
@@ -49,6 +51,7 @@ class EvalConfig:
     ece_bins: int = 10
     ece_min_per_bin: int = 10
     seed: int = 0
+    common_facts: bool = False
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "ece_bins", "ece_min_per_bin"):

@@ -59,10 +59,15 @@ class Evaluation:
     retain_kl_sums: np.ndarray | None = None
     retain_nll_sums: np.ndarray | None = None
     retain_tokens: np.ndarray | None = None
+    quiz_correct: np.ndarray | None = (
+        None  # per quiz item: the model picked the right choice (the known-knowledge probe)
+    )
 
     def record(self) -> dict[str, Any]:
         """JSON-ready form (what run records store per evaluated checkpoint)."""
         out: dict[str, Any] = {"metrics": self.metrics}
+        if self.quiz_correct is not None:
+            out["quiz_correct"] = [bool(x) for x in self.quiz_correct]
         if self.retain_kl_sums is not None:
             out["retain_kl_sums"] = [float(x) for x in self.retain_kl_sums]
             out["retain_tokens"] = [float(x) for x in self.retain_tokens]
@@ -140,6 +145,7 @@ class Evaluator:
                 ll, es.quiz_lengths, es.quiz_labels, length_normalize=cfg.mc_normalization != "none"
             )
             m["mc_acc"] = mc.accuracy
+            result.quiz_correct = np.asarray(mc.correct, bool)
             # Calibration of the model's own belief among the choices: its top choice and that choice's probability.
             top = mc.probs.argmax(axis=1)
             m["mc_ece"] = metrics_lib.expected_calibration_error(

@@ -29,6 +29,7 @@ from train import program as program_lib
 from train.data import Document, PackedRows
 from train.generate import complete
 from train.lab import evaluate as eval_lib
+from train.lab import known as known_lib
 from train.lab import tasks as tasks_lib
 from train.lab.config import CompareConfig
 from train.lab.evalsets import EvalRows, EvalSet, build_eval_set, random_windows
@@ -189,6 +190,8 @@ def run_compare(
         if cfg.eval.quiz_items
         else None
     )
+    if quiz is not None and cfg.eval.common_facts:
+        quiz += known_lib.common_fact_items(seed=cfg.eval.seed)
     documents = task.train_documents()
 
     t_load = time.perf_counter()

@@ -373,6 +373,15 @@ def load_documents(source: str, cache_dir: str | os.PathLike | None = None) -> l
 # CLI
 
 
+def _write_retain_file(cache_dir: str | None) -> None:
+    """The held-out retain text as one file, for ``finetune``'s ``data.retain_files=[builtin]``."""
+    from train.evaluation import builtin_retain_path  # a path convention of train/, which the lab may use
+    from train.lab.tasks import write_builtin_retain
+
+    path = os.path.join(cache_dir, "retain", "retain.jsonl") if cache_dir else builtin_retain_path()
+    print(f"prepare: the retain text for data.retain_files=[builtin]: {write_builtin_retain(path, cache_dir)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``finch-train prepare <name>|all``: fetch and parse built-in datasets into the cache."""
     parser = argparse.ArgumentParser(prog="finch-train prepare", description=main.__doc__)
@@ -391,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--package-root needs exactly one source name")
         for name in dict.fromkeys(names):
             prepare(name, args.cache_dir, package_root=args.package_root, force=args.force)
+        if {"austen", "brown"} <= set(names) and not args.package_root:
+            _write_retain_file(args.cache_dir)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from train.lab import known as known_lib
 from train.lab.config import CompareConfig
 from train.lab.front import Point, points_of, ratios, summarize_ratio
 
@@ -81,6 +82,7 @@ def summarize(
             "mean_lr": mean_std([float(np.mean(r["lr_trace"])) for r in rs]),
             "cum_lr": mean_std([float(np.sum(r["lr_trace"])) for r in rs]),
             "train_s": mean_std([r["train_s"] for r in rs]),
+            "known_kept": mean_std([_known_kept(base_record, r) for r in rs]),
             "ratio": summarize_ratio(rs_ratio),
             "per_seed": [
                 {"seed": x.seed, "r": x.r, "f_method": x.f_method, "f_front": x.f_front, "front_lrs": x.front_lrs}
@@ -93,6 +95,16 @@ def summarize(
             entry["f_vs_sft"] = float(np.exp(np.mean(np.log(paired)))) if paired else None
         methods[label] = entry
     return {"sft_label": sft_label, "base_metrics": base_record["metrics"], "methods": methods}
+
+
+def _known_kept(base_record: Mapping[str, Any], record: Mapping[str, Any]) -> float | None:
+    """The share of the quiz items the base model answered right that this run's final model still answers right
+    (the known-knowledge probe, :mod:`train.lab.known`); ``None`` without per-item results."""
+    base = base_record.get("checkpoint", {}).get("quiz_correct")
+    tuned = record["checkpoints"][-1].get("quiz_correct") if record.get("checkpoints") else None
+    if base is None or tuned is None or len(base) != len(tuned):
+        return None
+    return known_lib.known_share(base, tuned)["kept"]
 
 
 def _is_constant_at(record: Mapping[str, Any], lr: float) -> bool:

@@ -86,6 +86,17 @@ def load_retain(spec: str = "builtin", cache_dir: str | os.PathLike | None = Non
     return [d.text for d in docs]
 
 
+def write_builtin_retain(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Writes the built-in retain text as JSONL ``{"text": ...}`` rows: what ``data.retain_files=[builtin]`` of a
+    finetune reads (``train.evaluation.builtin_retain_path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in load_retain("builtin", cache_dir)))
+    tmp.replace(path)
+    return path
+
+
 def _file_spec(spec: str, what: str) -> str:
     """``file:PATH`` (or a bare path ending in .txt/.jsonl) -> PATH, which must exist."""
     path = spec[len("file:") :] if spec.startswith("file:") else spec
