@@ -372,6 +372,7 @@ def render_maxtext() -> str:
         r = json.loads(path.read_text())
         m, moved = r["memory_per_chip"], r.get("collectives_per_chip") or {}
         memory = f"{_gib(m['total'])} / {_gib(m['hbm'])}" if "total" in m else f"XLA refused / {_gib(m['hbm'])}"
+        memory += " **does not fit**" if "total" in m and not m.get("fits", True) else ""
         if "estimate" in r:
             e = _estimate_of(r, r["flops"], r["estimate"]["model_flops_per_step"])
             r["estimate"] = e

@@ -351,3 +351,22 @@ def test_gpu_names_map_to_one_node_and_bad_ones_are_refused(capsys):
             topology_lib.parse_gpu(bad)
     assert cli.main(["compile", "--gpu", "h100:2", "--num-slices", "2", "--model", "preset:tiny"]) == 2
     assert "--num-slices is for TPU slices" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_step_compiles_for_two_h100s_without_a_gpu(tmp_path, capsys):
+    # XLA's GPU compiler, given the H100's target description, compiles the real step on this CPU-only host.
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="compiling for a GPU needs JAX's CUDA plugin (gpu-compile)")
+    out = tmp_path / "h100.json"
+    argv = ["compile", "--gpu", "h100:2", "--model", "preset:tiny", "data.seq_len=128", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "FITS" in printed and "no estimate: XLA has no cost analysis" in printed
+    report = json.loads(out.read_text())
+    assert report["topology"]["chips"] == 2 and report["topology"]["device_kind"] == "H100"
+    assert report["mesh"]["fsdp"] == 2 and report["memory_per_chip"]["hbm"] == 80 * 10**9
+    assert 0 < report["memory_per_chip"]["total"] < 2**30
+    moved = report["collectives_per_chip"]  # fsdp over the two GPUs: weights gathered, gradients scattered
+    assert moved["ici_bytes"] > 0 and moved["dcn_bytes"] == 0
+    assert moved["by_kind"]["all-gather"] > 0 and moved["by_kind"]["reduce-scatter"] > 0
+    assert "estimate" not in report
