@@ -385,6 +385,23 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=128000,
         eos_token_id=128001,
     ),
+    # Llama-2-70B (meta-llama/Llama-2-70b-hf config.json): the model MaxText reports its training MFU for on TPU
+    # pods, compiled by docs/scale.md to check the roofline estimate against those measurements.
+    "llama2-70b": ModelConfig(
+        vocab_size=32000,
+        d_model=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        mlp_dim=28672,
+        rms_norm_eps=1e-5,
+        rope_theta=10_000.0,
+        tie_embeddings=False,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 
 

@@ -69,11 +69,13 @@ TOP_LEVEL = {
     "model",
     "flops",
     "peak",
+    "peaks",
     "estimate_s",
     "runners",
     "ratios",
     "targets",
     "profile",
+    "matmuls",
     "variants",
     "trees",
     "remat",
@@ -124,6 +126,8 @@ def _tiny(tmp_path, *extra):
         "1",
         "--peak-sizes",
         "512",
+        "--dtype",  # on CPU "auto" is float32,bfloat16; one dtype keeps these runs short (a later --dtype wins)
+        "float32",
         "--out",
         str(out),
         *extra,
@@ -193,6 +197,37 @@ def test_bench_end_to_end_emits_every_field(tmp_path, capsys):
     assert "| MLP matmuls |" in printed and "where the step's time goes" in printed
     assert "| jax finch_adamw |" in printed and "finch_over_adamw_step_time" in printed
     assert main(["--table", str(out)]) == 0 and capsys.readouterr().out.strip() == format_table(result)
+
+
+@pytest.mark.torch
+def test_bench_runs_every_compute_dtype_and_times_the_models_matmuls(tmp_path, capsys):
+    args, out = _tiny(
+        tmp_path,
+        *("--sections", "step,matmuls", "--dtype", "float32,bfloat16", "--flag-sets", "default"),
+        *("--rounds", "1", "--matmul-iters", "2"),
+    )
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    # the step in each dtype, against a matmul peak measured in that dtype; the second dtype's runner is tagged
+    assert result["model"]["compute_dtypes"] == ["float32", "bfloat16"] and result["peak"] == result["peaks"]["float32"]
+    runners = {r["name"]: r for r in result["runners"]}
+    assert set(runners) == {"jax finch_adamw", "jax finch_adamw bf16"}
+    bf16 = runners["jax finch_adamw bf16"]
+    assert bf16["dtype"] == "bfloat16" and runners["jax finch_adamw"]["dtype"] == "float32"
+    peak = result["peaks"]["bfloat16"]
+    basis = max(peak["peak_flops_per_s"], peak["interleaved_flops_per_s"])
+    assert bf16["mfu"] == pytest.approx(result["flops"]["training_per_step"] / bf16["median_s"] / basis)
+    # each of the model's forward matmul shapes, per framework (and XLA flag set) and dtype
+    matmuls = result["matmuls"]
+    assert set(matmuls["gflops"]) == {"torch", "jax default"} and not matmuls["errors"]
+    assert matmuls["shapes"]["MLP gate/up"] == [8 * 32, 64, 128] and matmuls["shapes"]["LM head"] == [8 * 32, 64, 512]
+    for rates in matmuls["gflops"].values():
+        assert set(rates) == set(matmuls["shapes"])
+        assert all(rate[d] > 0 for rate in rates.values() for d in ("float32", "bfloat16"))
+    assert matmuls["best_jax_flag_set"] == {"float32": "default", "bfloat16": "default"}
+    assert "matmul GFLOP/s at the model's shapes" in printed and "bfloat16 matmul peak" in printed
+    assert "| jax finch_adamw bf16 |" in printed
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """`finch-train compile`: the real FINCH step compiled ahead of time for TPU topologies (libtpu, no TPU needed)."""
 
+import dataclasses
 import json
 import math
 
@@ -7,7 +8,7 @@ import jax
 import pytest
 
 from models.config import get_preset
-from train import cli, compile_report
+from train import cli, compile_report, xla_analysis
 from train import compile as compile_lib
 from train import mesh as mesh_lib
 from train import program as program_lib
@@ -83,6 +84,11 @@ def test_tiny_finch_step_compiles_for_v5e_2x2_with_memory_flops_and_estimate(tmp
     assert report["flops"]["xla_flops_per_chip"] > 0 and "extrapolated" in report["flops"]["method"]
     estimate = report["estimate"]
     assert "ESTIMATE" in estimate["note"] and 0 < estimate["mfu"] < 1 and estimate["step_seconds"] > 0
+    # communication: counted from the program's HLO, both bounds reported, the no-overlap one the slower
+    assert "collectives per chip per step (HLO): ICI" in printed and "with none" in printed
+    assert report["collectives_per_chip"]["ici_bytes"] > 0 and report["collectives_per_chip"]["dcn_bytes"] == 0
+    assert estimate["step_seconds_no_overlap"] >= estimate["step_seconds"] > 0
+    assert estimate["mfu_no_overlap"] <= estimate["mfu"]
 
 
 @pytest.mark.slow
@@ -91,13 +97,20 @@ def test_flops_extrapolated_from_one_and_two_layers_equal_the_unrolled_count(tmp
     # A 4-layer model known only by its config.json: compile reads the shape, never weights.
     (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny", num_layers=4).to_hf_config()))
     topology = topology_lib.parse_topology("v5e:2x2")
-    flops = {}
+    flops, reports = {}, {}
     for scan in ("false", "true"):
         cfg = _cfg(f"model.source=hf:{tmp_path}", "model.remat=false", f"model.scan_layers={scan}", "data.batch_size=4")
-        flops[scan] = compile_lib.compile_step(cfg, topology)["flops"]
-    assert flops["false"]["method"] == "XLA cost analysis of the compiled step"
+        reports[scan] = compile_lib.compile_step(cfg, topology)
+        flops[scan] = reports[scan]["flops"]
+    assert flops["false"]["method"] == "XLA cost analysis and HLO of the compiled step"
     assert "extrapolated to 4 layers" in flops["true"]["method"]
     assert flops["true"]["xla_flops_per_chip"] == pytest.approx(flops["false"]["xla_flops_per_chip"], rel=0.01)
+    # The collectives of the same step: the scanned program's own count (its layer loop counted 4 times, read from
+    # the loop's condition), the extrapolation from 1 and 2 unrolled layers, and the unrolled program's count agree.
+    unrolled = reports["false"]["collectives_per_chip"]["ici_bytes"]
+    assert reports["true"]["collectives_per_chip"]["loops"]["trip_counts"] == [4]
+    assert reports["true"]["collectives_per_chip"]["ici_bytes"] == pytest.approx(unrolled, rel=0.05)
+    assert flops["true"]["collectives_per_chip_extrapolated"]["ici_bytes"] == pytest.approx(unrolled, rel=0.05)
 
 
 @pytest.mark.slow
@@ -114,10 +127,15 @@ def test_counts_extrapolated_from_shorter_sequences_are_close_to_the_direct_coun
     flops, hbm_bytes = compile_lib._xla_costs(compile_lib._build(cfg, devices, model_cfg, counting=True).compiled)
     notes = set()
     extrapolated = compile_lib._extrapolated_costs(cfg, devices, model_cfg, 2, notes)
-    print(f"extrapolated / direct: FLOPs {extrapolated[0] / flops:.3f}, HBM bytes {extrapolated[1] / hbm_bytes:.3f}")
+    print(
+        f"extrapolated / direct: FLOPs {extrapolated['flops'] / flops:.3f}, HBM bytes {extrapolated['hbm'] / hbm_bytes:.3f}"
+    )
     # Measured here: FLOPs 0.924 of the direct count, HBM bytes 1.181 (0.928 and 1.016 at 3 rows per chip): XLA's
     # count is not exactly affine in the sequence; docs/scale.md quotes these for the cells counted this way.
-    assert extrapolated == (pytest.approx(flops, rel=0.1), pytest.approx(hbm_bytes, rel=0.2))
+    assert (extrapolated["flops"], extrapolated["hbm"]) == (
+        pytest.approx(flops, rel=0.1),
+        pytest.approx(hbm_bytes, rel=0.2),
+    )
     assert notes == {"sequence extrapolated from 256 and 512 positions"}
 
 
@@ -164,6 +182,12 @@ def test_two_slices_compile_with_data_parallelism_across_slices():
     assert report["memory_per_chip"]["fits"] is True and report["memory_per_chip"]["aliased"] > 0
     one_slice = compile_lib.compile_step(_cfg("data.batch_size=4"), topology_lib.parse_topology("v5e:2x2"), costs=False)
     assert report["memory_per_chip"]["state"] == one_slice["memory_per_chip"]["state"]  # per slice, as on one
+    # Between the slices only the gradients travel: each chip all-reduces its shard of them with its peer in the
+    # other slice, 2 x shard x (2-1)/2 = one shard, in bf16 or fp32 (XLA mixes them): between half and all of the
+    # chip's fp32 params.
+    params = report["memory_per_chip"]["state"]["params"]
+    assert 0.5 * params <= report["collectives_per_chip"]["dcn_bytes"] <= params
+    assert one_slice["collectives_per_chip"]["dcn_bytes"] == 0
 
 
 def test_splash_attention_kernel_compiles_for_tpu_inside_the_train_step():
@@ -228,6 +252,68 @@ def test_roofline_never_claims_more_than_the_peak():
     assert high["bound"] == "compute" and high["tokens_per_second"] == pytest.approx(512)
 
 
+@pytest.mark.slow
+def test_collective_bytes_of_a_tiny_fsdp_step_match_the_hand_count():
+    """The bytes each chip moves per step, read from the compiled TPU program, against a count by hand.
+
+    The tiny model on v5e:2x2 with the pod defaults: fsdp over the n = 4 chips, every weight split 4 ways and cast
+    to bf16 for the matmuls, full remat, 1 row of 128 tokens per chip, unrolled layers (``scan_layers=false``). A
+    ring collective over n chips moves (n-1)/n of its result (all-gather) or of its input (reduce-scatter) through
+    each chip, twice that for an all-reduce.
+
+    One layer's weights in bf16: W = 2 B x (q 64·4·16 + k 64·2·16 + v 64·2·16 + o 4·16·64 + gate, up, down 3·64·128)
+    = 2 x (4096 + 2048 + 2048 + 4096 + 24576) = 73,728 B; of which q, k, v: W_qkv = 16,384 B and o: W_o = 8,192 B.
+    Per layer and step, each chip:
+
+    * all-gathers W in the forward pass, and W again in the backward pass (the rematerialised forward and the
+      input gradients share that gather: nothing gathered is kept between the passes), and q, k, v once more in
+      the layout the input-gradient matmuls read: (2·W + W_qkv) x 3/4 = 122,880 B;
+    * reduce-scatters the bf16 weight gradients, all but o's: (W - W_o) x 3/4 = 49,152 B;
+    * all-reduces o's gradient: 2 x W_o x 3/4 = 12,288 B, plus the two RMSNorm weights' gradients (bf16[64] each,
+      in three pieces: at most 1 KiB more).
+
+    Once per step: the tied embedding [512, 64] is gathered in bf16 for the LM head, 65,536 x 3/4 = 49,152 B, and
+    its gradient reduce-scattered in fp32, 131,072 x 3/4 = 98,304 B; the int32 tokens [4, 128] are gathered twice,
+    2 x 2,048 x 3/4 = 3,072 B.
+
+    A layer's increment is the difference of a 2-layer and a 1-layer compile (what ``compile`` extrapolates).
+    """
+    topology = topology_lib.parse_topology("v5e:2x2")
+    devices = topology_lib.topology_devices(topology)
+    cfg = _cfg("data.batch_size=4", "model.scan_layers=false")
+    moved = []
+    for layers in (1, 2):
+        model_cfg = dataclasses.replace(program_lib.model_config(cfg.model), num_layers=layers)
+        compiled = compile_lib._build(cfg, devices, model_cfg).compiled
+        moved.append(xla_analysis.collectives(compiled)["by_kind"])
+    one, two = moved
+    layer = {k: two.get(k, 0.0) - one.get(k, 0.0) for k in two}
+    w, w_qkv, w_o = 73_728, 16_384, 8_192
+    assert layer["all-gather"] == (2 * w + w_qkv) * 3 / 4 == 122_880
+    assert layer["reduce-scatter"] == (w - w_o) * 3 / 4 == 49_152
+    assert 2 * w_o * 3 / 4 <= layer["all-reduce"] <= 2 * (w_o + 1024) * 3 / 4
+    assert one["all-gather"] == layer["all-gather"] + 65_536 * 3 / 4 + 2 * 2_048 * 3 / 4
+    assert one["reduce-scatter"] == layer["reduce-scatter"] + 131_072 * 3 / 4
+
+
+def test_roofline_bounds_the_step_with_and_without_overlapping_communication():
+    common = dict(tokens=2048, chips=4, peak_flops=1e12, hbm_bytes_per_second=1e9, xla_hbm_bytes_per_chip=1e8)
+    links = dict(ici_bytes_per_second=1e9, dcn_bytes_per_second=1e8)
+    # compute 2 s, HBM 0.1 s, ICI 0.5 s, DCN 0.3 s: hidden behind the compute, or added to it
+    e = compile_lib.roofline(
+        model_flops=8e12, xla_flops_per_chip=1e12, ici_bytes_per_chip=5e8, dcn_bytes_per_chip=3e7, **links, **common
+    )
+    assert (e["ici_seconds"], e["dcn_seconds"]) == (pytest.approx(0.5), pytest.approx(0.3))
+    assert e["step_seconds"] == pytest.approx(2.0) and e["bound"] == "compute" and e["mfu"] == pytest.approx(1.0)
+    assert e["step_seconds_no_overlap"] == pytest.approx(2.8) and e["mfu_no_overlap"] == pytest.approx(2 / 2.8)
+    assert e["step_seconds_without_communication"] == pytest.approx(2.0)
+    # a step whose weights take longer to gather than to use is bound by the interconnect even when overlapped
+    slow = compile_lib.roofline(model_flops=8e12, xla_flops_per_chip=1e12, ici_bytes_per_chip=5e9, **links, **common)
+    assert slow["bound"] == "ICI" and slow["step_seconds"] == pytest.approx(5.0) and slow["mfu"] == pytest.approx(0.4)
+    unknown = compile_lib.roofline(model_flops=8e12, xla_flops_per_chip=1e12, ici_bytes_per_chip=5e9, **common)
+    assert unknown["ici_seconds"] == 0 and "ICI bandwidth unknown" in unknown["note"]
+
+
 def test_roofline_counts_full_remats_rerun_forward_as_the_floor():
     # Full remat re-runs each block's forward in the backward pass: 8 of 6 model FLOPs, so MFU is at most 75%.
     common = dict(tokens=2048, chips=4, peak_flops=1e12, hbm_bytes_per_second=1e9, xla_hbm_bytes_per_chip=1e8)
@@ -254,3 +340,33 @@ def test_lora_and_qlora_steps_compile_with_adapters_only_in_the_optimizer_state(
     # Adam's two moments of the adapters only (rank 4 against the tiny model's width 64: about a fifth).
     assert state["optimizer_state"] < 0.25 * full["memory_per_chip"]["state"]["optimizer_state"]
     assert "LoRA rank 4 on 7 projections, base nf4" in compile_lib.format_report(qlora)
+
+
+def test_gpu_names_map_to_one_node_and_bad_ones_are_refused(capsys):
+    node = topology_lib.parse_gpu("h200:4")
+    assert (node.platform, node.chip.name, node.num_chips) == ("gpu", "h200", 4)
+    assert topology_lib.parse_gpu("H100").num_chips == 8  # one node of eight by default
+    for bad, fragment in [("b200", "unknown GPU"), ("h100:9", "1 to 8"), ("a100:x", "1 to 8")]:
+        with pytest.raises(topology_lib.TopologyError, match=fragment):
+            topology_lib.parse_gpu(bad)
+    assert cli.main(["compile", "--gpu", "h100:2", "--num-slices", "2", "--model", "preset:tiny"]) == 2
+    assert "--num-slices is for TPU slices" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_step_compiles_for_two_h100s_without_a_gpu(tmp_path, capsys):
+    # XLA's GPU compiler, given the H100's target description, compiles the real step on this CPU-only host.
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="compiling for a GPU needs JAX's CUDA plugin (gpu-compile)")
+    out = tmp_path / "h100.json"
+    argv = ["compile", "--gpu", "h100:2", "--model", "preset:tiny", "data.seq_len=128", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "FITS" in printed and "no estimate: XLA has no cost analysis" in printed
+    report = json.loads(out.read_text())
+    assert report["topology"]["chips"] == 2 and report["topology"]["device_kind"] == "H100"
+    assert report["mesh"]["fsdp"] == 2 and report["memory_per_chip"]["hbm"] == 80 * 10**9
+    assert 0 < report["memory_per_chip"]["total"] < 2**30
+    moved = report["collectives_per_chip"]  # fsdp over the two GPUs: weights gathered, gradients scattered
+    assert moved["ici_bytes"] > 0 and moved["dcn_bytes"] == 0
+    assert moved["by_kind"]["all-gather"] > 0 and moved["by_kind"]["reduce-scatter"] > 0
+    assert "estimate" not in report

@@ -9,14 +9,16 @@ optimizer, the mesh and its rules, gradient accumulation, remat, the attention i
 abstract params and batches (no weights in memory) for the devices libtpu describes
 (:mod:`train.topology`), and compiled by XLA's TPU compiler. The report gives, per chip: XLA's memory analysis
 (arguments, outputs, aliased = donated state, temporaries) against the chip's HBM, fits or not and what to change;
-XLA's FLOPs and HBM bytes per step; and a roofline ESTIMATE of step time, tokens/s and MFU from the chip's published
-bf16 peak and HBM bandwidth. The estimate ignores communication and kernel efficiency: it is an upper bound on what
-the pod can do, not a measurement.
+XLA's FLOPs and HBM bytes per step; the bytes every chip moves in the program's collectives, within a slice (ICI)
+and between slices (DCN); and a roofline ESTIMATE of step time, tokens/s and MFU from the chip's published bf16 peak,
+HBM bandwidth and link bandwidths, two ways: every collective overlapped with compute, and none. Kernel efficiency
+is not in it: the estimate is a range of upper bounds on what the pod can do, not a measurement.
 
-XLA's cost analysis counts a loop body once, so for a program with loops (``scan_layers``, ``grad_accum > 1``) the
-FLOPs and bytes come from two small compiles of the same step with 1 and 2 unrolled layers, extrapolated to the
-model's depth (one micro-batch, times ``grad_accum``). Splash attention is a Pallas kernel XLA cannot see into; its
-FLOPs are added from the model's own count.
+XLA's cost analysis counts a loop body once, and so would a count of the collectives in the loop's HLO, so for a
+program with loops (``scan_layers``, ``grad_accum > 1``) the FLOPs, bytes and collectives come from two small
+compiles of the same step with 1 and 2 unrolled layers, extrapolated to the model's depth (one micro-batch, times
+``grad_accum``). Splash attention is a Pallas kernel XLA cannot see into; its FLOPs are added from the model's own
+count.
 """
 
 from __future__ import annotations
@@ -113,6 +115,23 @@ def _xla_costs(compiled: Any) -> tuple[float, float]:
     return counted["flops"], counted["bytes_accessed"]
 
 
+# What one compile tells the estimate: FLOPs, HBM bytes, and each chip's collective bytes by kind ("ici" and "dcn"
+# totals, and one entry per collective kind).
+Counts = dict[str, float]
+
+
+def _counts(compiled: Any, num_slices: int) -> Counts:
+    flops, hbm = _xla_costs(compiled)
+    moved = xla_analysis.collectives(compiled, num_slices=num_slices) or {"ici_bytes": 0.0, "dcn_bytes": 0.0}
+    kinds = {f"bytes {kind}": v for kind, v in (moved.get("by_kind") or {}).items()}
+    return {"flops": flops, "hbm": hbm, "ici": moved["ici_bytes"], "dcn": moved["dcn_bytes"], **kinds}
+
+
+def _combine(a: Counts, b: Counts, weight: float) -> Counts:
+    """``a + weight·(b − a)`` key by key (a kind missing on one side counts 0): the extrapolation of two counts."""
+    return {k: a.get(k, 0.0) + weight * (b.get(k, 0.0) - a.get(k, 0.0)) for k in {**a, **b}}
+
+
 def _splash_flops(model_cfg: ModelConfig, tokens: int, seq_len: int) -> float:
     """Training FLOPs of the attention kernel XLA cannot see: causal half, forward + backward (+ remat's re-run)."""
     per_token = flops_lib.forward_flops_per_token(flops_lib.shape_of(model_cfg), seq_len, causal_attention=True)
@@ -121,54 +140,71 @@ def _splash_flops(model_cfg: ModelConfig, tokens: int, seq_len: int) -> float:
     return forward * passes
 
 
-def _step_costs(cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, built: _Built) -> dict[str, Any]:
-    """XLA FLOPs and HBM bytes per chip per step, with every loop counted as often as it runs.
+def _step_costs(
+    cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, built: _Built, num_slices: int = 1
+) -> dict[str, Any]:
+    """XLA FLOPs, HBM bytes and collective bytes per chip per step, with every loop counted as often as it runs.
 
-    XLA counts a loop body once. The step's loops: the layers (``scan_layers``), the micro-batches (``grad_accum``)
-    and the loss's chunks (:func:`models.loss.token_nll`). Counting compiles unroll the loss; layers are
-    extrapolated from 1- and 2-layer compiles; micro-batches multiply one micro-batch's count.
+    XLA counts a loop body once (and the collectives of a loop body appear once in its HLO). The step's loops: the
+    layers (``scan_layers``), the micro-batches (``grad_accum``) and the loss's chunks
+    (:func:`models.loss.token_nll`). Counting compiles unroll the loss; layers are extrapolated from 1- and 2-layer
+    compiles (each layer gathers, and reduces the gradients of, its own weights: the per-layer difference is
+    exact); micro-batches multiply one micro-batch's count.
     """
     accum = cfg.data.grad_accum
     chunks, _ = loss_lib.chunk_layout(cfg.data.seq_len)
     if not model_cfg.scan_layers and accum == 1 and chunks == 1:
-        flops, bytes_ = _xla_costs(built.compiled)
-        method = "XLA cost analysis of the compiled step"
+        counts = _counts(built.compiled, num_slices)
+        method = "XLA cost analysis and HLO of the compiled step"
     else:
         micro = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // accum, grad_accum=1)
         )
         notes: set[str] = set()
         if model_cfg.scan_layers:
-            costs = []
-            for layers in (1, 2):
-                small = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=False)
-                costs.append(_counted_costs(micro, devices, small, notes))
-            (f1, b1), (f2, b2) = costs
-            depth = model_cfg.num_layers - 1
-            flops, bytes_ = f1 + depth * (f2 - f1), b1 + depth * (b2 - b1)
+            one, two = (
+                _counted_costs(
+                    micro, devices, dataclasses.replace(model_cfg, num_layers=n, scan_layers=False), notes, num_slices
+                )
+                for n in (1, 2)
+            )
+            counts = _combine(one, two, model_cfg.num_layers - 1)
             method = (
-                "XLA cost analysis of the same step with 1 and 2 unrolled layers, extrapolated to "
+                "XLA cost analysis and HLO of the same step with 1 and 2 unrolled layers, extrapolated to "
                 f"{model_cfg.num_layers} layers"
             )
         else:
-            flops, bytes_ = _counted_costs(micro, devices, model_cfg, notes)
-            method = "XLA cost analysis of the same step with its loops unrolled"
+            counts = _counted_costs(micro, devices, model_cfg, notes, num_slices)
+            method = "XLA cost analysis and HLO of the same step with its loops unrolled"
         if notes:
             method += f" ({'; '.join(sorted(notes))}, where the counting compile did not fit in HBM)"
-        flops, bytes_ = accum * flops, accum * bytes_
+        counts = {k: accum * v for k, v in counts.items()}
         method += f", × {accum} micro-batches" if accum > 1 else ""
     chips = len(devices)
+    flops = counts["flops"]
     if model_cfg.attention_impl == "splash":
         tokens = cfg.data.batch_size * cfg.data.seq_len
         flops += _splash_flops(model_cfg, tokens, cfg.data.seq_len) / chips
         method += "; splash attention FLOPs added from the model's count"
-    return {"xla_flops_per_chip": flops, "xla_hbm_bytes_per_chip": bytes_, "method": method}
+    by_kind = {k.split(" ", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("bytes ")}
+    return {
+        "xla_flops_per_chip": flops,
+        "xla_hbm_bytes_per_chip": counts["hbm"],
+        # The counting compiles' collectives, extrapolated like the FLOPs: a cross-check of the program's own count
+        # (report["collectives_per_chip"]); they differ where the unrolled loss or layers communicate differently.
+        "collectives_per_chip_extrapolated": {
+            "ici_bytes": counts["ici"],
+            "dcn_bytes": counts["dcn"],
+            "by_kind": by_kind,
+        },
+        "method": method,
+    }
 
 
 def _counted_costs(
-    cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, notes: set[str]
-) -> tuple[float, float]:
-    """XLA's (FLOPs, HBM bytes) from one counting compile (``grad_accum`` 1).
+    cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, notes: set[str], num_slices: int = 1
+) -> Counts:
+    """XLA's FLOPs, HBM bytes and collective bytes from one counting compile (``grad_accum`` 1).
 
     The counting compile unrolls the loss, which keeps every chunk's logits alive, so near the HBM limit XLA may
     refuse it although the real step fits. Then the counts come from the same rows with a shorter sequence
@@ -178,20 +214,25 @@ def _counted_costs(
       DoesNotFitError: even the shorter compiles do not fit, or the sequence cannot be shortened.
     """
     try:
-        return _xla_costs(_build(cfg, devices, model_cfg, counting=True).compiled)
+        return _counts(_build(cfg, devices, model_cfg, counting=True).compiled, num_slices)
     except DoesNotFitError:
         for fraction in (2, 4):
             if cfg.data.seq_len % (512 * fraction) == 0:  # the shorter rows stay multiples of every kernel block
                 try:
-                    return _extrapolated_costs(cfg, devices, model_cfg, fraction, notes)
+                    return _extrapolated_costs(cfg, devices, model_cfg, fraction, notes, num_slices)
                 except DoesNotFitError:
                     continue
         raise
 
 
 def _extrapolated_costs(
-    cfg: TrainConfig, devices: Sequence[Any], model_cfg: ModelConfig, fraction: int, notes: set[str]
-) -> tuple[float, float]:
+    cfg: TrainConfig,
+    devices: Sequence[Any],
+    model_cfg: ModelConfig,
+    fraction: int,
+    notes: set[str],
+    num_slices: int = 1,
+) -> Counts:
     """The counts at ``cfg``'s sequence length, extrapolated from counting compiles of the same rows at
     ``seq_len / (2·fraction)`` and ``seq_len / fraction``.
 
@@ -199,23 +240,26 @@ def _extrapolated_costs(
     rest grows with the positions; splash attention, the kernel the pod runs use, is invisible to XLA's count and
     added from the model's count instead). Not exactly: on the tiny model the extrapolated FLOPs are 0.92-0.93 of
     the direct count and the HBM bytes 1.02-1.18 (``tests/test_compile.py``). Extrapolating over rows per chip
-    instead was worse for the bytes (0.74 at 3 rows from 1 and 2).
+    instead was worse for the bytes (0.74 at 3 rows from 1 and 2). The weights' collectives do not depend on the
+    sequence, so they extrapolate exactly.
     """
     seq = cfg.data.seq_len
     lengths = (seq // (2 * fraction), seq // fraction)
-    (f1, b1), (f2, b2) = (
-        _xla_costs(_build(_with_seq(cfg, length), devices, model_cfg, counting=True).compiled) for length in lengths
+    short, long = (
+        _counts(_build(_with_seq(cfg, length), devices, model_cfg, counting=True).compiled, num_slices)
+        for length in lengths
     )
     notes.add(f"sequence extrapolated from {lengths[0]} and {lengths[1]} positions")
-    steps = (seq - lengths[0]) / (lengths[1] - lengths[0])
-    return f1 + steps * (f2 - f1), b1 + steps * (b2 - b1)
+    return _combine(short, long, (seq - lengths[0]) / (lengths[1] - lengths[0]))
 
 
 def _remat_name(model_cfg: ModelConfig) -> str:
     return model_cfg.remat_policy if model_cfg.remat else "none"
 
 
-def _estimate(cfg: TrainConfig, model_cfg: ModelConfig, chip: topology_lib.Chip, chips: int, costs: dict) -> dict:
+def _estimate(
+    cfg: TrainConfig, model_cfg: ModelConfig, chip: topology_lib.Chip, chips: int, costs: dict, moved: dict
+) -> dict:
     model_flops = flops_lib.training_flops_per_step(
         flops_lib.shape_of(model_cfg), cfg.data.batch_size, cfg.data.seq_len
     )
@@ -228,6 +272,10 @@ def _estimate(cfg: TrainConfig, model_cfg: ModelConfig, chip: topology_lib.Chip,
         xla_flops_per_chip=costs["xla_flops_per_chip"],
         xla_hbm_bytes_per_chip=costs["xla_hbm_bytes_per_chip"],
         remat=_remat_name(model_cfg),
+        ici_bytes_per_chip=moved["ici_bytes"],
+        dcn_bytes_per_chip=moved["dcn_bytes"],
+        ici_bytes_per_second=chip.ici_bytes_per_second,
+        dcn_bytes_per_second=chip.dcn_bytes_per_second,
     )
 
 
@@ -250,16 +298,24 @@ def compile_step(cfg: TrainConfig, topology: topology_lib.Topology, *, costs: bo
 
 
 def _add_estimate(report: dict[str, Any], cfg: TrainConfig, topology: topology_lib.Topology, built: _Built) -> None:
+    if xla_analysis.costs(built.compiled) is None:
+        # XLA's GPU compiler gives no cost analysis for a GPU it does not see (deviceless): without HBM bytes the
+        # roofline would read compute-bound at any size. Memory and collectives stand; the estimate does not.
+        report["estimate_unavailable"] = (
+            f"XLA has no cost analysis (FLOPs, HBM bytes) for {topology.chip.device_kind} compiled without one"
+        )
+        return
     devices = topology_lib.topology_devices(topology)
     model_cfg = program_lib.model_config(cfg.model)
     try:
-        step_costs = _step_costs(cfg, devices, model_cfg, built)
+        step_costs = _step_costs(cfg, devices, model_cfg, built, topology.num_slices)
     except DoesNotFitError as e:
         # The step itself fits; only the counting compiles did not. Keep the memory report, say why no estimate.
         report["estimate_unavailable"] = f"the counting compiles did not fit in HBM ({e})"
         return
     report["flops"] = step_costs
-    report["estimate"] = _estimate(cfg, model_cfg, topology.chip, topology.num_chips, step_costs)
+    moved = report["collectives_per_chip"]
+    report["estimate"] = _estimate(cfg, model_cfg, topology.chip, topology.num_chips, step_costs, moved)
 
 
 def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[dict[str, Any], _Built]:
@@ -307,8 +363,25 @@ def _memory_report(cfg: TrainConfig, topology: topology_lib.Topology) -> tuple[d
         "memory_per_chip": memory | {"state": state_bytes},
         "compile_seconds": built.seconds,
     }
+    report["collectives_per_chip"] = _collectives(built.compiled, topology.num_slices)
     report["advice"] = advice(cfg, model_cfg, mesh, memory, state_bytes)
     return report, built
+
+
+def _collectives(compiled: Any, num_slices: int) -> dict[str, Any]:
+    """The bytes each chip moves per step in the compiled step's collectives (its HLO, every loop counted by its
+    trip count: :func:`train.xla_analysis.collectives`), the loops whose count could not be read listed."""
+    moved = xla_analysis.collectives(compiled, num_slices=num_slices) or {"ici_bytes": 0.0, "dcn_bytes": 0.0}
+    unread = [loop["while"] for loop in moved.get("loops", []) if loop["trip_count"] is None]
+    trips = sorted({loop["trip_count"] for loop in moved.get("loops", []) if loop["trip_count"] is not None})
+    return {
+        "ici_bytes": moved["ici_bytes"],
+        "dcn_bytes": moved["dcn_bytes"],
+        "by_kind": moved.get("by_kind", {}),
+        "loops": {"count": len(moved.get("loops", [])), "trip_counts": trips, "unread": unread},
+        "method": "HLO of the compiled step; every while loop counted by its trip count"
+        + (f" ({len(unread)} loop(s) whose count could not be read counted once)" if unread else ""),
+    }
 
 
 def _with_rows(cfg: TrainConfig, rows: int, dp: int) -> TrainConfig:
@@ -406,7 +479,13 @@ def build_parser(prog: str = "finch-train compile") -> argparse.ArgumentParser:
         "--help`).\n\nexample: finch-train compile --topology v5p-64 --model preset:qwen3-4b model.attention_impl=splash",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--topology", required=True, help="v5e-256, v5p-64, v4-32, v6e-16, ... or libtpu's v5e:4x4")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--topology", help="v5e-256, v5p-64, v4-32, v6e-16, ... or libtpu's v5e:4x4")
+    target.add_argument(
+        "--gpu",
+        help="h100, h200 or a100, optionally :COUNT (default 8, one node): compile for NVIDIA GPUs with JAX's CUDA "
+        "plugin (pip install jax-cuda12-plugin jax-cuda12-pjrt), no GPU needed",
+    )
     parser.add_argument("--num-slices", type=int, default=1, help="slices joined by the data-center network")
     parser.add_argument("--model", default=None, help="the model, as model.source: preset:qwen3-4b, hf:DIR, gguf:PATH")
     parser.add_argument("--config", default=None, help="a finetune YAML config")
@@ -444,8 +523,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     topology_lib.quiet_libtpu_without_tpus()
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")  # compiling needs no accelerator of this host
-    topology = topology_lib.parse_topology(args.topology, args.num_slices)
-    topology_lib.require_libtpu()  # before any model or config file is read
+    if args.gpu is not None:
+        if args.num_slices != 1:
+            raise topology_lib.TopologyError("--num-slices is for TPU slices; --gpu compiles for one node")
+        topology = topology_lib.parse_gpu(args.gpu)
+    else:
+        topology = topology_lib.parse_topology(args.topology, args.num_slices)
+        topology_lib.require_libtpu()  # before any model or config file is read
     cfg, batch_chosen = _config(args)
     # Every setting, the model's config and the report's path are checked before the first compile.
     config_lib.check_ranges(cfg)

@@ -18,6 +18,7 @@ __all__ = [
     "REMAT_RECOMPUTE",
     "TIGHT_FRACTION",
     "advice",
+    "communication_lines",
     "format_report",
     "gib",
     "largest_fitting",
@@ -54,31 +55,62 @@ def roofline(
     xla_flops_per_chip: float,
     xla_hbm_bytes_per_chip: float,
     remat: str = "none",
+    ici_bytes_per_chip: float = 0.0,
+    dcn_bytes_per_chip: float = 0.0,
+    ici_bytes_per_second: float = 0.0,
+    dcn_bytes_per_second: float = 0.0,
 ) -> dict[str, Any]:
-    """The roofline estimate of one step: ``max(FLOPs / peak, HBM bytes / bandwidth)`` per chip.
+    """The roofline estimate of one step per chip, with the time its collectives take on the interconnect.
 
-    The FLOPs are the larger of XLA's count and the floor the step cannot go below: the model's FLOPs (6·N·tokens
-    plus attention) plus what ``remat`` re-runs (a third more under ``full``). XLA's TPU cost analysis can count
-    fewer than that (we saw 25% fewer for Qwen3-4B). MFU counts only the model's FLOPs, so under full remat it is
-    at most 75%.
+    Compute: the larger of XLA's FLOP count and the floor the step cannot go below (the model's FLOPs, 6·N·tokens
+    plus attention, plus what ``remat`` re-runs: a third more under ``full``), over the bf16 peak; XLA's TPU cost
+    analysis can count fewer than that (we saw 25% fewer for Qwen3-4B). HBM: XLA's bytes over the HBM bandwidth.
+    Communication: the bytes each chip sends in collectives within its slice (``ici_bytes_per_chip``) over the
+    chip's ICI bandwidth, and between slices (``dcn_bytes_per_chip``) over its DCN bandwidth (:mod:`train.chips`).
+
+    Two bounds: **overlap**, every collective hidden behind the compute, ``max(compute, HBM, ICI, DCN)``; and **no
+    overlap**, ``max(compute, HBM) + ICI + DCN``. A real step lies between them (less kernel efficiency). MFU counts
+    only the model's FLOPs, so under full remat it is at most 75%.
     """
     floor = model_flops * (1 + REMAT_RECOMPUTE[remat]) / chips
     flops = max(xla_flops_per_chip, floor)
     compute_s = flops / peak_flops
     memory_s = xla_hbm_bytes_per_chip / hbm_bytes_per_second
-    step_s = max(compute_s, memory_s)
+    ici_s = ici_bytes_per_chip / ici_bytes_per_second if ici_bytes_per_second else 0.0
+    dcn_s = dcn_bytes_per_chip / dcn_bytes_per_second if dcn_bytes_per_second else 0.0
+    local_s = max(compute_s, memory_s)
+    parts = {"compute": compute_s, "HBM bandwidth": memory_s, "ICI": ici_s, "DCN": dcn_s}
+    step_s = max(parts.values())
+    serial_s = local_s + ici_s + dcn_s
     rerun = f" with remat {remat}'s re-run forward" if REMAT_RECOMPUTE[remat] else ""
+    per_chip = model_flops / chips / peak_flops
+    unknown = [
+        name
+        for name, moved, bandwidth in (
+            ("ICI", ici_bytes_per_chip, ici_bytes_per_second),
+            ("DCN", dcn_bytes_per_chip, dcn_bytes_per_second),
+        )
+        if moved and not bandwidth
+    ]
     return {
-        "note": "ESTIMATE: roofline max(FLOPs / bf16 peak, HBM bytes / HBM bandwidth) per chip; ignores ICI/DCN "
-        "communication and kernel efficiency, so real steps are slower and MFU lower",
+        "note": "ESTIMATE: roofline per chip; compute = FLOPs / bf16 peak, HBM = bytes / HBM bandwidth, ICI and DCN = "
+        "collective bytes / link bandwidth; 'overlap' = max of the four, 'no overlap' = max(compute, HBM) + ICI + "
+        "DCN. Kernel efficiency is not in it, so real steps are slower and MFU lower"
+        + (f"; {' and '.join(unknown)} bandwidth unknown: that time is counted as 0" if unknown else ""),
         "model_flops_per_step": model_flops,
         "compute_seconds": compute_s,
         "compute_flops_source": "XLA" if xla_flops_per_chip >= floor else f"model{rerun} (above XLA's count)",
         "hbm_seconds": memory_s,
-        "bound": "compute" if compute_s >= memory_s else "HBM bandwidth",
+        "ici_seconds": ici_s,
+        "dcn_seconds": dcn_s,
+        "bound": max(parts, key=parts.get),
         "step_seconds": step_s,
+        "step_seconds_no_overlap": serial_s,
+        "step_seconds_without_communication": local_s,
         "tokens_per_second": tokens / step_s,
-        "mfu": model_flops / chips / step_s / peak_flops,
+        "tokens_per_second_no_overlap": tokens / serial_s,
+        "mfu": per_chip / step_s,
+        "mfu_no_overlap": per_chip / serial_s,
     }
 
 
@@ -152,6 +184,31 @@ def _lora_note(lora: dict[str, Any] | None) -> str:
     return f"; LoRA rank {lora['rank']} on {len(lora['targets'])} projections{base}"
 
 
+def communication_lines(
+    moved: dict[str, Any] | None, estimate: dict[str, Any] | None, chip: dict[str, Any]
+) -> list[str]:
+    """The collectives' bytes per chip per step and (with an estimate) the time they take on the links."""
+    if not moved:
+        return []
+    kinds = ", ".join(f"{k} {gib(v)}" for k, v in sorted(moved["by_kind"].items(), key=lambda kv: -kv[1]) if v)
+    unread = (moved.get("loops") or {}).get("unread")
+    lines = [
+        f"collectives per chip per step (HLO): ICI {gib(moved['ici_bytes'])}, DCN {gib(moved['dcn_bytes'])} "
+        f"({kinds or 'none'})" + (f"; {len(unread)} loop(s) of unknown trip count counted once" if unread else "")
+    ]
+    if estimate is None:
+        return lines
+    ici, dcn = chip.get("ici_bytes_per_second"), chip.get("dcn_bytes_per_second")
+    lines.append(
+        f"          at {ici / 1e9:,.0f} GB/s ICI and {dcn / 1e9:,.2f} GB/s DCN per chip: ICI {estimate['ici_seconds']:.3g} s, "
+        f"DCN {estimate['dcn_seconds']:.3g} s, against compute {estimate['compute_seconds']:.3g} s and HBM "
+        f"{estimate['hbm_seconds']:.3g} s"
+        if ici and dcn
+        else "          link bandwidths of this chip unknown: communication time not estimated"
+    )
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few human-readable lines."""
     t, m, b, mem = report["topology"], report["model"], report["batch"], report["memory_per_chip"]
@@ -176,13 +233,18 @@ def format_report(report: dict[str, Any]) -> str:
         + (" (tight)" if mem["fits"] and mem["fraction_of_hbm"] > TIGHT_FRACTION else ""),
     ]
     lines += [f"  to change: {tip}" for tip in report["advice"]]
+    if "flops" not in report:
+        lines += communication_lines(report.get("collectives_per_chip"), None, report.get("chip") or {})
     if "flops" in report:
         f, e = report["flops"], report["estimate"]
         lines += [
             f"XLA FLOPs per chip per step {f['xla_flops_per_chip']:.3e}, HBM bytes {f['xla_hbm_bytes_per_chip']:.3e} "
             f"({f['method']})",
-            f"ESTIMATE (roofline, not a measurement): step {e['step_seconds']:.3f} s ({e['bound']}-bound), "
-            f"{e['tokens_per_second']:,.0f} tokens/s, MFU {100 * e['mfu']:.0f}%",
+            *communication_lines(report.get("collectives_per_chip"), e, report.get("chip") or {}),
+            f"ESTIMATE (roofline, not a measurement): step {e['step_seconds']:.3g} s with every collective "
+            f"overlapped ({e['bound']}-bound) .. {e.get('step_seconds_no_overlap', e['step_seconds']):.3g} s with none; "
+            f"{e['tokens_per_second']:,.0f} .. {e.get('tokens_per_second_no_overlap', e['tokens_per_second']):,.0f} "
+            f"tokens/s, MFU {100 * e['mfu']:.0f}% .. {100 * e.get('mfu_no_overlap', e['mfu']):.0f}%",
         ]
     if "estimate_unavailable" in report:
         lines.append(f"no estimate: {report['estimate_unavailable']}")

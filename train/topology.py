@@ -21,13 +21,14 @@ import re
 from typing import Any
 
 from models.config import ConfigError
-from train.chips import TPU_CHIPS, Chip
+from train.chips import ACCELERATORS, GPU_TARGETS, TPU_CHIPS, Chip, gpu_target_config
 
 __all__ = [
     "CHIPS",
     "Chip",
     "Topology",
     "TopologyError",
+    "parse_gpu",
     "parse_topology",
     "quiet_libtpu_without_tpus",
     "require_libtpu",
@@ -58,6 +59,7 @@ class Topology:
     chip: Chip
     shape: tuple[int, ...]
     num_slices: int = 1
+    platform: str = "tpu"  # or "gpu": NVIDIA GPUs of one node (shape = (gpus,)), from the CUDA plugin
 
     @property
     def chips_per_slice(self) -> int:
@@ -69,7 +71,7 @@ class Topology:
 
     @property
     def libtpu_name(self) -> str:
-        """libtpu's name of one slice, e.g. ``v5p:2x4x4``."""
+        """libtpu's name of one slice, e.g. ``v5p:2x4x4`` (a GPU node: ``h100-sxm:8``)."""
         return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
 
     def describe(self) -> str:
@@ -140,6 +142,30 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     return Topology(name=name, chip=chip, shape=shape, num_slices=num_slices)
 
 
+GPU_NAMES = {"h100": "h100-sxm", "h100-sxm": "h100-sxm", "h200": "h200", "a100": "a100"}
+
+
+def parse_gpu(name: str) -> Topology:
+    """A node of NVIDIA GPUs: ``h100`` (8 of them, one node), ``h200:4``, ``a100:8``.
+
+    Raises:
+      TopologyError: an unknown GPU or a count outside 1..8 (one node: GPUs of several nodes would talk over the
+        network, which the compile's count of collectives does not tell apart from NVLink).
+
+    >>> parse_gpu("h200:4").describe()
+    'h200:4 (h200:4: 4 chips, H200)'
+    """
+    text = name.strip().lower()
+    model, _, count = text.partition(":")
+    known = ", ".join(sorted({k for k in GPU_NAMES if k in GPU_TARGETS or GPU_NAMES[k] in GPU_TARGETS}))
+    if GPU_NAMES.get(model) not in GPU_TARGETS:
+        raise TopologyError(f"--gpu {name!r}: unknown GPU; known: {known} (optionally :COUNT, 1 to 8)")
+    if count and (not count.isdigit() or not 1 <= int(count) <= 8):
+        raise TopologyError(f"--gpu {name!r}: the GPU count must be 1 to 8 (one node)")
+    chip = next(c for c in ACCELERATORS if c.name == GPU_NAMES[model])
+    return Topology(name=text if count else f"{model}:8", chip=chip, shape=(int(count or 8),), platform="gpu")
+
+
 def _host_has_tpu() -> bool:
     """Whether this machine has TPU chips (Google's PCI vendor id), the check jax itself makes before using them."""
     for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
@@ -186,11 +212,14 @@ def require_libtpu() -> None:
 
 
 def topology_devices(topology: Topology) -> list[Any]:
-    """The (abstract) devices of ``topology``, from libtpu; compile for them with ``jit(...).lower(...).compile()``.
+    """The (abstract) devices of ``topology``, from libtpu (or for GPUs, JAX's CUDA plugin); compile for them with
+    ``jit(...).lower(...).compile()``.
 
     Raises:
-      TopologyError: libtpu is not installed, or refuses the topology.
+      TopologyError: libtpu (the CUDA plugin) is not installed, or refuses the topology.
     """
+    if topology.platform == "gpu":
+        return _gpu_devices(topology)
     require_libtpu()
     from jax.experimental import topologies
 
@@ -211,3 +240,27 @@ def topology_devices(topology: Topology) -> list[Any]:
             f"libtpu gave {len(devices)} devices for {topology.describe()}; expected one per chip ({topology.num_chips})"
         )
     return devices
+
+
+def _gpu_devices(topology: Topology) -> list[Any]:
+    """Compile-only devices of one node of ``topology.chip`` GPUs, from JAX's CUDA plugin given the GPU's target
+    description (:func:`train.chips.gpu_target_config`): XLA's GPU compiler then needs no GPU attached."""
+    from jax.experimental import topologies
+
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401  (only to give a clear error when it is missing)
+    except ImportError:
+        raise TopologyError(
+            "compiling for a GPU needs JAX's CUDA plugin (no GPU needed): pip install jax-cuda12-plugin "
+            "jax-cuda12-pjrt (the versions of the installed jax)"
+        ) from None
+    try:
+        description = topologies.get_topology_desc(
+            platform="cuda",
+            topology_name="",
+            target_config=gpu_target_config(topology.chip),
+            topology=f"1x1x{topology.num_chips}",  # slices x hosts x GPUs per host
+        )
+    except Exception as e:  # the plugin raises JaxRuntimeError with its own message
+        raise TopologyError(f"JAX's CUDA plugin refused {topology.describe()}: {e}") from e
+    return list(description.devices)

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=d.dtype,
-        help="compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU), float32, "
-        "bfloat16; params and optimizer state stay float32",
+        help="compute dtype(s), comma-separated: auto (float32,bfloat16 on CPU, bfloat16 on GPU/TPU), float32, "
+        "bfloat16; params and optimizer state stay float32. The step, finch and torch sections run every one; the "
+        "others the first",
     )
     p.add_argument("--mesh", default=d.mesh, help="e.g. data=-1 or data=2,fsdp=2,tensor=2")
     p.add_argument("--devices", type=int, default=d.devices, help="use the first N devices (0 = all)")
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the trees section: checkouts of this repository (before,after) whose steps are timed side by side",
     )
     p.add_argument("--flag-sets", type=_csv, default=d.flag_sets, help=f"names from: {', '.join(FLAG_SETS)}")
+    p.add_argument(
+        "--matmul-iters", type=int, default=d.matmul_iters, help="the matmuls section: calls per shape and dtype"
+    )
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this process (set before jax starts)")
     p.add_argument(
         "--max-minutes", type=float, default=d.max_minutes, help="refuse to start when the estimate is longer"
@@ -136,6 +140,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         scaling_devices=tuple(args.scaling_devices),
         scaling_layouts=tuple(args.scaling_layouts),
         flag_sets=tuple(args.flag_sets),
+        matmul_iters=args.matmul_iters,
         max_minutes=args.max_minutes,
         seed=args.seed,
         peak_sizes=tuple(args.peak_sizes),

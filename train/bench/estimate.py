@@ -17,8 +17,11 @@ _TORCH_COMPILE_BASE_S, _TORCH_COMPILE_PER_LAYER_S = 45.0, 4.0
 _SUBPROCESS_START_S = 10.0
 
 
-def estimate_seconds(spec: BenchSpec, shape: flops_lib.TransformerShape, peak_flops_per_s: float) -> dict[str, float]:
-    """A deliberately rough upper-side estimate of each section's duration, from FLOPs and the measured peak."""
+def estimate_seconds(
+    spec: BenchSpec, shape: flops_lib.TransformerShape, peak_flops_per_s: float, dtypes: int = 1
+) -> dict[str, float]:
+    """A deliberately rough upper-side estimate of each section's duration, from FLOPs and the measured peak (the
+    slowest dtype's); the step, finch and torch sections run once per compute dtype (``dtypes``)."""
     step_flops = flops_lib.training_flops_per_step(shape, spec.batch_size, spec.seq_len)
     step_s = step_flops / (peak_flops_per_s * _ESTIMATE_EFFICIENCY) + 0.01
     layers = 1 if spec.scan_layers else shape.num_layers
@@ -37,6 +40,15 @@ def estimate_seconds(spec: BenchSpec, shape: flops_lib.TransformerShape, peak_fl
             # the PyTorch steps plus the JAX adamw reference steps interleaved with them
             torch_s += (compile_s if mode == "compile" else 0.0) + (timed + 1) * step_s * 1.3 + timed * step_s
         est["torch"] = torch_s
+    for main in ("step", "finch", "torch"):
+        if main in est:
+            est[main] *= dtypes
+    if "matmuls" in spec.sections:
+        # the forward matmuls of a block and the LM head, M = tokens, per framework/flag set, dtype and call
+        calls = spec.rounds * spec.matmul_iters * 2 * (len(set(spec.flag_sets)) + 1)
+        forward_tokens = spec.batch_size * spec.seq_len
+        per_call = 2.0 * forward_tokens * shape.embed_dim * (2 * shape.mlp_dim + shape.vocab_size) / peak_flops_per_s
+        est["matmuls"] = (len(set(spec.flag_sets)) + 1) * _SUBPROCESS_START_S + calls * per_call * 2
     if "profile" in spec.sections:
         profiled = (max(spec.warmup, 1) + spec.profile_steps) * step_s
         est["profile"] = (

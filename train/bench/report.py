@@ -17,7 +17,7 @@ import jax
 import jaxlib
 import optax
 
-__all__ = ["check_targets", "format_profile", "format_table", "meta", "write_json"]
+__all__ = ["check_targets", "format_matmuls", "format_profile", "format_table", "meta", "write_json"]
 
 
 def meta(argv: Sequence[str] | None) -> dict[str, Any]:
@@ -62,10 +62,11 @@ def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-# The issue's targets (#15): on CPU the step at >= 70% of the matmul peak measured in the run and >= 0.8x PyTorch
-# eager's tokens/s; on accelerators >= 45% of the chip's published peak; <= 2 GB of compiled temporaries at >= 2048
-# tokens; FINCH costing at most 1% over AdamW.
-TARGETS = {"finch_over_adamw": 1.01, "jax_over_torch_eager": 0.8, "mfu_cpu": 0.7, "mfu_spec": 0.45, "temp_bytes": 2e9}
+# The targets: on CPU the fp32 step at >= 75% of the fp32 matmul peak measured in the run and >= 0.65x PyTorch
+# eager's fp32 tokens/s (issue #27; #15 asked 70% and 0.8x); on accelerators >= 45% of the chip's published peak;
+# <= 2 GB of compiled temporaries at >= 2048 tokens; FINCH costing at most 1% over AdamW. Checked on the run's
+# primary dtype (its first: float32 on CPU); other dtypes' figures are reported, not targeted.
+TARGETS = {"finch_over_adamw": 1.01, "jax_over_torch_eager": 0.65, "mfu_cpu": 0.75, "mfu_spec": 0.45, "temp_bytes": 2e9}
 
 
 def check_targets(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,12 +82,12 @@ def check_targets(result: Mapping[str, Any]) -> dict[str, Any]:
     finch = (ratios.get("finch_over_adamw_step_time") or {}).get("ratio")
     target("finch_over_adamw_le_1.01", finch, finch is not None and finch <= TARGETS["finch_over_adamw"])
     eager = (ratios.get("jax_over_torch_eager_tokens_per_s") or {}).get("ratio")
-    target("jax_over_torch_eager_ge_0.8", eager, eager is not None and eager >= TARGETS["jax_over_torch_eager"])
+    target("jax_over_torch_eager_ge_0.65", eager, eager is not None and eager >= TARGETS["jax_over_torch_eager"])
     main = runners.get("jax finch_adamw") or runners.get("jax adamw") or {}
     if (result.get("meta") or {}).get("backend") == "cpu":
         mfu = main.get("mfu")
         target(
-            "mfu_ge_0.7_of_measured_peak", mfu, mfu is not None and mfu >= TARGETS["mfu_cpu"], applies=tokens >= 2048
+            "mfu_ge_0.75_of_measured_peak", mfu, mfu is not None and mfu >= TARGETS["mfu_cpu"], applies=tokens >= 2048
         )
     else:
         mfu = main.get("mfu_spec")
@@ -141,6 +142,30 @@ def format_profile(profile: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def format_matmuls(block: Mapping[str, Any] | None) -> list[str]:
+    """The ``matmuls`` section as table lines: GFLOP/s per shape, one column per framework/flag set and dtype."""
+    if not block or not block.get("gflops"):
+        return []
+    labels = list(block["gflops"])
+    dtypes = ("float32", "bfloat16")
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    lines = [
+        "",
+        f"matmul GFLOP/s at the model's shapes (best of {block['rounds']} rounds x {block['iters']} calls; "
+        "M = the batch's tokens)",
+        "| shape (M x K x N) | " + " | ".join(f"{label} {short[d]}" for label in labels for d in dtypes) + " |",
+        "|---|" + "---:|" * (len(labels) * len(dtypes)),
+    ]
+    for shape, (m, k, n) in block["shapes"].items():
+        cells = [_fmt((block["gflops"][label].get(shape) or {}).get(d), ".0f") for label in labels for d in dtypes]
+        lines.append(f"| {shape} ({m} x {k} x {n}) | " + " | ".join(cells) + " |")
+    best = block.get("best_jax_flag_set") or {}
+    lines.append("fastest XLA flag set by geometric mean: " + ", ".join(f"{short[d]} {best.get(d)}" for d in dtypes))
+    for label, err in (block.get("errors") or {}).items():
+        lines.append(f"{label}: error: {err[:120]}")
+    return lines
+
+
 def format_table(result: Mapping[str, Any]) -> str:
     """A short plain-text (and Markdown-compatible) table of the run."""
     lines = []
@@ -161,6 +186,17 @@ def format_table(result: Mapping[str, Any]) -> str:
         )
         + (f"; spec peak {peak['spec_flops_per_s'] / 1e12:.0f} TFLOP/s" if peak.get("spec_flops_per_s") else "")
     )
+    for name, other in (result.get("peaks") or {}).items():
+        if name != model["compute_dtype"]:
+            lines.append(
+                f"{name} matmul peak {other['peak_flops_per_s'] / 1e9:.1f} GFLOP/s at the start"
+                + (
+                    f", {other['interleaved_flops_per_s'] / 1e9:.1f} between the steps (MFU basis of its runners: "
+                    f"{other.get('mfu_basis')})"
+                    if other.get("interleaved_flops_per_s")
+                    else ""
+                )
+            )
     loads = [meta.get("load_average"), meta.get("load_average_end")]
     if all(loads):
         lines.append(
@@ -190,6 +226,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         for k, v in ratios.items():
             lines.append(f"{k}: {v['ratio']:.3f} (per-round {v['low']:.3f} .. {v['high']:.3f})")
     lines.extend(format_profile(result.get("profile")))
+    lines.extend(format_matmuls(result.get("matmuls")))
     for section in ("variants", "trees", "remat", "lora", "flags", "scaling"):
         block = result.get(section)
         if not block:

@@ -24,18 +24,21 @@ from train.bench.sections import (
     run_flags_section,
     run_lora_section,
     run_main_sections,
+    run_matmuls_section,
     run_profile_section,
     run_remat_section,
     run_scaling_section,
     run_trees_section,
     run_variants_section,
 )
-from train.bench.spec import BenchSpec, BenchTooLong, compute_dtype_name, model_config, spec_to_json, validate
+from train.bench.spec import BenchSpec, BenchTooLong, compute_dtypes, model_config, spec_to_json, validate
 from train.chips import spec_peak_flops
 
-__all__ = ["SCHEMA_VERSION", "run_bench"]
+__all__ = ["DTYPE_TAGS", "SCHEMA_VERSION", "run_bench"]
 
 SCHEMA_VERSION = 1
+# The tag a runner or ratio of a second compute dtype carries ("jax finch_adamw bf16", "..._tokens_per_s_bf16").
+DTYPE_TAGS = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def run_bench(
@@ -48,7 +51,8 @@ def run_bench(
     """
     validate(spec, jax.device_count())
     backend = jax.default_backend()
-    dtype_name = compute_dtype_name(spec, backend)
+    dtypes = compute_dtypes(spec, backend)
+    dtype_name = dtypes[0]  # the primary dtype: the one of every single-dtype section
     cfg = model_config(spec, dtype_name)
     shape = flops_lib.shape_of(cfg)
     tokens = spec.batch_size * spec.seq_len
@@ -64,6 +68,7 @@ def run_bench(
             "matmul_params": flops_lib.matmul_param_count(shape),
             **dataclasses.asdict(shape),
             "compute_dtype": dtype_name,
+            "compute_dtypes": list(dtypes),
             "param_dtype": "float32",
             "remat": cfg.remat,
             "scan_layers": cfg.scan_layers,
@@ -76,11 +81,13 @@ def run_bench(
             "convention": "matmuls only, 2 FLOPs per MAC, attention over all T keys, training = 3x forward",
         },
         "peak": None,
+        "peaks": {},
         "estimate_s": None,
         "runners": [],
         "ratios": {},
         "targets": {},
         "profile": None,
+        "matmuls": None,
         "variants": None,
         "trees": None,
         "remat": None,
@@ -100,15 +107,18 @@ def run_bench(
             write_json(result, out)
 
     wall_start = time.perf_counter()
-    log(f"measuring the {dtype_name} matmul peak on {backend}")
-    peak_info = measure_matmul_peak(dtype_name, sizes=spec.peak_sizes or None)
-    peak = peak_info["peak_flops_per_s"]
-    spec_peak = spec_peak_flops(jax.devices()[0].device_kind, dtype_name)
-    # The chip's published peak, for the MFU MaxText and Levanter report (accelerators only; see chips.py).
-    peak_info["spec_flops_per_s"] = None if spec_peak is None else spec_peak * peak_info["devices_counted"]
-    result["peak"] = peak_info
-    log(f"peak {peak / 1e9:.1f} GFLOP/s")
-    est = estimate_seconds(spec, shape, peak)
+    for name in dtypes:  # the MFU basis of each dtype's runners: a matmul peak in that dtype
+        log(f"measuring the {name} matmul peak on {backend}")
+        peak_info = measure_matmul_peak(name, sizes=spec.peak_sizes or None)
+        spec_peak = spec_peak_flops(jax.devices()[0].device_kind, name)
+        # The chip's published peak, for the MFU MaxText and Levanter report (accelerators only; see chips.py).
+        peak_info["spec_flops_per_s"] = None if spec_peak is None else spec_peak * peak_info["devices_counted"]
+        result["peaks"][name] = peak_info
+        log(f"{name} peak {peak_info['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    result["peak"] = result["peaks"][dtype_name]
+    peak = result["peak"]["peak_flops_per_s"]
+    slowest = min(p["peak_flops_per_s"] for p in result["peaks"].values())
+    est = estimate_seconds(spec, shape, slowest, dtypes=len(dtypes))
     result["estimate_s"] = est
     log(
         f"estimated duration ~{est['total'] / 60:.1f} min (limit {spec.max_minutes:g} min): "
@@ -123,11 +133,19 @@ def run_bench(
     worker_timeout = max(120.0, spec.max_minutes * 60)
     counts = {"tokens": tokens, "step_flops": step_flops}
     if {"step", "finch", "torch"} & set(spec.sections):
-        result["runners"], result["ratios"] = run_main_sections(spec, dtype_name, peak_info, **counts)
-        for r in result["runners"]:
-            if "achieved_flops_per_s" in r:
-                spec_total = peak_info["spec_flops_per_s"]
-                r["mfu_spec"] = None if spec_total is None else r["achieved_flops_per_s"] / spec_total
+        for name in dtypes:  # one pass of the main sections per dtype; the runners of the others carry its tag
+            peak_info = result["peaks"][name]
+            runners, ratios = run_main_sections(spec, name, peak_info, **counts)
+            tag = "" if name == dtype_name else DTYPE_TAGS[name]
+            for r in runners:
+                r["dtype"] = name
+                r["name"] += f" {tag}" if tag else ""
+                if "achieved_flops_per_s" in r:
+                    spec_total = peak_info["spec_flops_per_s"]
+                    r["mfu_spec"] = None if spec_total is None else r["achieved_flops_per_s"] / spec_total
+            result["runners"] += runners
+            result["ratios"].update({f"{k}_{tag}" if tag else k: v for k, v in ratios.items()})
+            checkpoint()
         result["memory"] = {
             "device": device_memory(),
             "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -135,6 +153,9 @@ def run_bench(
         checkpoint()
     if "profile" in spec.sections:
         result["profile"] = run_profile_section(spec, dtype_name, forward_per_token=forward, tokens=tokens)
+        checkpoint()
+    if "matmuls" in spec.sections:
+        result["matmuls"] = run_matmuls_section(spec, cfg, worker_timeout)
         checkpoint()
     # The comparison sections: in this process (by compute dtype) or in worker processes (by their time limit).
     comparisons = (

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from train.bench.jax_runner import build_jax_runner, spec_devices
+from train.bench.matmuls import MATMUL_DTYPES, matmul_shapes
 from train.bench.peak import build_peak_probe
 from train.bench.profile_xla import ATTN, LMHEAD, MLP, PROJ
 from train.bench.runner import Runner, log
@@ -27,6 +28,7 @@ from train.bench.worker import Worker, run_worker_section, worker_env, worker_re
 __all__ = [
     "run_flags_section",
     "run_main_sections",
+    "run_matmuls_section",
     "run_profile_section",
     "run_remat_section",
     "run_scaling_section",
@@ -404,4 +406,74 @@ def run_profile_section(
         finally:
             worker.close()
     out["load_average_after"] = list(os.getloadavg())
+    return out
+
+
+def run_matmuls_section(spec: BenchSpec, cfg: Any, timeout_s: float) -> dict[str, Any]:
+    """The model's forward matmul shapes (M = the batch's tokens) timed alone: PyTorch in one worker, JAX in one
+    worker per XLA flag set (``--flag-sets``), each in float32 and bfloat16. The workers take turns round by round
+    (``--rounds``); each keeps its best GFLOP/s per shape and dtype over the rounds (``--matmul-iters`` calls a
+    round). Answers "what can this CPU's kernels do at the model's shapes", the ceiling of each framework's step."""
+    shapes = matmul_shapes(
+        cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size,
+        spec.batch_size * spec.seq_len,
+    )  # fmt: skip
+    jobs = [
+        ("torch", {"spec": spec_to_json(spec), "layouts": [], "dtype": "float32"}, worker_env(1, "", platform=None))
+    ]
+    jobs += [
+        (f"jax {name}", {"spec": spec_to_json(spec), "layouts": []}, worker_env(1, FLAG_SETS[name]))
+        for name in dict.fromkeys(spec.flag_sets)
+    ]
+    best: dict[str, dict[str, dict[str, float]]] = {}
+    errors: dict[str, str] = {}
+    workers: list[tuple[str, Worker]] = []
+    try:
+        for label, job, env in jobs:
+            log(f"matmuls: starting worker {label}")
+            worker = Worker(label, job, env, timeout_s)
+            try:
+                worker.receive()
+            except BenchError as e:
+                worker.close()
+                errors[label] = str(e)[:500]
+                continue
+            workers.append((label, worker))
+        for rnd in range(spec.rounds):
+            for label, worker in workers:
+                log(f"matmuls: round {rnd + 1}/{spec.rounds}: {label}")
+                framework = label.split()[0]
+                try:
+                    rates = worker.matmuls(framework, shapes, MATMUL_DTYPES, spec.matmul_iters)
+                except BenchError as e:  # a flag set that crashes XLA on one of the shapes
+                    errors[label] = str(e)[:500]
+                    continue
+                for shape, by_dtype in rates.items():
+                    for dtype, rate in by_dtype.items():
+                        kept = best.setdefault(label, {}).setdefault(shape, {})
+                        kept[dtype] = max(kept.get(dtype, 0.0), rate)
+    finally:
+        for _, worker in workers:
+            worker.close()
+    return {
+        "shapes": {name: list(mkn) for name, mkn in shapes.items()},
+        "gflops": best,
+        "best_jax_flag_set": _best_flag_sets(best),
+        "errors": errors,
+        "iters": spec.matmul_iters,
+        "rounds": spec.rounds,
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def _best_flag_sets(best: dict[str, dict[str, dict[str, float]]]) -> dict[str, str | None]:
+    """Per dtype, the JAX flag set with the highest geometric mean GFLOP/s over the shapes."""
+    out: dict[str, str | None] = {}
+    for dtype in MATMUL_DTYPES:
+        means = {
+            label: statistics.geometric_mean([by[dtype] for by in rates.values()])
+            for label, rates in best.items()
+            if label.startswith("jax ") and all(dtype in by and by[dtype] > 0 for by in rates.values())
+        }
+        out[dtype] = max(means, key=means.get).split(" ", 1)[1] if means else None
     return out

@@ -18,6 +18,7 @@ import models
 __all__ = [
     "DEFAULT_FLAG_SETS",
     "DEFAULT_SECTIONS",
+    "DTYPES",
     "FLAG_SETS",
     "LAYOUTS",
     "SECTIONS",
@@ -25,6 +26,7 @@ __all__ = [
     "BenchSpec",
     "BenchTooLong",
     "compute_dtype_name",
+    "compute_dtypes",
     "mesh_sizes",
     "model_config",
     "model_settings",
@@ -35,7 +37,10 @@ __all__ = [
     "variant_spec",
 ]
 
-SECTIONS = ("step", "finch", "torch", "profile", "variants", "trees", "remat", "lora", "flags", "scaling")
+SECTIONS = (
+    "step", "finch", "torch", "profile", "matmuls", "variants", "trees", "remat", "lora", "flags", "scaling",
+)  # fmt: skip
+DTYPES = ("float32", "bfloat16")
 DEFAULT_SECTIONS = ("step", "finch", "torch", "profile")
 LAYOUTS = ("data", "fsdp", "tensor")
 
@@ -54,6 +59,11 @@ FLAG_SETS: dict[str, str] = {
     "ynn-no-reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
     "no-ynn": "--xla_cpu_experimental_ynn_fusion_type=",
     "xnn-dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
+    # The issue's bf16 candidates: oneDNN for the dots (as a library call, as a custom call, or fused), XNNPACK.
+    "xnnpack": "--xla_cpu_use_xnnpack=true",
+    "onednn-custom-call": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+    "onednn-dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "ynn-dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
 }
 DEFAULT_FLAG_SETS = ("default", "xnn-greedy", "xnn-greedy-slinky", "onednn", "no-xnnpack")
 
@@ -74,7 +84,7 @@ class BenchSpec:
     overrides: tuple[str, ...] = ()  # model config fields, "key=value"
     batch_size: int = 4
     seq_len: int = 512
-    dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+    dtype: str = "auto"  # compute dtype(s), comma-separated: auto = float32,bfloat16 on CPU, bfloat16 on GPU/TPU
     mesh: str = "data=-1"
     devices: int = 0  # use the first N devices (0 = all)
     remat: bool = False
@@ -94,6 +104,7 @@ class BenchSpec:
     max_minutes: float = 60.0
     seed: int = 0
     peak_sizes: tuple[int, ...] = ()  # square matmul sizes for the peak (empty = 1024,2048 on CPU, 4096,8192 else)
+    matmul_iters: int = 5  # the ``matmuls`` section: calls per shape, dtype and round (the best one counts)
 
 
 def spec_to_json(spec: BenchSpec) -> dict[str, Any]:
@@ -174,12 +185,22 @@ def _parse_override(item: str, cfg: models.ModelConfig) -> tuple[str, Any]:
     return key, value
 
 
-def compute_dtype_name(spec: BenchSpec, backend: str) -> str:
+def compute_dtypes(spec: BenchSpec, backend: str) -> tuple[str, ...]:
+    """The compute dtypes the spec asks for, the first one primary (the only one of the sections that run a single
+    dtype: profile, variants, trees, remat, lora, flags, scaling). ``auto``: float32 then bfloat16 on CPU (which
+    has no bf16 matmul units to speak of, but users ask), bfloat16 on accelerators."""
     if spec.dtype == "auto":
-        return "float32" if backend == "cpu" else "bfloat16"
-    if spec.dtype not in ("float32", "bfloat16"):
-        raise BenchError(f"--dtype {spec.dtype!r} is not one of auto, float32, bfloat16")
-    return spec.dtype
+        return DTYPES if backend == "cpu" else ("bfloat16",)
+    names = tuple(dict.fromkeys(d.strip() for d in spec.dtype.split(",") if d.strip()))
+    bad = [d for d in names if d not in DTYPES]
+    if bad or not names:
+        raise BenchError(f"--dtype {spec.dtype!r}: each must be one of float32, bfloat16 (or auto)")
+    return names
+
+
+def compute_dtype_name(spec: BenchSpec, backend: str) -> str:
+    """The primary compute dtype (:func:`compute_dtypes`' first)."""
+    return compute_dtypes(spec, backend)[0]
 
 
 def _base_config(spec: BenchSpec) -> models.ModelConfig:
@@ -254,6 +275,9 @@ def validate(spec: BenchSpec, num_devices: int) -> None:
     bad = [layout for layout in spec.scaling_layouts if layout not in LAYOUTS]
     if bad:
         raise BenchError(f"--scaling-layouts: unknown {bad}; choose from {', '.join(LAYOUTS)}")
+    compute_dtypes(spec, "cpu")  # a bad --dtype
+    if spec.matmul_iters < 1:
+        raise BenchError(f"--matmul-iters must be >= 1, got {spec.matmul_iters}")
     if spec.lora_rank < 1:
         raise BenchError(f"--lora-rank must be >= 1, got {spec.lora_rank}")
     if any(n < 1 for n in spec.scaling_devices):

@@ -4,7 +4,8 @@ XLA reads its flags and the simulated device count once per process, and PyTorch
 client, so the ``flags``, ``scaling`` and ``torch`` runners live in ``python -m train.bench.worker JOB`` processes.
 Protocol, one JSON object per line: the worker prints ``TAG {"ready": ...}`` once its runners are compiled, answers
 each ``{"op": "run", "name": N, "steps": k}`` with ``TAG {"times": [...]}`` (timed inside the worker), each
-``{"op": "profile", ...}`` with ``TAG {"profile": {...}}`` (the runner's time by op class) and exits on
+``{"op": "profile", ...}`` with ``TAG {"profile": {...}}`` (the runner's time by op class), each ``{"op": "matmuls",
+...}`` with ``TAG {"matmuls": {...}}`` (:mod:`train.bench.matmuls`) and exits on
 ``{"op": "quit"}``. Only one worker computes at a time, so workers take turns like in-process runners.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 import jax
 
 from train.bench.jax_runner import build_jax_runner
+from train.bench.matmuls import time_matmuls
 from train.bench.runner import Runner, log
 from train.bench.spec import BenchError, BenchSpec, compute_dtype_name, spec_from_json
 from train.bench.stats import step_result, timed_steps
@@ -95,6 +97,13 @@ class Worker:
         self.proc.stdin.write(json.dumps({"op": "run", "name": name, "steps": steps}) + "\n")
         self.proc.stdin.flush()
         return self.receive()["times"]
+
+    def matmuls(self, framework: str, shapes: dict, dtypes: Sequence[str], iters: int) -> dict[str, Any]:
+        """Best GFLOP/s per shape and dtype of ``framework``'s matmuls in the worker (:mod:`train.bench.matmuls`)."""
+        op = {"op": "matmuls", "framework": framework, "shapes": shapes, "dtypes": list(dtypes), "iters": iters}
+        self.proc.stdin.write(json.dumps(op) + "\n")
+        self.proc.stdin.flush()
+        return self.receive()["matmuls"]
 
     def profile(self, name: str, steps: int) -> dict[str, Any]:
         """The runner's time split by op class over ``steps`` profiled steps (:attr:`Runner.profile`)."""
@@ -219,6 +228,10 @@ def serve(job: dict[str, Any]) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
             break
+        if cmd["op"] == "matmuls":
+            rates = time_matmuls(cmd["framework"], cmd["shapes"], cmd["dtypes"], int(cmd["iters"]))
+            print(TAG + json.dumps({"matmuls": rates}), flush=True)
+            continue
         runner = runners[cmd["name"]]
         if cmd["op"] == "profile":
             print(TAG + json.dumps({"profile": runner.profile(int(cmd["steps"]))}), flush=True)
