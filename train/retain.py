@@ -27,7 +27,7 @@ copy of the model in memory:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,6 +36,7 @@ import numpy as np
 
 from train import data as data_lib
 from train import step as step_lib
+from train.validation import host_scalar, padded_batches
 
 __all__ = ["RetainEvaluator", "lumped_kl", "token_kl"]
 
@@ -116,29 +117,19 @@ class RetainEvaluator:
         self._base_reference, self._score, self._score_exact = base_reference, score, score_exact
         self._references = None
         if not exact_base:
-            self._references = [base_reference(base_params, frozen, self._to_device(b)) for b in self._batches()]
-
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        n = len(self.rows)
-        for start in range(0, n, self.batch_size):
-            index = np.arange(start, start + self.batch_size)
-            batch = self.rows.take(np.minimum(index, n - 1))
-            if index[-1] >= n:  # pad with copies of the last row, weighted 0
-                batch["loss_mask"] = batch["loss_mask"] * (index < n)[:, None].astype(np.float32)
-            yield batch
+            self._references = [
+                base_reference(base_params, frozen, self._to_device(b))
+                for b in padded_batches(self.rows, self.batch_size)
+            ]
 
     def __call__(self, params: Any, frozen: Any = None) -> dict[str, float]:
         kl = nll = tokens = 0.0
-        for i, host_batch in enumerate(self._batches()):
+        for i, host_batch in enumerate(padded_batches(self.rows, self.batch_size)):
             batch = self._to_device(host_batch)
             if self.exact_base:
                 sums = self._score_exact(params, self._base_params, frozen, batch)
             else:
                 sums = self._score(params, frozen, batch, self._references[i])
-            kl_sum, nll_sum, weight = (float(np.asarray(jax.device_get(_replica(x)))) for x in sums)
+            kl_sum, nll_sum, weight = (host_scalar(x) for x in sums)
             kl, nll, tokens = kl + kl_sum, nll + nll_sum, tokens + weight
         return {"retain_kl": kl / max(tokens, 1.0), "retain_loss": nll / max(tokens, 1.0), "retain_tokens": tokens}
-
-
-def _replica(x: jax.Array) -> jax.Array:
-    return x if x.is_fully_addressable else x.addressable_data(0)

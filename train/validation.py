@@ -48,24 +48,26 @@ class Validator:
             in_shardings=(params_sharding, frozen_sharding, batch_sharding),
         )
 
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        n = len(self.rows)
-        for start in range(0, n, self.batch_size):
-            index = np.arange(start, start + self.batch_size)
-            batch = self.rows.take(np.minimum(index, n - 1))
-            if index[-1] >= n:  # pad with copies of the last row, weighted 0
-                batch["loss_mask"] = batch["loss_mask"] * (index < n)[:, None].astype(np.float32)
-            yield batch
-
     def __call__(self, params: Any, frozen: Any = None) -> tuple[float, float]:
         total = weight = 0.0
-        for batch in self._batches():
+        for batch in padded_batches(self.rows, self.batch_size):
             loss_sum, weight_sum = self._sums(params, frozen, self._to_device(batch))
-            total += float(np.asarray(jax.device_get(_replica(loss_sum))))
-            weight += float(np.asarray(jax.device_get(_replica(weight_sum))))
+            total += host_scalar(loss_sum)
+            weight += host_scalar(weight_sum)
         return total / max(weight, 1.0), weight
 
 
-def _replica(x: jax.Array) -> jax.Array:
-    # A replicated scalar of a multi-process run: every process holds the full value.
-    return x if x.is_fully_addressable else x.addressable_data(0)
+def host_scalar(x: jax.Array) -> float:
+    """A scalar on the host; of a multi-process run's replicated scalar, every process reads its own copy."""
+    return float(np.asarray(jax.device_get(x if x.is_fully_addressable else x.addressable_data(0))))
+
+
+def padded_batches(rows: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """``rows`` in order, ``batch_size`` at a time; the last batch is padded with copies of the last row, weighted 0."""
+    n = len(rows)
+    for start in range(0, n, batch_size):
+        index = np.arange(start, start + batch_size)
+        batch = rows.take(np.minimum(index, n - 1))
+        if index[-1] >= n:
+            batch["loss_mask"] = batch["loss_mask"] * (index < n)[:, None].astype(np.float32)
+        yield batch
