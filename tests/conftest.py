@@ -9,8 +9,9 @@ train step is compiled by dozens of processes, and XLA:CPU's compile dominates t
 by the program, the compile options, the devices and the jax/jaxlib version, so a hit runs the same executable a
 fresh compile would build. ``FINCH_TEST_JAX_CACHE=`` (empty) turns it off.
 
-Token caches (``train.token_cache``) go to a temporary directory of the session (``FINCH_TOKEN_CACHE``, inherited by
-the xdist workers and subprocesses), removed at exit, never to the user's ``~/.cache``.
+Token caches (``train.token_cache``) and downloaded ``gs://`` inputs go to temporary directories of the session
+(``FINCH_TOKEN_CACHE``, ``FINCH_DOWNLOADS``, inherited by the xdist workers and subprocesses), removed at exit,
+never to the user's ``~/.cache``.
 """
 
 import atexit
@@ -30,10 +31,10 @@ if _cache:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-if not os.environ.get("FINCH_TOKEN_CACHE"):
-    _tokens = tempfile.mkdtemp(prefix="finch-test-tokens-")
-    os.environ["FINCH_TOKEN_CACHE"] = _tokens
-    atexit.register(shutil.rmtree, _tokens, ignore_errors=True)
+for _variable, _prefix in (("FINCH_TOKEN_CACHE", "finch-test-tokens-"), ("FINCH_DOWNLOADS", "finch-test-downloads-")):
+    if not os.environ.get(_variable):
+        os.environ[_variable] = tempfile.mkdtemp(prefix=_prefix)
+        atexit.register(shutil.rmtree, os.environ[_variable], ignore_errors=True)
 
 # --------------------------------------------------------------------------------------------------------------------
 # A local Google Cloud Storage emulator for the gs:// tests (no network)

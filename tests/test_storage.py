@@ -5,14 +5,17 @@ The emulator is fake-gcs-server on 127.0.0.1 (the ``gcs_emulator`` fixture of co
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import models
 from train import runlock, storage
 from train.config import load_config
 from train.run_folder import default_name, resolve
@@ -160,13 +163,90 @@ def test_bad_url_exits_2_before_the_model_loads(tmp_path):
     assert os.listdir(tmp_path) == ["train.jsonl"]  # no "s3:" folder, no runs/
 
 
-def test_data_and_token_cache_urls_are_refused_before_anything_loads():
+def test_data_urls_that_cannot_work_are_refused_before_anything_loads(gcs_bucket):
     from train.finetune import _check_locations
 
-    for key in ("data.train_files=[gs://b/train.jsonl]", "data.cache_dir=gs://b/tokens"):
+    for key, message in (
+        ("data.train_files=[s3://b/train.jsonl]", "data.train_files='s3://b/train.jsonl': s3:// is not supported"),
+        (f"data.train_files=[{gcs_bucket}/missing.jsonl]", f"data.train_files: {gcs_bucket}/missing.jsonl does not"),
+        ("data.validation_files=[gs://no-such-bucket-x/v.jsonl]", "bucket no-such-bucket-x does not exist"),
+        ("data.cache_dir=gs://no-such-bucket-x/tokens", "data.cache_dir='gs://no-such-bucket-x/tokens': bucket"),
+    ):
         cfg = resolve(load_config(None, ["model.source=preset:tiny", "output.dir=/tmp/x", key]))
-        with pytest.raises(storage.StorageError, match="is a URL; data is read from local files"):
+        with pytest.raises(storage.StorageError, match=re.escape(message)):
             _check_locations(cfg)
+
+
+def _put(url, data: bytes):
+    with storage.path(url).open("wb") as f:
+        f.write(data)
+
+
+def test_local_copy_downloads_once_and_again_when_the_object_changes(gcs_bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "_copies", {})  # the per-process memo: each call below must look at the bucket
+    _put(f"{gcs_bucket}/d/train.jsonl", b'{"text": "one"}\n')
+    _put(f"{gcs_bucket}/ds/data-00000-of-00001.arrow", b"A" * 10)
+    _put(f"{gcs_bucket}/ds/sub/state.json", b"{}")
+    first = storage.local_copy(f"{gcs_bucket}/d/train.jsonl", str(tmp_path))
+    assert os.path.basename(first) == "train.jsonl" and Path(first).read_bytes() == b'{"text": "one"}\n'
+    mtime = os.stat(first).st_mtime_ns
+    storage._copies.clear()
+    assert storage.local_copy(f"{gcs_bucket}/d/train.jsonl", str(tmp_path)) == first
+    assert os.stat(first).st_mtime_ns == mtime  # unchanged object: not downloaded again
+    _put(f"{gcs_bucket}/d/train.jsonl", b'{"text": "two"}\n')  # same size, new generation
+    storage._copies.clear()
+    assert Path(storage.local_copy(f"{gcs_bucket}/d/train.jsonl", str(tmp_path))).read_bytes() == b'{"text": "two"}\n'
+    folder = storage.local_copy(f"{gcs_bucket}/ds", str(tmp_path))
+    assert sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()) == [
+        "data-00000-of-00001.arrow",
+        os.path.join("sub", "state.json"),
+    ]
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        storage.local_copy(f"{gcs_bucket}/nothing-here.jsonl", str(tmp_path))
+    assert not [n for n in os.listdir(tmp_path) for m in os.listdir(tmp_path / n) if m.startswith(".download-")]
+
+
+class _CountingBytes(models.ByteTokenizer):
+    texts = 0
+
+    def encode_batch(self, texts, add_bos=False):
+        type(self).texts += len(texts)
+        return super().encode_batch(texts, add_bos=add_bos)
+
+
+def test_token_cache_on_gs_is_built_once_and_downloaded_by_another_host(gcs_bucket, tmp_path, monkeypatch):
+    """A gs:// data file and a gs:// cache: the first host tokenizes and uploads the entry; a second host (its own
+    local cache and downloads) maps the same rows without tokenizing; a changed data object is a new key."""
+    from train import data as data_lib
+    from train.config import DataConfig
+
+    monkeypatch.setattr(storage, "_copies", {})
+    lines = "".join(f'{{"text": "document {i} about finches"}}\n' for i in range(40)).encode()
+    _put(f"{gcs_bucket}/data/train.jsonl", lines)
+    cache, cfg = f"{gcs_bucket}/tokens", DataConfig(seq_len=24)
+
+    def host(name):
+        monkeypatch.setenv("FINCH_TOKEN_CACHE", str(tmp_path / name / "tokens"))
+        monkeypatch.setenv("FINCH_DOWNLOADS", str(tmp_path / name / "downloads"))
+        storage._copies.clear()
+        _CountingBytes.texts = 0
+        return data_lib.load_split(_CountingBytes(), cfg, [f"{gcs_bucket}/data/train.jsonl"], cache_dir=cache)
+
+    built = host("a")
+    assert not built.cache.hit and _CountingBytes.texts > 0
+    assert [src.name for src in built.sources] == [f"{gcs_bucket}/data/train.jsonl"]  # the URL, not the local copy
+    assert built.cache.remote.startswith(cache + "/train-") and built.cache.path.startswith(str(tmp_path / "a"))
+    assert storage.exists(built.cache.remote + "/meta.json") and storage.exists(built.cache.remote + "/tokens.bin")
+    found = host("b")
+    assert found.cache.hit and _CountingBytes.texts == 0 and found.cache.remote == built.cache.remote
+    assert found.cache.path.startswith(str(tmp_path / "b"))
+    local_file = storage.local_copy(f"{gcs_bucket}/data/train.jsonl", str(tmp_path / "c"))
+    local = data_lib.load_split(models.ByteTokenizer(), cfg, [local_file])  # in memory, no cache
+    for f in ("tokens", "targets", "loss_mask", "segment_ids"):
+        np.testing.assert_array_equal(getattr(found.rows.materialize(), f), getattr(local.rows, f), err_msg=f)
+    _put(f"{gcs_bucket}/data/train.jsonl", lines + b'{"text": "one more"}\n')
+    changed = host("b")
+    assert not changed.cache.hit and changed.cache.remote != built.cache.remote
 
 
 def test_save_clock_is_due_every_period_after_the_last_save():

@@ -116,9 +116,11 @@ def test_gs_run_folder_and_checkpoints_survive_sigkill_refuse_a_second_writer_an
 
 
 @pytest.mark.slow
-def test_two_processes_write_one_gs_run_folder_and_agree_on_time_saves(data_file, gcs_bucket):  # noqa: F811
-    """2 processes × 4 CPU devices (gloo): process 0 alone holds the lock and writes the run folder; both join the
-    orbax saves, including the one due by wall time (decided on process 0's clock, agreed every 8 steps)."""
+def test_two_processes_write_one_gs_run_folder_and_agree_on_time_saves(data_file, gcs_bucket, tmp_path):  # noqa: F811
+    """2 processes × 4 CPU devices (gloo), each with its own local disk, data and token cache in the bucket:
+    process 0 alone reads the data, builds the token cache entry and uploads it, and the other downloads the entry
+    (never the data); process 0 alone holds the lock and writes the run folder; both join the orbax saves,
+    including the one due by wall time (decided on process 0's clock, agreed every 8 steps)."""
     import subprocess
     import sys
 
@@ -127,20 +129,33 @@ def test_two_processes_write_one_gs_run_folder_and_agree_on_time_saves(data_file
     from train.checkpoint import Checkpointer, SaveClock
 
     run = f"{gcs_bucket}/multi"
+    with open(data_file, "rb") as f, storage.path(f"{gcs_bucket}/data/train.jsonl").open("wb") as g:
+        g.write(f.read())
     steps = SaveClock.AGREE_EVERY + 1
     extra = ["mesh.data=-1", "mesh.fsdp=1", f"steps={steps}", "checkpoint.every_minutes=0.00001", "checkpoint.keep=0"]
+    extra.append(f"data.cache_dir={gcs_bucket}/tokens")
     port = _free_port()
     procs = []
     for pid in range(2):
         cmd = [sys.executable, "-m", "train", "finetune", "--coordinator", f"127.0.0.1:{port}"]
-        cmd += ["--num-processes", "2", "--process-id", str(pid), *_overrides(data_file, run, every=0, extra=extra)]
+        cmd += ["--num-processes", "2", "--process-id", str(pid)]
+        cmd += _overrides(f"{gcs_bucket}/data/train.jsonl", run, every=0, extra=extra)
+        host = {"FINCH_TOKEN_CACHE": str(tmp_path / f"host{pid}" / "tokens")}
+        host["FINCH_DOWNLOADS"] = str(tmp_path / f"host{pid}" / "downloads")
         procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                cmd, cwd=ROOT, env={**_env(4), **host}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
         )
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "checkpoints" in outs[0][0] and "done " in outs[0][0]
+    assert f"token cache {gcs_bucket}/tokens/train-" in outs[0][0] and "built in" in outs[0][0]
+    assert os.listdir(tmp_path / "host0" / "downloads")  # process 0 read the data from its local copy
+    assert not (tmp_path / "host1" / "downloads").exists()  # process 1 never read it ...
+    (mirror,) = os.listdir(tmp_path / "host1" / "tokens")  # ... and mapped the entry it downloaded
+    assert [n for n in os.listdir(tmp_path / "host1" / "tokens" / mirror) if n.startswith("train-")]
     assert "done " not in outs[1][0], "only process 0 prints and writes the summaries"
     assert sorted(_gcs_metrics(run)) == list(range(1, steps + 1))
     checkpointer = Checkpointer(f"{run}/ckpt", create=False)

@@ -23,6 +23,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from train import storage
+
 __all__ = ["ChatTemplate", "ChatTemplateError", "special_token_text"]
 
 Message = Mapping[str, Any]
@@ -101,6 +103,7 @@ class ChatTemplate:
         bos = special_token_text(tokenizer, getattr(tokenizer, "bos_id", None))
         eos = special_token_text(tokenizer, getattr(tokenizer, "eos_id", None))
         if path:
+            path = storage.local_copy(path)  # a gs:// template: read from a downloaded copy
             if not os.path.isfile(path):
                 raise ChatTemplateError(f"data.chat_template file {path!r} does not exist")
             with open(path, encoding="utf-8") as f:

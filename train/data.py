@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from models import ByteTokenizer, Tokenizer
-from train import packing, readers, token_cache
+from train import packing, readers, storage, token_cache
 from train.chat_template import ChatTemplate, ChatTemplateError
 from train.config import DataConfig, TrainConfig
 from train.documents import DataError, Document, FieldMap, RowIssues, read_documents, read_file
@@ -292,10 +292,17 @@ def load_split(
     pad = padding_id(tokenizer)
     dtype = token_dtype(getattr(tokenizer, "vocab_size", None))
 
+    def local_files() -> list[str]:
+        # gs:// inputs are read from a local copy, downloaded only where they are read (process 0 of a cached split)
+        return [storage.local_copy(f) for f in files]
+
     def build(directory: str | None) -> tuple[CompactRows | None, dict[str, Any]]:
         writer = RowsWriter(seq_len, dtype, directory)
         try:
-            stats, issues = _build(tokenizer, data_cfg, fields, files, documents, what, writer, progress)
+            sources = local_files() if documents is None else files
+            stats, issues = _build(tokenizer, data_cfg, fields, sources, documents, what, writer, progress)
+            named = dict(zip(sources, files))  # a downloaded copy is reported under its URL
+            stats = [dataclasses.replace(s, name=named.get(s.name, s.name)) for s in stats]
             rows = writer.finish(pad)
         finally:
             writer.close()
@@ -312,14 +319,14 @@ def load_split(
         return rows, meta
 
     if documents is not None or cache_dir is None:
-        for path in files if documents is None else ():
+        for path in local_files() if documents is None else ():
             readers.input_kind(path, what)  # a missing or unsupported file, before any is read
         rows, meta = build(None)
         return DataSplit(rows.materialize(), *_provenance(meta))
     entry = token_cache.open_or_build(
         cache_dir,
         files,
-        key=lambda: token_cache.cache_key(files, tokenizer, data_cfg, fields, what)[0],
+        key=lambda: token_cache.cache_key(local_files(), tokenizer, data_cfg, fields, what)[0],
         pad_id=pad,
         build=lambda directory: build(directory)[1],
     )

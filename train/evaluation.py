@@ -21,6 +21,7 @@ import numpy as np
 
 from train import data as data_lib
 from train import program as program_lib
+from train import storage
 from train.config import TrainConfig
 from train.metrics_log import MetricsLogger
 from train.retain import RetainEvaluator
@@ -77,7 +78,7 @@ def generation_prompts(tokenizer: Any, cfg: TrainConfig, count: int) -> list[str
         return []
     prompts = []
     template = None
-    for doc in data_lib.read_documents(cfg.data.validation_files):
+    for doc in data_lib.read_documents([storage.local_copy(f) for f in cfg.data.validation_files]):
         if doc.messages:
             first_reply = next((i for i, m in enumerate(doc.messages) if m.get("role") == "assistant"), None)
             if first_reply is None:

@@ -179,6 +179,8 @@ def _check_files_to_read(cfg: TrainConfig, *, read_model: bool, read_data: bool)
     if cfg.data.chat_template:
         files.append(("data.chat_template", cfg.data.chat_template))
     for setting, path in files:
+        if storage.is_url(path):
+            continue  # checked in the bucket by _check_locations
         if setting.endswith("_files") and readers.is_datasets_directory(path):
             continue  # a datasets save_to_disk directory is an input; any other folder is refused below
         paths.check_file_to_read(path, setting)
@@ -187,25 +189,25 @@ def _check_files_to_read(cfg: TrainConfig, *, read_model: bool, read_data: bool)
 
 
 def _check_locations(cfg: TrainConfig) -> None:
-    """The run folder and checkpoint directory must be local paths or reachable ``gs://`` URLs; data and the token
-    cache are local only (for now): a URL there is refused here rather than failing inside a reader."""
+    """Every location may be a local path or a ``gs://`` URL: a URL must have a reachable bucket, and a data file
+    given as a URL must exist there — refused here, before anything loads, rather than inside a reader."""
     storage.check(cfg.output.dir, "output.dir")
     if cfg.checkpoint.enabled:
         storage.check(cfg.checkpoint.directory, "checkpoint.directory")
     d = cfg.data
+    if d.cache_dir:
+        storage.check(d.cache_dir, "data.cache_dir")
     for key, files in (
         ("data.train_files", d.train_files),
         ("data.validation_files", d.validation_files),
         ("data.retain_files", d.retain_files),
         ("data.chat_template", [d.chat_template] if d.chat_template else []),
-        ("data.cache_dir", [d.cache_dir] if d.cache_dir else []),
     ):
         for name in files or ():
             if storage.is_url(str(name)):
-                raise storage.StorageError(
-                    f"{key}: {name!r} is a URL; data is read from local files (copy it first, e.g. `gcloud storage "
-                    "cp`); output.dir and checkpoint.directory may be gs:// URLs"
-                )
+                storage.check(name, key)
+                if not storage.exists(name):
+                    raise storage.StorageError(f"{key}: {name} does not exist")
 
 
 def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
@@ -255,7 +257,7 @@ def _load_inputs(cfg, model, tokenizer, documents, transform_rows) -> _Inputs:
             raise data_lib.DataError(f"token id {split_rows.max_token_id} is outside the model's vocabulary of {vocab}")
     chat_template = None
     if cfg.data.chat_template:
-        with open(cfg.data.chat_template, encoding="utf-8") as f:
+        with open(storage.local_copy(cfg.data.chat_template), encoding="utf-8") as f:
             chat_template = f.read()
     if train.cache is not None and transform_rows is None:
         fingerprint = train.cache.fingerprint

@@ -2,12 +2,16 @@
 
 Checkpoints go through orbax, which speaks ``gs://`` itself (``etils.epath`` for its small files, tensorstore for
 the arrays): :class:`train.checkpoint.Checkpointer` hands it the URL unchanged. Every other file goes through this
-module, so the run folder, and later the data files and the token cache, accept the same URLs:
+module, so the run folder, the data files and the token cache accept the same URLs:
 
 * :func:`check` refuses a location that cannot work — an unknown scheme (``s3://``, a typo), ``gs://`` without the
   ``gcs`` extra installed, an emulator half configured, a bucket that does not exist — as a :class:`StorageError`
   (a ``ConfigError``: exit 2), before any model is loaded.
 * :func:`join`, :func:`exists`, :func:`read_text`, :func:`write_text`, :func:`path` work on both kinds.
+* :func:`local_copy` is how data is read from a URL: the readers (JSONL, parquet, ``datasets`` directories, the
+  tokenizer's batch encoder) want local files, so a ``gs://`` input is downloaded once into :func:`download_dir` and
+  read there; a later run downloads it again only when the object changed (its size or generation differ).
+* :func:`upload_folder` / :func:`download_folder` move a folder of files whole (the token cache's entries).
 * :class:`StagedFolder` is how a run folder lives on object storage. Object stores cannot append, and
   ``metrics.jsonl`` and TensorBoard's event files grow by appending, so a ``gs://`` run folder is written in a local
   *staging folder* (``$TMPDIR/finch-stage-<hash of the URL>``), and :meth:`StagedFolder.push` uploads every file
@@ -23,6 +27,7 @@ at a local emulator with :data:`EMULATOR_ENV` and ``STORAGE_EMULATOR_HOST`` / ``
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -33,6 +38,10 @@ from models.config import ConfigError
 
 __all__ = [
     "EMULATOR_ENV",
+    "download_dir",
+    "download_folder",
+    "local_copy",
+    "upload_folder",
     "StagedFolder",
     "StorageError",
     "check",
@@ -264,3 +273,119 @@ class StagedFolder:
             return
         self.push()
         shutil.rmtree(self.local, ignore_errors=True)
+
+
+# -- data read from object storage: a local copy, downloaded once ------------------------------------------------------
+
+
+def download_dir() -> str:
+    """Where :func:`local_copy` keeps downloaded inputs: ``$FINCH_DOWNLOADS``, else
+    ``$XDG_CACHE_HOME/finch-train/downloads`` (``~/.cache/finch-train/downloads``)."""
+    if os.environ.get("FINCH_DOWNLOADS"):
+        return os.environ["FINCH_DOWNLOADS"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "finch-train", "downloads")
+
+
+def _bare(location: str) -> str:
+    """``bucket/path`` of ``gs://bucket/path/`` (what gcsfs takes)."""
+    return location.split("://", 1)[1].rstrip("/")
+
+
+def _objects(location: str) -> dict[str, dict[str, Any]]:
+    """``{relative name: {size, generation}}`` of the object ``location`` (name ``""``) or of every object under it."""
+    fs = _gcs_filesystem()
+    target = _bare(location)
+    if fs.isfile(target):
+        info = fs.info(target)
+        return {"": {"size": info["size"], "generation": str(info.get("generation", info.get("md5Hash", "")))}}
+    found = fs.find(target, detail=True)
+    return {
+        name[len(target) + 1 :]: {
+            "size": info["size"],
+            "generation": str(info.get("generation", info.get("md5Hash", ""))),
+        }
+        for name, info in sorted(found.items())
+        if info.get("type") != "directory"
+    }
+
+
+_copies: dict[str, str] = {}  # URL -> its local copy, checked against the bucket once per process
+
+
+def local_copy(location: str, root: str | None = None) -> str:
+    """A local path with ``location``'s bytes: ``location`` itself when it is local; for a ``gs://`` object (or a
+    folder of objects, e.g. a ``datasets`` directory) a copy in ``root`` (default :func:`download_dir`), named
+    ``<12 hex digits of the URL's SHA-256>/<its last name>`` so that error messages still name the file.
+
+    The copy is reused while every object has the size and generation recorded when it was downloaded; otherwise it
+    is downloaded again, into a temporary folder renamed into place (a killed download leaves no half copy).
+
+    Raises:
+      StorageError: nothing exists at ``location``, or it cannot be read.
+    """
+    if not is_url(location):
+        return location
+    if location in _copies:
+        return _copies[location]
+    try:
+        objects = _objects(location)
+    except Exception as e:
+        raise StorageError(f"{location}: cannot list it ({type(e).__name__}: {e})") from None
+    if not objects:
+        raise StorageError(f"{location} does not exist")
+    digest = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:12]
+    home = os.path.join(root or download_dir(), digest)
+    local = os.path.join(home, os.path.basename(_bare(location)) or "data")
+    stamp = os.path.join(home, "objects.json")
+    try:
+        with open(stamp, encoding="utf-8") as f:
+            fresh = json.load(f) == objects and os.path.exists(local)
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        _download(location, objects, home, local, stamp)
+    _copies[location] = local
+    return local
+
+
+def _download(location: str, objects: dict[str, dict[str, Any]], home: str, local: str, stamp: str) -> None:
+    fs = _gcs_filesystem()
+    os.makedirs(home, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=home)
+    try:
+        target = os.path.join(tmp, "x")
+        for name in objects:
+            dst = os.path.join(target, *name.split("/")) if name else target
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            fs.get_file(_bare(location) + ("/" + name if name else ""), dst)
+        if os.path.isdir(local):
+            shutil.rmtree(local)
+        elif os.path.exists(local):
+            os.remove(local)
+        os.rename(target, local)
+        with open(stamp, "w", encoding="utf-8") as f:
+            json.dump(objects, f)
+    except OSError as e:
+        raise StorageError(f"{location}: cannot download it to {home} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def upload_folder(local: str, location: str, last: str | None = None) -> None:
+    """Uploads every file under ``local`` to ``location`` (a ``gs://`` folder); ``last`` (a file name) goes last, so
+    a reader that waits for it sees every other file."""
+    fs = _gcs_filesystem()
+    names = sorted(os.path.relpath(os.path.join(r, n), local) for r, _, files in os.walk(local) for n in files)
+    names.sort(key=lambda n: n == last)
+    for name in names:
+        fs.put_file(os.path.join(local, name), _bare(location) + "/" + name.replace(os.sep, "/"))
+
+
+def download_folder(location: str, local: str) -> None:
+    """Downloads every object under ``location`` into ``local`` (created; files there are replaced)."""
+    fs = _gcs_filesystem()
+    for name in _objects(location):
+        dst = os.path.join(local, *name.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        fs.get_file(_bare(location) + "/" + name, dst)

@@ -122,7 +122,8 @@ def _cache_line(entry: Any) -> str:
     else:
         rate = tokens / max(meta["build_seconds"], 1e-9)
         how = f"built in {meta['build_seconds']:.1f} s, {rate / 1e6:.2f}M tokens/s"
-    return f"token cache {entry.path} ({how}; {size / 2**20:,.1f} MiB, {size / max(tokens, 1):.2f} bytes/token)"
+    where = entry.path if entry.remote is None else f"{entry.remote} (mapped from {entry.path})"
+    return f"token cache {where} ({how}; {size / 2**20:,.1f} MiB, {size / max(tokens, 1):.2f} bytes/token)"
 
 
 def random_init_warning(source: str) -> str:

@@ -13,10 +13,16 @@ turns (an ``flock``), so two runs started together tokenize once.
 Where: ``data.cache_dir``, by default ``$FINCH_TOKEN_CACHE`` or ``$XDG_CACHE_HOME/finch-train/tokens``
 (``~/.cache/finch-train/tokens``): shared by every run of the user, so a sweep over one dataset tokenizes it once.
 
+On object storage (``data.cache_dir=gs://BUCKET/PATH``): rows are memory-mapped, which needs local files, so each
+entry is mapped from a local mirror, ``<default dir>/gs-<12 hex digits of the URL's SHA-256>/<entry>``. A hit
+downloads the entry from the bucket into the mirror (or finds it there already); a miss builds it in the mirror and
+uploads it, ``meta.json`` last, so an entry whose ``meta.json`` is in the bucket is complete.
+
 Several processes (``jax.distributed``): process 0 alone checks the inputs and builds or finds the entry, then
 posts its path (or its error) in the coordination service's key-value store; the others wait for that post and map
-the same directory, so ``data.cache_dir`` must be a directory every host sees. One that does not see it stops at
-once with an error that says so.
+the same directory, so a local ``data.cache_dir`` must be a directory every host sees (one that does not see it stops
+at once with an error that says so). With a ``gs://`` cache every host downloads the entry process 0 found or built
+into its own mirror: one build per pod, no shared filesystem needed.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from models import ByteTokenizer, Tokenizer
+from train import storage
 from train.config import DataConfig
 from train.documents import DataError, FieldMap
 from train.readers import input_files, input_kind
@@ -60,8 +67,15 @@ def default_dir() -> str:
 
 
 def resolve_dir(setting: str) -> str:
-    """The cache directory ``data.cache_dir`` names (empty: :func:`default_dir`), absolute."""
+    """The cache directory ``data.cache_dir`` names (empty: :func:`default_dir`), absolute; a URL as it is."""
+    if storage.is_url(setting):
+        return setting.rstrip("/")
     return os.path.abspath(os.path.expanduser(setting or default_dir()))
+
+
+def mirror_dir(location: str) -> str:
+    """The local folder that holds the mapped copies of a ``gs://`` cache's entries."""
+    return os.path.join(default_dir(), "gs-" + hashlib.sha256(location.encode()).hexdigest()[:12])
 
 
 def _file_digest(path: str) -> str:
@@ -138,6 +152,7 @@ class CacheEntry:
     meta: dict[str, Any]
     hit: bool
     rows: CompactRows
+    remote: str | None = None  # the entry in a gs:// cache (``path`` is then its local mirror)
 
     @property
     def fingerprint(self) -> str:
@@ -263,22 +278,27 @@ def open_or_build(
     """
     from jax._src import distributed  # the coordination service of jax.distributed, without starting a backend
 
+    def find_or_build() -> CacheEntry:
+        k = key()
+        name = f"{_slug(files[0])}-{k[:20]}"
+        if storage.is_url(cache_dir):
+            return _remote(cache_dir, k, name, pad_id, build)
+        return _local(cache_dir, k, name, pad_id, build)
+
     state = distributed.global_state
     if state.client is None or (state.num_processes or 1) == 1:
-        k = key()
-        return _local(cache_dir, k, f"{_slug(files[0])}-{k[:20]}", pad_id, build)
+        return find_or_build()
     global _posts
     _posts += 1
     client, process = state.client, state.process_id
     post = f"finch_train/token_cache/{_posts}"
     if process == 0:
         try:
-            k = key()
-            entry = _local(cache_dir, k, f"{_slug(files[0])}-{k[:20]}", pad_id, build)
+            entry = find_or_build()
         except BaseException as e:
             client.key_value_set(post, json.dumps({"error": str(e) if isinstance(e, DataError) else repr(e)}))
             raise
-        client.key_value_set(post, json.dumps({"path": entry.path, "key": k}))
+        client.key_value_set(post, json.dumps({"path": entry.remote or entry.path, "key": entry.meta["key"]}))
         return entry
     try:
         answer = json.loads(client.blocking_key_value_get(post, WAIT_SECONDS * 1000))
@@ -288,6 +308,8 @@ def open_or_build(
         ) from None
     if "error" in answer:
         raise DataError(answer["error"])
+    if storage.is_url(answer["path"]):
+        return _fetch(cache_dir, answer["key"], answer["path"].rsplit("/", 1)[1], pad_id)
     entry = _read_entry(answer["path"], answer["key"], pad_id, hit=True)
     if entry is None:
         raise DataError(
@@ -296,3 +318,50 @@ def open_or_build(
             "(a shared filesystem)"
         )
     return entry
+
+
+def _fetch(cache_dir: str, key: str, name: str, pad_id: int) -> CacheEntry:
+    """The ``gs://`` entry ``name`` mapped from this host's mirror, downloaded first unless the mirror has it.
+
+    Raises:
+      DataError: the bucket has no complete entry of ``key`` under ``name``.
+    """
+    mirror, remote = mirror_dir(cache_dir), storage.join(cache_dir, name)
+    local = os.path.join(mirror, name)
+    found = _read_entry(local, key, pad_id, hit=True)
+    if found is None:
+        if not storage.exists(storage.join(remote, "meta.json")):
+            raise DataError(f"the token cache entry {remote} is not in the bucket (or has no meta.json yet)")
+        os.makedirs(mirror, exist_ok=True)
+        with _build_lock(mirror, name):
+            found = _read_entry(local, key, pad_id, hit=True)
+            if found is None:
+                tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=mirror)
+                try:
+                    storage.download_folder(remote, tmp)
+                    if os.path.isdir(local):
+                        shutil.rmtree(local)
+                    os.rename(tmp, local)
+                except OSError as e:
+                    raise DataError(f"cannot download the token cache entry {remote} to {local}: {e}") from None
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                found = _read_entry(local, key, pad_id, hit=True)
+    if found is None:
+        raise DataError(f"the token cache entry {remote} is incomplete or not of this data (its meta.json differs)")
+    return dataclasses.replace(found, remote=remote)
+
+
+def _remote(cache_dir: str, key: str, name: str, pad_id: int, build: Callable[[str], dict[str, Any]]) -> CacheEntry:
+    """A ``gs://`` cache's entry: downloaded when the bucket has it, else built in the local mirror and uploaded."""
+    remote = storage.join(cache_dir, name)
+    meta = storage.join(remote, "meta.json")
+    try:
+        in_bucket = storage.exists(meta) and json.loads(storage.read_text(meta)).get("key") == key
+        if in_bucket:
+            return _fetch(cache_dir, key, name, pad_id)
+        entry = _local(mirror_dir(cache_dir), key, name, pad_id, build)
+        storage.upload_folder(entry.path, remote, last="meta.json")
+    except (OSError, ValueError) as e:  # gcsfs raises OSError subclasses; a half-written meta.json is a ValueError
+        raise DataError(f"the token cache in {cache_dir}: {type(e).__name__}: {e}") from None
+    return dataclasses.replace(entry, remote=remote)
