@@ -75,6 +75,39 @@ def test_the_lumped_kl_is_a_lower_bound_that_is_exact_with_the_whole_vocabulary(
     np.testing.assert_allclose(whole, exact, rtol=1e-3, atol=1e-5)  # float32 sums in another order
 
 
+def test_the_retain_kl_is_one_program_on_a_mesh_zero_at_the_base_and_the_exact_kl_elsewhere():
+    """On 8 devices (fsdp): the base's top-k and every later evaluation run one compiled program (a second would be
+    a second compile of the forward pass); the KL is 0 at the base and equals the exact KL computed eagerly."""
+    from train import data as data_lib
+    from train import program as program_lib
+    from train.validation import padded_batches
+
+    cfg = load_config(None, ["model.source=preset:tiny", "data.seq_len=16", "data.batch_size=8"])
+    model, tokenizer = program_lib.load_model(cfg.model)
+    program, params, _ = program_lib.build_program(cfg, model)
+    params = jax.device_put(params, program.params_shardings)
+    docs = [data_lib.Document(text=f"river {i} runs past hill {i * 7} and town {i * 3}. " * 2) for i in range(9)]
+    rows = data_lib.load_split(tokenizer, cfg.data, [], documents=docs).rows
+    assert len(rows) % 8, "a padded last batch is part of the check"
+    vocab = model.config.vocab_size  # every token "top": the lumped KL is the exact one, free of top-k ties
+    evaluator = retain.RetainEvaluator(program.apply_fn, rows, 8, program.place_batch, base_params=params, top_k=vocab)
+    assert evaluator(params)["retain_kl"] == pytest.approx(0.0, abs=1e-6)
+    moved = jax.tree.map(lambda x: x * 3.0, params)
+    got = evaluator(moved)
+    assert evaluator.programs._cache_size() == 1
+
+    kl = tokens = 0.0
+    for batch in padded_batches(rows, 8):
+        log_probs = [
+            jax.nn.log_softmax(program.apply_fn(p, batch["tokens"], batch["positions"], batch["segment_ids"], None))
+            for p in (params, moved)
+        ]
+        weights = np.asarray(batch["loss_mask"] > 0, np.float64)
+        kl += float(np.sum(np.asarray(retain.token_kl(*log_probs)) * weights))
+        tokens += weights.sum()
+    assert got["retain_kl"] > 1e-3 and got["retain_kl"] == pytest.approx(kl / tokens, rel=1e-3)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # runs on the tiny model
 

@@ -94,42 +94,72 @@ class RetainEvaluator:
         self.top_k, self.exact_base = top_k, exact_base
         self._base_params = base_params if exact_base else None
 
-        @jax.jit
-        def base_reference(params, frozen, batch):
-            base = _log_probs(apply_fn, params, frozen, batch)
-            if top_k <= 0:
-                return base, None
-            return jax.lax.top_k(base, top_k)
+        self._references = None
+        batches = [self._to_device(b) for b in padded_batches(self.rows, self.batch_size)] if not exact_base else []
 
-        @jax.jit
-        def score(params, frozen, batch, reference):
-            current = _log_probs(apply_fn, params, frozen, batch)
+        def sums(current, batch, reference):
             base_top, top_ids = reference
             kl = token_kl(base_top, current) if top_ids is None else lumped_kl(base_top, top_ids, current)
             nll = -jnp.take_along_axis(current, batch["targets"][..., None], axis=-1)[..., 0]
             weights = (batch["loss_mask"] > 0).astype(jnp.float32)
             return jnp.sum(kl * weights), jnp.sum(nll * weights), jnp.sum(weights)
 
-        @jax.jit
-        def score_exact(params, base_params, frozen, batch):
-            return score(params, frozen, batch, (_log_probs(apply_fn, base_params, frozen, batch), None))
+        if exact_base:
 
-        self._base_reference, self._score, self._score_exact = base_reference, score, score_exact
-        self._references = None
-        if not exact_base:
+            @jax.jit
+            def score_exact(params, base_params, frozen, batch):
+                current = _log_probs(apply_fn, params, frozen, batch)
+                return sums(current, batch, (_log_probs(apply_fn, base_params, frozen, batch), None))
+
+            self._score = lambda params, frozen, batch, i: score_exact(params, self._base_params, frozen, batch)
+        elif top_k > 0 and batches:
+            # One compiled program both takes the base's top-k (once, at the start, on the base params) and scores
+            # against it: a second program would be a second compile of the whole forward pass, which on a CPU is
+            # most of the retain KL's cost. Its reference input and output are laid out alike (rows over the batch
+            # axes), so the call that computes the references and the calls that use them hit one executable.
+            layout = _reference_layout(batches[0]["tokens"].sharding)
+
+            @jax.jit
+            def score_top_k(params, frozen, batch, reference):
+                current = _log_probs(apply_fn, params, frozen, batch)
+                top = jax.lax.top_k(current, top_k)
+                return sums(current, batch, reference), tuple(jax.lax.with_sharding_constraint(t, layout) for t in top)
+
+            shape = (*batches[0]["tokens"].shape, top_k)
+            placeholder = tuple(jax.device_put(jnp.zeros(shape, d), layout) for d in (jnp.float32, jnp.int32))
+            # XLA reports the output's layout in its own words (``P('fsdp')`` for ``P(('data', 'fsdp'), None, None)``
+            # on this mesh): put the references in the placeholder's, which jit's cache compares by equality.
             self._references = [
-                base_reference(base_params, frozen, self._to_device(b))
-                for b in padded_batches(self.rows, self.batch_size)
+                jax.device_put(score_top_k(base_params, frozen, b, placeholder)[1], layout) for b in batches
             ]
+            self._score = lambda params, frozen, batch, i: score_top_k(params, frozen, batch, self._references[i])[0]
+            self.programs = score_top_k  # one executable (tests count its compiles)
+        else:
+
+            @jax.jit
+            def base_distribution(params, frozen, batch):
+                return _log_probs(apply_fn, params, frozen, batch)
+
+            @jax.jit
+            def score_full(params, frozen, batch, base):
+                return sums(_log_probs(apply_fn, params, frozen, batch), batch, (base, None))
+
+            self._references = [base_distribution(base_params, frozen, b) for b in batches]
+            self._score = lambda params, frozen, batch, i: score_full(params, frozen, batch, self._references[i])
 
     def __call__(self, params: Any, frozen: Any = None) -> dict[str, float]:
         kl = nll = tokens = 0.0
         for i, host_batch in enumerate(padded_batches(self.rows, self.batch_size)):
-            batch = self._to_device(host_batch)
-            if self.exact_base:
-                sums = self._score_exact(params, self._base_params, frozen, batch)
-            else:
-                sums = self._score(params, frozen, batch, self._references[i])
-            kl_sum, nll_sum, weight = (host_scalar(x) for x in sums)
+            kl_sum, nll_sum, weight = (
+                host_scalar(x) for x in self._score(params, frozen, self._to_device(host_batch), i)
+            )
             kl, nll, tokens = kl + kl_sum, nll + nll_sum, tokens + weight
         return {"retain_kl": kl / max(tokens, 1.0), "retain_loss": nll / max(tokens, 1.0), "retain_tokens": tokens}
+
+
+def _reference_layout(tokens: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The base's ``[B, T, k]`` top-k laid out as the ``[B, T]`` tokens are, the last axis whole."""
+    if isinstance(tokens, jax.sharding.NamedSharding):
+        spec = tuple(tokens.spec) + (None,) * (3 - len(tokens.spec))
+        return jax.sharding.NamedSharding(tokens.mesh, jax.sharding.PartitionSpec(*spec))
+    return tokens
