@@ -148,7 +148,7 @@ class DataConfig:
     loss_on_prompt: bool = False
     retain_files: tuple[str, ...] = ()
     retain_top_k: int = 64
-    retain_rows: int = 16
+    retain_rows: int = 8
     fields: tuple[str, ...] = ()
     epochs: float = 0.0
     cache_dir: str = ""
