@@ -1,8 +1,9 @@
 """A fine-tuning run whose run folder and checkpoints are ``gs://`` URLs, on a local GCS emulator (no network).
 
 One test, in the order a user meets it: a second writer is refused (exit 2), a run is killed with SIGKILL mid-run,
-the same command resumes it from the bucket and ends bit for bit where an uninterrupted local run ends, a corrupted
-checkpoint object is refused (exit 2), and nothing is left on the local disk (the staging folder is deleted).
+the same command resumes it from the bucket and ends bit for bit where an uninterrupted local run ends, its export
+in the bucket is sharded and transformers loads it, a corrupted checkpoint object is refused (exit 2), and nothing
+is left on the local disk (the staging folder is deleted).
 """
 
 import os
@@ -50,6 +51,28 @@ def _error_lines(err):
     return [line for line in err.splitlines() if line.strip() and "WARNING" not in line and line[:1] not in "IW"]
 
 
+def _assert_transformers_loads_the_sharded_export(url, tmp_path):
+    """The export in the bucket is in shards with an index, and transformers loads it (from a downloaded copy) with
+    the logits of our own loader."""
+    import json
+
+    import torch
+    import transformers
+
+    import models
+
+    local = storage.local_copy(url, str(tmp_path / "downloads"))
+    index = json.loads(open(os.path.join(local, "model.safetensors.index.json")).read())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(os.path.exists(os.path.join(local, n)) for n in shards)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
+    ours, _ = models.load(f"hf:{local}", dtype="float32")
+    tokens = np.arange(1, 9, dtype=np.int32)[None]
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(tokens)), theirs, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_gs_run_folder_and_checkpoints_survive_sigkill_refuse_a_second_writer_and_corruption(
     data_file,  # noqa: F811
@@ -61,7 +84,7 @@ def test_gs_run_folder_and_checkpoints_survive_sigkill_refuse_a_second_writer_an
     assert rc == 0, err[-3000:]
 
     run = f"{gcs_bucket}/run"
-    overrides = _overrides(data_file, run, every=2, extra=["output.hf_export=true"])
+    overrides = _overrides(data_file, run, every=2, extra=["output.hf_export=true", "output.hf_shard_size=100KB"])
     staging = storage.StagedFolder(run).local
 
     # A live owner (this test process) holds the run folder: the CLI is refused before anything loads.
@@ -94,8 +117,9 @@ def test_gs_run_folder_and_checkpoints_survive_sigkill_refuse_a_second_writer_an
     assert sorted(resumed) == list(range(1, STEPS + 1)), "every step logged once"
     for step in want:
         assert resumed[step]["loss"] == want[step]["loss"], step
-    for name in ("config.yaml", "summary.json", "hf/model.safetensors", "hf/config.json"):
+    for name in ("config.yaml", "summary.json", "hf/model.safetensors.index.json", "hf/config.json"):
         assert storage.exists(f"{run}/{name}"), name
+    _assert_transformers_loads_the_sharded_export(f"{run}/hf", tmp_path)
     assert not storage.exists(f"{run}/{runlock.LOCK_NAME}")  # released
     assert not os.path.exists(staging), "the staging folder is deleted at the end"
     assert not (ROOT / "gs:").exists()
