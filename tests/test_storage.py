@@ -302,3 +302,22 @@ def test_quarantine_moves_a_gs_step_aside(gcs_bucket):
         checkpointer.close()
     assert storage.read_text(directory + "/corrupt-5.1/state/data") == "x"
     assert not storage.exists(directory + "/5/state/data")
+
+
+def test_generate_and_chat_read_a_hugging_face_export_in_a_bucket(gcs_bucket, tmp_path, capsys):
+    """`finch-train generate --model gs://.../hf`: the export is downloaded once and decodes as the local one does; a
+    bucket folder that is no export is refused with one line, before any model loads."""
+    from train import cli, export, generate
+
+    model, tokenizer = models.load("preset:tiny")
+    local = export.export_hf(model, tokenizer, tmp_path / "hf")
+    fs = storage._gcs_filesystem()
+    fs.put(str(local), f"{gcs_bucket.removeprefix('gs://')}/run/hf", recursive=True)
+    args = ["generate", "--prompt", "river", "--max-new-tokens", "6"]
+    assert cli.main([*args, "--model", str(local)]) == 0
+    want = capsys.readouterr().out
+    assert cli.main([*args, "--model", f"{gcs_bucket}/run/hf"]) == 0
+    assert capsys.readouterr().out == want
+    assert generate.model_context(f"{gcs_bucket}/run/hf") == model.config.max_position_embeddings
+    assert cli.main([*args, "--model", f"{gcs_bucket}/run"]) == 2
+    assert "holds no config.json or adapter_config.json" in capsys.readouterr().err

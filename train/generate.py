@@ -35,7 +35,7 @@ from models.hub import looks_like_repo_id
 from models.load import resolve_dtype
 from train import config as config_lib
 from train import export as export_lib
-from train import paths
+from train import paths, storage
 from train.chat_template import ChatTemplate, ChatTemplateError, special_token_text
 from train.program import load_model
 
@@ -89,11 +89,12 @@ def load_for_generation(
     ``chat_template`` is a Jinja file used instead of the model's own template.
     """
     template_text = None
+    shown, spec = spec, _local_directory(spec)
     if os.path.isfile(os.path.join(spec, "adapter_config.json")):
         model, tokenizer, description = _load_adapter(spec, dtype)
     elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
         model, tokenizer = models.load(f"hf:{spec}", dtype=dtype)
-        description = f"{spec} (Hugging Face directory)"
+        description = f"{shown} (Hugging Face directory)"
     elif os.path.isdir(spec):
         loaded = export_lib.load_checkpoint(spec, step, dtype=dtype)
         model, tokenizer, template_text = loaded.model, loaded.tokenizer, loaded.chat_template
@@ -119,6 +120,7 @@ def model_context(spec: str) -> int | None:
     Raises:
       ConfigError: ``spec`` names no model (a missing path, a malformed name, a folder without a config).
     """
+    spec = _local_directory(spec)
     if os.path.isfile(os.path.join(spec, "adapter_config.json")):
         return models.load_config(_adapter_base(spec)).max_position_embeddings
     if os.path.isdir(spec):
@@ -130,6 +132,25 @@ def model_context(spec: str) -> int | None:
                 return models.load_config(cfg.model.source).max_position_embeddings
         return None
     return models.load_config(spec).max_position_embeddings
+
+
+def _local_directory(spec: str) -> str:
+    """``spec`` itself, or for a ``gs://`` Hugging Face export or PEFT adapter directory (``gs://.../run/hf``) its
+    local copy (downloaded once, see :func:`train.storage.local_copy`).
+
+    Raises:
+      StorageError: an unreachable bucket, or a URL that is neither of the two (a run folder's checkpoints are
+        not downloaded: export them first, or give the run's ``hf/``).
+    """
+    if not storage.is_url(spec):
+        return spec
+    storage.check(spec, "the model")
+    if not any(storage.exists(storage.join(spec, name)) for name in ("config.json", "adapter_config.json")):
+        raise storage.StorageError(
+            f"{spec} holds no config.json or adapter_config.json: give a Hugging Face export or a PEFT adapter "
+            "directory in the bucket (a run folder's hf/ or hf-adapter/)"
+        )
+    return storage.local_copy(spec)
 
 
 def _adapter_base(directory: str) -> str:
