@@ -183,30 +183,45 @@ def run_main_sections(
     return out, ratios
 
 
-def run_remat_section(spec: BenchSpec, dtype_name: str, *, tokens: int, step_flops: float, peak: float) -> dict:
-    """The model's ``remat`` x ``scan_layers`` choices side by side: compile time, step time, memory."""
+def _side_by_side(
+    spec: BenchSpec, dtype_name: str, section: str, variants: dict[str, dict[str, Any]], counts: dict[str, float]
+) -> tuple[list[dict], dict[str, list[list[float]]]]:
+    """One ``finch_adamw`` runner per variant (name -> :func:`build_jax_runner` options, ``spec`` among them to
+    replace the section's), compiled in turn, timed interleaved, closed; their step results and raw times."""
     runners = []
-    for remat in (False, True):
-        for scan in (False, True):
-            name = f"remat={'on' if remat else 'off'} scan={'on' if scan else 'off'}"
-            log(f"remat: compiling {name}")
+    try:
+        for name, options in variants.items():
+            log(f"{section}: compiling {name}")
+            options = dict(options)
+            runner_spec = options.pop("spec", spec)
             runners.append(
                 build_jax_runner(
                     name,
-                    spec,
+                    runner_spec,
                     dtype_name,
                     "finch_adamw",
                     mesh_text=spec.mesh,
                     devices=spec_devices(spec),
-                    remat=remat,
-                    scan=scan,
+                    **options,
                 )
             )
-    times = _time_runners(runners, spec, "remat")
+        times = _time_runners(runners, spec, section)
+    finally:
+        for r in runners:
+            r.close()
+        _release_memory()
+    return [step_result(r.name, r.compile_s, times[r.name], r.info, **counts) for r in runners], times
+
+
+def run_remat_section(spec: BenchSpec, dtype_name: str, *, tokens: int, step_flops: float, peak: float) -> dict:
+    """The model's ``remat`` x ``scan_layers`` choices side by side: compile time, step time, memory."""
+    variants = {
+        f"remat={'on' if remat else 'off'} scan={'on' if scan else 'off'}": {"remat": remat, "scan": scan}
+        for remat in (False, True)
+        for scan in (False, True)
+    }
     counts = {"tokens": tokens, "step_flops": step_flops, "peak": peak}
-    results = [step_result(r.name, r.compile_s, times[r.name], r.info, **counts) for r in runners]
-    for r in runners:
-        r.close()
+    results, _ = _side_by_side(spec, dtype_name, "remat", variants, counts)
     best = min(results, key=lambda r: r["median_s"])
     return {
         "results": results,
@@ -220,28 +235,9 @@ def run_lora_section(spec: BenchSpec, dtype_name: str, *, tokens: int, step_flop
     same batch, timed side by side; the ratio below 1 means the LoRA step is faster. MFU counts the model's FLOPs
     for both (what the step computes for the base model; the adapters' few FLOPs are not counted)."""
     names = ["base", f"lora r={spec.lora_rank}"]
-    runners = []
-    for name, rank in zip(names, (0, spec.lora_rank)):
-        log(f"lora: compiling {name}")
-        runners.append(
-            build_jax_runner(
-                name,
-                spec,
-                dtype_name,
-                "finch_adamw",
-                mesh_text=spec.mesh,
-                devices=spec_devices(spec),
-                lora_rank=rank,
-            )
-        )
-    try:
-        times = _time_runners(runners, spec, "lora")
-    finally:
-        for r in runners:
-            r.close()
-        _release_memory()
+    variants = {name: {"lora_rank": rank} for name, rank in zip(names, (0, spec.lora_rank))}
     counts = {"tokens": tokens, "step_flops": step_flops, "peak": peak}
-    results = [step_result(r.name, r.compile_s, times[r.name], r.info, **counts) for r in runners]
+    results, times = _side_by_side(spec, dtype_name, "lora", variants, counts)
     return {
         "results": results,
         "ratios_to_base": {names[1]: ratio_of_medians(times[names[1]], times["base"])},
@@ -256,21 +252,9 @@ def run_variants_section(
     """The spec's model (``base``) and each ``--variant`` of it, all in ``finch_adamw`` steps timed side by side:
     compile time, step time, memory, and each variant's step-time ratio to the base (below 1 = faster)."""
     names = ["base", *spec.variants]
-    runners = []
-    for name in names:
-        log(f"variants: compiling {name}")
-        vspec = spec if name == "base" else variant_spec(spec, name)
-        runners.append(
-            build_jax_runner(name, vspec, dtype_name, "finch_adamw", mesh_text=spec.mesh, devices=spec_devices(spec))
-        )
-    try:
-        times = _time_runners(runners, spec, "variants")
-    finally:
-        for r in runners:
-            r.close()
-        _release_memory()
+    variants = {name: {"spec": spec if name == "base" else variant_spec(spec, name)} for name in names}
     counts = {"tokens": tokens, "step_flops": step_flops, "peak": peak}
-    results = [step_result(r.name, r.compile_s, times[r.name], r.info, **counts) for r in runners]
+    results, times = _side_by_side(spec, dtype_name, "variants", variants, counts)
     ratios = {name: ratio_of_medians(times[name], times["base"]) for name in names[1:]}
     return {
         "results": results,
