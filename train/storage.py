@@ -26,6 +26,7 @@ at a local emulator with :data:`EMULATOR_ENV` and ``STORAGE_EMULATOR_HOST`` / ``
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -339,19 +340,25 @@ def local_copy(location: str, root: str | None = None) -> str:
     local = os.path.join(home, os.path.basename(_bare(location)) or "data")
     stamp = os.path.join(home, "objects.json")
     try:
-        with open(stamp, encoding="utf-8") as f:
-            fresh = json.load(f) == objects and os.path.exists(local)
-    except (OSError, ValueError):
-        fresh = False
-    if not fresh:
-        _download(location, objects, home, local, stamp)
+        os.makedirs(home, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"{location}: cannot create {home} for its local copy ({e.strerror})") from None
+    # Processes of one host (a pod's, or two runs) check and download in turn: none replaces a copy another reads.
+    with open(os.path.join(home, ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(stamp, encoding="utf-8") as f:
+                fresh = json.load(f) == objects and os.path.exists(local)
+        except (OSError, ValueError):
+            fresh = False
+        if not fresh:
+            _download(location, objects, home, local, stamp)
     _copies[location] = local
     return local
 
 
 def _download(location: str, objects: dict[str, dict[str, Any]], home: str, local: str, stamp: str) -> None:
     fs = _gcs_filesystem()
-    os.makedirs(home, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".download-", dir=home)
     try:
         target = os.path.join(tmp, "x")
