@@ -136,6 +136,6 @@ _SLOW_MODULES_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     rank = {module: i for i, module in enumerate(_SLOW_MODULES_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

@@ -26,6 +26,7 @@ at a local emulator with :data:`EMULATOR_ENV` and ``STORAGE_EMULATOR_HOST`` / ``
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -33,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from models.config import ConfigError
@@ -344,8 +346,7 @@ def local_copy(location: str, root: str | None = None) -> str:
     except OSError as e:
         raise StorageError(f"{location}: cannot create {home} for its local copy ({e.strerror})") from None
     # Processes of one host (a pod's, or two runs) check and download in turn: none replaces a copy another reads.
-    with open(os.path.join(home, ".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with host_lock(os.path.join(home, ".lock")):
         try:
             with open(stamp, encoding="utf-8") as f:
                 fresh = json.load(f) == objects and os.path.exists(local)
@@ -355,6 +356,17 @@ def local_copy(location: str, root: str | None = None) -> str:
             _download(location, objects, home, local, stamp)
     _copies[location] = local
     return local
+
+
+@contextlib.contextmanager
+def host_lock(path: str) -> Iterator[None]:
+    """Processes of this machine hold ``path``'s lock one at a time (best effort where the filesystem has no flock)."""
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
 
 
 def _download(location: str, objects: dict[str, dict[str, Any]], home: str, local: str, stamp: str) -> None:

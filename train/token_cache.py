@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +37,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -191,15 +190,9 @@ def _read_entry(path: str, key: str, pad_id: int, hit: bool) -> CacheEntry | Non
     return CacheEntry(path, meta, hit, rows)
 
 
-@contextlib.contextmanager
-def _build_lock(cache_dir: str, name: str) -> Iterator[None]:
-    """One builder of ``name`` at a time on this machine (best effort where the filesystem has no flock)."""
-    with open(os.path.join(cache_dir, f".{name}.lock"), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
+def _build_lock(cache_dir: str, name: str) -> contextlib.AbstractContextManager[None]:
+    """One builder of ``name`` at a time on this machine."""
+    return storage.host_lock(os.path.join(cache_dir, f".{name}.lock"))
 
 
 def _local(
