@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from train import malloc
 from train.bench.cli import main
 from train.bench.profile_xla import LMHEAD, MLP, OP_CLASSES
 from train.bench.report import format_table
-from train.bench.spec import FLAG_SETS
+from train.bench.spec import FLAG_SETS, MALLOCS
 
 # --------------------------------------------------------------------------------------------------------------------
 # Bad input
@@ -81,6 +82,7 @@ TOP_LEVEL = {
     "remat",
     "lora",
     "flags",
+    "malloc",
     "scaling",
     "memory",
     "wall_s",
@@ -248,7 +250,9 @@ def test_bench_flag_sets_and_scaling_run_in_subprocesses(tmp_path):
     args, out = _tiny(
         tmp_path,
         "--sections",
-        "flags,scaling",
+        "flags,malloc,scaling",
+        "--mallocs",
+        ",".join(MALLOCS),
         "--flag-sets",
         "default,xnn-greedy",
         "--scaling-devices",
@@ -267,6 +271,15 @@ def test_bench_flag_sets_and_scaling_run_in_subprocesses(tmp_path):
     assert result["flags"]["fastest"] in runs
     ratio = result["flags"]["ratios_to_default"]["xnn-greedy"]
     assert ratio["ratio"] == pytest.approx(runs["xnn-greedy"]["median_s"] / runs["default"]["median_s"])
+    # Every allocator is a row: timed under the allocator its worker reports, or the error that it is not installed.
+    mallocs = {r["malloc"]: r for r in result["malloc"]["results"]}
+    assert set(mallocs) == set(MALLOCS)
+    for name in MALLOCS:
+        if name == "system" or malloc.find_library(name):
+            assert mallocs[name]["median_s"] > 0 and "error" not in mallocs[name]
+        else:
+            assert mallocs[name]["error"].startswith("not installed")
+    assert set(result["malloc"]["ratios_to_system"]) == {n for n in MALLOCS if "median_s" in mallocs[n]} - {"system"}
     layouts = {(r["devices"], r["layout"]): r for r in result["scaling"]["results"]}
     assert set(layouts) == {(1, "single"), (2, "data"), (2, "tensor")}
     for r in layouts.values():

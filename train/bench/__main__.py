@@ -2,7 +2,10 @@
 
 import sys
 
-from train.bench.cli import main
+from train.malloc import reexec_with_chosen_malloc
 
 if __name__ == "__main__":
+    reexec_with_chosen_malloc()  # before JAX is imported (train/malloc.py)
+    from train.bench.cli import main
+
     sys.exit(main())

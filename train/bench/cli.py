@@ -20,7 +20,7 @@ from jax._src import xla_bridge  # private, but the only way to tell whether jax
 from train import paths
 from train.bench.report import format_table
 from train.bench.run import run_bench
-from train.bench.spec import FLAG_SETS, SECTIONS, BenchError, BenchSpec
+from train.bench.spec import FLAG_SETS, MALLOCS, SECTIONS, BenchError, BenchSpec
 
 __all__ = ["build_parser", "main", "spec_from_args"]
 
@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--flag-sets", type=_csv, default=d.flag_sets, help=f"names from: {', '.join(FLAG_SETS)}")
     p.add_argument(
+        "--mallocs",
+        type=_csv,
+        default=d.mallocs,
+        help=f"the malloc section's allocators, from: {', '.join(MALLOCS)} (one not installed is reported as such)",
+    )
+    p.add_argument(
         "--matmul-iters", type=int, default=d.matmul_iters, help="the matmuls section: calls per shape and dtype"
     )
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this process (set before jax starts)")
@@ -140,6 +146,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         scaling_devices=tuple(args.scaling_devices),
         scaling_layouts=tuple(args.scaling_layouts),
         flag_sets=tuple(args.flag_sets),
+        mallocs=tuple(args.mallocs),
         matmul_iters=args.matmul_iters,
         max_minutes=args.max_minutes,
         seed=args.seed,

@@ -64,6 +64,8 @@ def estimate_seconds(
         est["lora"] = 2 * jax_runner
     if "flags" in spec.sections:
         est["flags"] = len(set(spec.flag_sets)) * (_SUBPROCESS_START_S + jax_runner * 1.2)
+    if "malloc" in spec.sections:
+        est["malloc"] = len(set(spec.mallocs)) * (_SUBPROCESS_START_S + jax_runner * 1.2)
     if "scaling" in spec.sections:
         layouts = sum(1 if n == 1 else len(spec.scaling_layouts) for n in spec.scaling_devices)
         est["scaling"] = len(spec.scaling_devices) * _SUBPROCESS_START_S + layouts * jax_runner * 1.5

@@ -17,11 +17,13 @@ import jax
 import jaxlib
 import optax
 
+from train.malloc import describe as describe_malloc
+
 __all__ = ["check_targets", "format_matmuls", "format_profile", "format_table", "meta", "write_json"]
 
 
 def meta(argv: Sequence[str] | None) -> dict[str, Any]:
-    """Where and with what the run ran: date, command, host, CPU, load, library versions, devices, XLA_FLAGS."""
+    """Where and with what the run ran: date, command, host, CPU, load, library versions, devices, XLA_FLAGS, malloc."""
     devices = jax.devices()
     return {
         "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -40,6 +42,8 @@ def meta(argv: Sequence[str] | None) -> dict[str, Any]:
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # the allocator of this process and its workers (train/malloc.py): XLA:CPU's step time depends on it
+        "malloc": describe_malloc(),
     }
 
 
@@ -103,7 +107,12 @@ def _temporaries(runner: dict[str, Any]) -> float | None:
 
 
 # Where each section keeps its step-time ratios, and what they are relative to.
-_RATIO_KEYS = (("ratios_to_base", "base"), ("ratios_to_first", "first tree"), ("ratios_to_default", "default flags"))
+_RATIO_KEYS = (
+    ("ratios_to_base", "base"),
+    ("ratios_to_first", "first tree"),
+    ("ratios_to_default", "default flags"),
+    ("ratios_to_system", "the system malloc"),
+)
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
@@ -227,7 +236,7 @@ def format_table(result: Mapping[str, Any]) -> str:
             lines.append(f"{k}: {v['ratio']:.3f} (per-round {v['low']:.3f} .. {v['high']:.3f})")
     lines.extend(format_profile(result.get("profile")))
     lines.extend(format_matmuls(result.get("matmuls")))
-    for section in ("variants", "trees", "remat", "lora", "flags", "scaling"):
+    for section in ("variants", "trees", "remat", "lora", "flags", "malloc", "scaling"):
         block = result.get(section)
         if not block:
             continue
@@ -238,6 +247,8 @@ def format_table(result: Mapping[str, Any]) -> str:
             label = r.get("flag_set") or (
                 f"{r.get('devices')} dev {r.get('layout')}" if section == "scaling" else r.get("label") or r.get("name")
             )
+            if section == "malloc":
+                label = f"jax finch_adamw under {r['malloc']}"
             if "error" in r:
                 lines.append(f"| {label} | error: {r['error'][:90]} | | | | |")
             else:

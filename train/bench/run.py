@@ -24,6 +24,7 @@ from train.bench.sections import (
     run_flags_section,
     run_lora_section,
     run_main_sections,
+    run_malloc_section,
     run_matmuls_section,
     run_profile_section,
     run_remat_section,
@@ -93,6 +94,7 @@ def run_bench(
         "remat": None,
         "lora": None,
         "flags": None,
+        "malloc": None,
         "scaling": None,
         "memory": None,
         "wall_s": None,
@@ -164,6 +166,7 @@ def run_bench(
         ("remat", run_remat_section, dtype_name),
         ("lora", run_lora_section, dtype_name),
         ("flags", run_flags_section, worker_timeout),
+        ("malloc", run_malloc_section, worker_timeout),
         ("scaling", run_scaling_section, worker_timeout),
     )
     for name, run_section, setting in comparisons:

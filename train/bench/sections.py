@@ -1,14 +1,12 @@
 """The benchmark's sections, each a set of runners that take turns: ``step``/``finch``/``torch``, ``remat``,
-``flags`` and ``scaling`` (``docs/bench.md`` describes what each measures).
+``flags``, ``malloc`` and ``scaling`` (``docs/bench.md`` describes what each measures).
 
 In-process runners are interleaved by :func:`train.bench.stats.interleaved`; runners that need a process of their
-own (PyTorch, XLA flag sets, device counts) take the same turns through :mod:`train.bench.worker`.
+own (PyTorch, XLA flag sets, allocators, device counts) take the same turns through :mod:`train.bench.worker`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import os
 import statistics
@@ -16,18 +14,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from train import malloc
 from train.bench.jax_runner import build_jax_runner, spec_devices
 from train.bench.matmuls import MATMUL_DTYPES, matmul_shapes
 from train.bench.peak import build_peak_probe
 from train.bench.profile_xla import ATTN, LMHEAD, MLP, PROJ
 from train.bench.runner import Runner, log
-from train.bench.spec import FLAG_SETS, BenchError, BenchSpec, spec_to_json, variant_spec
+from train.bench.spec import FLAG_SETS, BenchError, BenchSpec, compute_dtype_name, spec_to_json, variant_spec
 from train.bench.stats import interleaved, ratio_of_medians, step_result, timed_steps
 from train.bench.worker import Worker, run_worker_section, worker_env, worker_results
 
 __all__ = [
     "run_flags_section",
     "run_main_sections",
+    "run_malloc_section",
     "run_matmuls_section",
     "run_profile_section",
     "run_remat_section",
@@ -56,8 +56,7 @@ def _release_memory() -> None:
     torch = sys.modules.get("torch")  # only where a runner imported it; the benchmark never needs it here
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    malloc.release_free_memory()
 
 
 def _compile_jax(spec: BenchSpec, dtype_name: str, optimizer: str) -> Runner:
@@ -313,6 +312,38 @@ def run_flags_section(
         for (name, runner), t in times.items():
             if (name, runner) != base:  # step-time ratio: below 1 = faster than the default flags
                 out["ratios_to_default"][name] = ratio_of_medians(t, times[base])
+    return out
+
+
+def run_malloc_section(
+    spec: BenchSpec, timeout_s: float, *, tokens: int, step_flops: float, peak: float
+) -> dict[str, Any]:
+    """The JAX step (single device) under each allocator of ``spec.mallocs`` (train/malloc.py), one worker process
+    per allocator, all timed interleaved. An allocator whose library is not installed is a result saying so.
+
+    Memory: a worker under tcmalloc or jemalloc keeps its step's temporaries between its turns (5.95 GB for
+    SmolLM2-135M at 4 x 512 tokens), which is the point; so this section holds that much per such allocator at once,
+    and PyTorch is not in it (the ``torch`` section pairs it with JAX under the allocator the run started with).
+    """
+    _release_memory()  # what the earlier sections left in this process's allocator
+    jobs, missing = [], []
+    job = {"spec": spec_to_json(spec), "layouts": ["single"], "dtype": compute_dtype_name(spec, "cpu")}
+    for name in dict.fromkeys(spec.mallocs):
+        library = None if name == "system" else malloc.find_library(name)
+        if name != "system" and library is None:
+            missing.append({"worker": name, "error": f"not installed: none of {', '.join(malloc.LIBRARIES[name])}"})
+            continue
+        jobs.append((name, job, malloc.preload_env(worker_env(1, ""), name, library)))
+    ready, times = run_worker_section("malloc", jobs, spec, timeout_s)
+    results = worker_results(ready, times, tokens=tokens, step_flops=step_flops, peak=peak) + missing
+    reported = {w["label"]: w.get("malloc") for w in ready}  # what each worker found itself running with
+    for r in results:
+        label = r.pop("worker")
+        r["malloc"] = reported.get(label, label)
+    out: dict[str, Any] = {"dtype": job["dtype"], "results": results, "ratios_to_system": {}}
+    for (label, runner), t in times.items():  # step-time ratio: below 1 = faster than the system malloc
+        if label != "system" and ("system", runner) in times:
+            out["ratios_to_system"][label] = ratio_of_medians(t, times[("system", runner)])
     return out
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_SECTIONS",
     "DTYPES",
     "FLAG_SETS",
+    "MALLOCS",
     "LAYOUTS",
     "SECTIONS",
     "BenchError",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 SECTIONS = (
-    "step", "finch", "torch", "profile", "matmuls", "variants", "trees", "remat", "lora", "flags", "scaling",
+    "step", "finch", "torch", "profile", "matmuls", "variants", "trees", "remat", "lora", "flags", "malloc", "scaling",
 )  # fmt: skip
 DTYPES = ("float32", "bfloat16")
 DEFAULT_SECTIONS = ("step", "finch", "torch", "profile")
@@ -66,6 +67,9 @@ FLAG_SETS: dict[str, str] = {
     "ynn-dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
 }
 DEFAULT_FLAG_SETS = ("default", "xnn-greedy", "xnn-greedy-slinky", "onednn", "no-xnnpack")
+# The ``malloc`` section's allocators (train/malloc.py): each runs in worker processes of its own, since a process's
+# allocator is fixed when it starts.
+MALLOCS = ("system", "tcmalloc", "jemalloc")
 
 
 class BenchError(ValueError):
@@ -101,6 +105,7 @@ class BenchSpec:
     scaling_devices: tuple[int, ...] = (1, 2, 4, 8)
     scaling_layouts: tuple[str, ...] = LAYOUTS
     flag_sets: tuple[str, ...] = DEFAULT_FLAG_SETS
+    mallocs: tuple[str, ...] = ("system", "tcmalloc")  # the ``malloc`` section's allocators (from MALLOCS)
     max_minutes: float = 60.0
     seed: int = 0
     peak_sizes: tuple[int, ...] = ()  # square matmul sizes for the peak (empty = 1024,2048 on CPU, 4096,8192 else)
@@ -272,6 +277,9 @@ def validate(spec: BenchSpec, num_devices: int) -> None:
     bad = [f for f in spec.flag_sets if f not in FLAG_SETS]
     if bad:
         raise BenchError(f"--flag-sets: unknown {bad}; known: {', '.join(FLAG_SETS)}")
+    bad = [m for m in spec.mallocs if m not in MALLOCS]
+    if bad or ("malloc" in spec.sections and not spec.mallocs):
+        raise BenchError(f"--mallocs: unknown {bad}; choose from {', '.join(MALLOCS)}")
     bad = [layout for layout in spec.scaling_layouts if layout not in LAYOUTS]
     if bad:
         raise BenchError(f"--scaling-layouts: unknown {bad}; choose from {', '.join(LAYOUTS)}")

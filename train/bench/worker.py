@@ -30,6 +30,7 @@ from train.bench.runner import Runner, log
 from train.bench.spec import BenchError, BenchSpec, compute_dtype_name, spec_from_json
 from train.bench.stats import step_result, timed_steps
 from train.bench.torch_runner import build_torch_runner
+from train.malloc import describe as describe_malloc
 
 __all__ = ["TAG", "Worker", "main", "run_worker_section", "serve", "worker_env", "worker_results"]
 
@@ -222,6 +223,7 @@ def serve(job: dict[str, Any]) -> None:
         "runners": [{"name": k, "compile_s": r.compile_s, "info": r.info} for k, r in runners.items()],
         "errors": errors,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "malloc": describe_malloc(),
     }
     print(TAG + json.dumps({"ready": ready}), flush=True)
     for line in sys.stdin:
