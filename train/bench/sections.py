@@ -84,7 +84,7 @@ def _interleaved_peak(peak_info: dict[str, Any], probe_flops: float, probe_times
 
 
 def _torch_phase(
-    name: str, spec: BenchSpec, dtype_name: str, reference: Runner, warmed: set[str]
+    name: str, spec: BenchSpec, dtype_name: str, reference: Runner
 ) -> tuple[dict[str, Any], dict[str, list[list[float]]]]:
     """One PyTorch mode in its own worker process, taking turns with the JAX ``reference`` runner.
 
@@ -99,10 +99,10 @@ def _torch_phase(
         ready = worker.receive()["ready"]
         if ready["errors"]:
             raise BenchError(ready["errors"][0]["error"])
-        if reference.name not in warmed:
-            for _ in range(spec.warmup):
-                reference.step()
-            warmed.add(reference.name)
+        # Warm the reference again even when an earlier phase did: the memory released between phases
+        # (_release_memory) is faulted back in by its next steps, which must not be the timed ones.
+        for _ in range(spec.warmup):
+            reference.step()
         if spec.warmup:
             worker.run(name, spec.warmup)
         times: dict[str, list[list[float]]] = {reference.name: [], name: []}
@@ -157,11 +157,10 @@ def run_main_sections(
         _release_memory()
     if "torch" in sections:
         reference = runners["jax adamw"]
-        warmed = set(all_times)
         for mode in spec.torch_modes:
             name = f"torch {mode}"
             try:
-                torch_runner, times = _torch_phase(name, spec, dtype_name, reference, warmed)
+                torch_runner, times = _torch_phase(name, spec, dtype_name, reference)
             except BenchError as e:
                 errors[name] = str(e)[:500]
                 log(f"{name} failed: {errors[name]}")
