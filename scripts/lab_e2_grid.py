@@ -11,6 +11,8 @@ pre-registered rule; its choice is stored in runs/e2/<domain>/length.json and ne
     scripts/lab_e2_grid.py --pilot-only     # only the pilots and the lengths they give
     scripts/lab_e2_grid.py --status         # how far it got, loads no model
     scripts/lab_e2_grid.py --report         # docs/results/e2_<domain>.{md,json} from the finished domains
+    scripts/lab_e2_grid.py --archive        # finished runs -> docs/results/e2_runs/ (committed: the next machine
+                                            # resumes from them; a start copies back whatever runs/e2 lacks)
     touch runs/e2/STOP; kill -TERM <pid>    # stop after the current step
 """
 
@@ -45,6 +47,9 @@ METHODS = (
     "finch:lora=16,max_learning_rate=2e-4",
 )
 PILOT_STEPS, PILOT_EVERY = 120, 12
+# Finished records, committed: a grid of several CPU hours outlives the machine it started on. Each record carries
+# the fingerprint of its config and data, so one that no longer matches is re-run, never reused.
+ARCHIVE = ROOT / "docs" / "results" / "e2_runs"
 SELECTION_TOLERANCE = 0.05
 
 
@@ -211,6 +216,43 @@ def report(out: Path) -> None:
         print((dest / f"e2_{domain}.md").read_text())
 
 
+def _records(root: Path) -> list[Path]:
+    """Every finished record under ``root``: lengths, base evaluations, run records and their run folders' files."""
+    names = ("length.json", "base.json", "results.json")
+    keep = [p for p in root.glob("*/*") if p.name in names]
+    keep += [p for p in root.glob("*/runs/*.json")]
+    keep += [  # a run folder only once its run finished (its record written): a half run is run again
+        p
+        for p in root.glob("*/runs/*/*")
+        if p.suffix in (".json", ".jsonl", ".yaml") and (p.parent.parent / f"{p.parent.name}.json").is_file()
+    ]
+    return sorted(keep)
+
+
+def archive(out: Path, dest: Path = ARCHIVE) -> int:
+    """Copies what ``out`` finished into ``dest``; returns the number of files copied."""
+    copied = 0
+    for path in _records(out):
+        target = dest / path.relative_to(out)
+        if not target.is_file() or target.read_bytes() != path.read_bytes():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            copied += 1
+    return copied
+
+
+def restore(out: Path, source: Path = ARCHIVE) -> int:
+    """Copies into ``out`` the archived records it does not have (a new machine); returns how many."""
+    copied = 0
+    for path in _records(source):
+        target = out / path.relative_to(source)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            copied += 1
+    return copied
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "runs" / "e2"))
@@ -219,9 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pilot-only", action="store_true")
     parser.add_argument("--status", action="store_true")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--archive", action="store_true", help=f"copy the finished runs to {ARCHIVE.relative_to(ROOT)}")
     args = parser.parse_args(argv)
     out = Path(args.out)
     domains = [d for d in args.domains.split(",") if d]
+    if args.archive:
+        print(f"[e2] {archive(out)} files copied to {ARCHIVE.relative_to(ROOT)}")
+        return 0
+    restored = restore(out)
+    if restored:
+        print(f"[e2] {restored} finished files restored from {ARCHIVE.relative_to(ROOT)}", flush=True)
     if args.report:
         report(out)
         return 0
