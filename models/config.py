@@ -76,6 +76,8 @@ class ModelConfig:
       loss_chunk_size: the training loss (:func:`models.loss.token_nll`) runs the LM head and cross-entropy this
         many positions at a time, so the fp32 ``[B, T, vocab]`` logits never exist at once; a value ≥ the sequence
         length computes them in one piece (the unchunked loss, e.g. to measure what chunking costs).
+      fuse_projections: compute q/k/v as one matmul and gate/up as one, against their kernels concatenated at run
+        time (the parameters, checkpoints and exports stay as they are). Same numbers up to float rounding.
     """
 
     vocab_size: int
@@ -102,6 +104,7 @@ class ModelConfig:
     scan_layers: bool = False
     attention_impl: str = "blockwise"
     loss_chunk_size: int = 512
+    fuse_projections: bool = False
 
     def __post_init__(self) -> None:
         for name in (

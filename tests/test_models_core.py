@@ -1,5 +1,7 @@
 """Core behaviour of models.CausalLM: shapes, dtypes, logical axes, layouts, masking, KV cache."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,3 +276,36 @@ def test_llama3_rope_scaling_matches_numpy_reference(head_dim, theta, factor, or
             expected.append((1 - smooth) * f / factor + smooth * f)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert np.all(got <= base * (1 + 1e-6)) and np.all(got >= base / factor * (1 - 1e-6))
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_fused_projections_give_the_same_logits_and_gradients(with_lora):
+    """``fuse_projections``: q/k/v and gate/up as one matmul each, against the same parameters (biases, q/k norms and
+    LoRA adapters on some of the fused kernels included): the loss and every gradient equal the separate matmuls'."""
+    from models import lora
+
+    cfg = _tiny(attention_bias=True, qk_norm=True)
+    plain = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+    fused = model_from_hf_tensors(dataclasses.replace(cfg, fuse_projections=True), model_to_hf_tensors(plain))
+    if with_lora:
+        spec = lora.LoraSpec(rank=4, alpha=8.0, targets=("k_proj", "up_proj"))  # one part of each fused matmul
+        for model in (plain, fused):
+            lora.add_lora(model, spec, seed=3)
+            for i, (_, name, module) in enumerate(lora._projections(model)):
+                b = getattr(module, f"{name}_lora_b", None)
+                if b is not None:  # non-zero B: the adapters change the output
+                    b.set_value(0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
+    tokens = _tokens()
+    np.testing.assert_allclose(_forward(fused, tokens), _forward(plain, tokens), atol=1e-5, rtol=1e-5)
+
+    @nnx.jit
+    def grads(model):
+        return nnx.grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+
+    ref, got = nnx.state(grads(plain)), nnx.state(grads(fused))
+    flat_ref, flat_got = dict(nnx.to_flat_state(ref)), dict(nnx.to_flat_state(got))
+    assert flat_ref.keys() == flat_got.keys() and len(flat_ref) > 10
+    for path, value in flat_ref.items():
+        np.testing.assert_allclose(
+            np.asarray(flat_got[path][...]), np.asarray(value[...]), atol=1e-6, rtol=1e-4, err_msg=str(path)
+        )
