@@ -251,8 +251,8 @@ def test_bench_flag_sets_and_scaling_run_in_subprocesses(tmp_path):
         tmp_path,
         "--sections",
         "flags,malloc,scaling",
-        "--mallocs",
-        ",".join(MALLOCS),
+        "--mallocs",  # one allocator besides the system's keeps this short; tcmalloc's preload: tests/test_malloc.py
+        "system,jemalloc",
         "--flag-sets",
         "default,xnn-greedy",
         "--scaling-devices",
@@ -273,13 +273,13 @@ def test_bench_flag_sets_and_scaling_run_in_subprocesses(tmp_path):
     assert ratio["ratio"] == pytest.approx(runs["xnn-greedy"]["median_s"] / runs["default"]["median_s"])
     # Every allocator is a row: timed under the allocator its worker reports, or the error that it is not installed.
     mallocs = {r["malloc"]: r for r in result["malloc"]["results"]}
-    assert set(mallocs) == set(MALLOCS)
-    for name in MALLOCS:
+    assert set(mallocs) == {"system", "jemalloc"} <= set(MALLOCS)
+    for name in mallocs:
         if name == "system" or malloc.find_library(name):
             assert mallocs[name]["median_s"] > 0 and "error" not in mallocs[name]
         else:
             assert mallocs[name]["error"].startswith("not installed")
-    assert set(result["malloc"]["ratios_to_system"]) == {n for n in MALLOCS if "median_s" in mallocs[n]} - {"system"}
+    assert set(result["malloc"]["ratios_to_system"]) == {n for n in mallocs if "median_s" in mallocs[n]} - {"system"}
     layouts = {(r["devices"], r["layout"]): r for r in result["scaling"]["results"]}
     assert set(layouts) == {(1, "single"), (2, "data"), (2, "tensor")}
     for r in layouts.values():
