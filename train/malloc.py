@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = plan(os.environ)
     except MallocError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 0 if args == ["fetch"] else 2  # an install is not the place to fail over a setting of the caller's
     print(
         f"finch-train runs with: {chosen.name} ({chosen.library})" if chosen else f"finch-train runs with: {describe()}"
     )
