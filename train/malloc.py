@@ -1,9 +1,10 @@
 """Which ``malloc`` a ``finch-train`` process runs with, chosen before JAX is imported.
 
-XLA:CPU allocates a train step's temporaries (5.95 GB for SmolLM2-135M at 4 x 512 tokens, fp32) as a few large
-blocks and frees them at the end of the step. glibc serves blocks that large with a fresh ``mmap`` and unmaps them
-on ``free``, so every step faults its temporaries in again page by page: 1.45M minor faults and ~20 s of kernel time
-per step on the 2-core box (``scripts/malloc_probe.py``; docs/bench.md). tcmalloc and jemalloc keep freed memory
+XLA:CPU allocates a train step's temporaries (5.95 GB for SmolLM2-135M at 4 x 512 tokens, fp32) in large blocks
+and frees them at the end of the step. glibc serves blocks that large with a fresh ``mmap`` and unmaps them on
+``free``, so every step faults its temporaries in again page by page: 1.45M minor faults and 5–22 s of kernel time
+per step on the 2-core development VMs (``scripts/malloc_probe.py``; docs/bench.md, round 4: the step ran in 0.69×
+the time under tcmalloc). tcmalloc and jemalloc keep freed memory
 for the next step. ``python -m train`` / ``finch-train`` therefore re-executes itself once, at start, with the first
 of them it finds preloaded (``LD_PRELOAD``), unless told otherwise:
 
@@ -27,7 +28,6 @@ from pathlib import Path
 
 __all__ = [
     "ENV",
-    "release_free_memory",
     "LIBRARIES",
     "MallocError",
     "Plan",
@@ -36,6 +36,7 @@ __all__ = [
     "plan",
     "preload_env",
     "reexec_with_chosen_malloc",
+    "release_free_memory",
 ]
 
 ENV = "FINCH_MALLOC"
