@@ -97,7 +97,7 @@ def _mapped_library(name: str) -> str:
         path = line.split()[-1]
         if Path(path).name.startswith(name):
             return path
-    pytest.skip(f"no {name} mapped in this process")  # not Linux, or a static Python
+    pytest.skip(reason=f"no {name} mapped in this process")  # not Linux, or a static Python
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
@@ -124,7 +124,9 @@ def test_auto_preloads_the_installed_allocator(tmp_path, name):
     (Debian: libgoogle-perftools4, libjemalloc2); CI's image has neither, so there it is skipped, with this reason."""
     installed = [n for n in malloc.LIBRARIES if malloc.find_library(n)]
     if name not in installed:
-        pytest.skip(f"{name} is not installed here ({', '.join(malloc.LIBRARIES[name])} in none of the usual dirs)")
+        pytest.skip(
+            reason=f"{name} is not installed here ({', '.join(malloc.LIBRARIES[name])} in none of the usual dirs)"
+        )
     env = {} if installed[0] == name else {"FINCH_MALLOC": name}
     out = _run_probe(tmp_path, malloc.find_library(name), **env)
     assert out.returncode == 0, out.stderr

@@ -196,7 +196,7 @@ def release_free_memory() -> None:
 def fetch(dest: Path = VENDORED_DIR) -> str:
     """Extracts Debian's ``libtcmalloc-minimal4`` and puts its library into ``dest``; returns its path. Raises
     RuntimeError where that cannot be done (no apt-get, no package lists, not Debian)."""
-    import shutil
+    import shutil  # here, not at the top: every finch-train start imports this module before anything else
     import tempfile
 
     from train.packages import fetch_deb

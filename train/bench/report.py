@@ -247,8 +247,6 @@ def format_table(result: Mapping[str, Any]) -> str:
             label = r.get("flag_set") or (
                 f"{r.get('devices')} dev {r.get('layout')}" if section == "scaling" else r.get("label") or r.get("name")
             )
-            if section == "malloc":
-                label = f"jax finch_adamw under {r['malloc']}"
             if "error" in r:
                 lines.append(f"| {label} | error: {r['error'][:90]} | | | | |")
             else:

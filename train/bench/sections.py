@@ -339,6 +339,7 @@ def run_malloc_section(
     for r in results:
         label = r.pop("worker")
         r["malloc"] = reported.get(label, label)
+        r["label"] = f"jax finch_adamw under {r['malloc']}"
     out: dict[str, Any] = {"dtype": job["dtype"], "results": results, "ratios_to_system": {}}
     for (label, runner), t in times.items():  # step-time ratio: below 1 = faster than the system malloc
         if label != "system" and ("system", runner) in times:
