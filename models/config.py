@@ -78,6 +78,9 @@ class ModelConfig:
         length computes them in one piece (the unchunked loss, e.g. to measure what chunking costs).
       fuse_projections: compute q/k/v as one matmul and gate/up as one, against their kernels concatenated at run
         time (the parameters, checkpoints and exports stay as they are). Same numbers up to float rounding.
+      fuse_rmsnorm / fuse_rope / fuse_swiglu: RMSNorm, rotary embeddings and ``silu(gate) * up`` with hand-written
+        backward passes (:mod:`models.elementwise`) instead of autodiff's. The same function and gradients up to float
+        rounding; off by default because they measured no faster here (docs/bench.md).
     """
 
     vocab_size: int
@@ -105,6 +108,9 @@ class ModelConfig:
     attention_impl: str = "blockwise"
     loss_chunk_size: int = 512
     fuse_projections: bool = False
+    fuse_rmsnorm: bool = False
+    fuse_rope: bool = False
+    fuse_swiglu: bool = False
 
     def __post_init__(self) -> None:
         for name in (

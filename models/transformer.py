@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import lora
+from models import elementwise, lora
 from models.attention import attend
 from models.config import REMAT_POLICIES, ModelConfig, RopeScaling
 from models.sharding import constrain
@@ -61,15 +61,19 @@ def _param(
 class RMSNorm(nnx.Module):
     """Root-mean-square layer norm, computed in float32 like the HF reference."""
 
-    def __init__(self, dim: int, axis_name: str, eps: float, param_dtype: Any, *, rngs: nnx.Rngs):
-        self.eps = eps
+    def __init__(
+        self, dim: int, axis_name: str, eps: float, param_dtype: Any, *, rngs: nnx.Rngs, fused_backward: bool = False
+    ):
+        self.eps, self.fused_backward = eps, fused_backward
         self.weight = _param(rngs, (dim,), (axis_name,), param_dtype, _constant(1.0))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # HF casts back to the input dtype before multiplying by the weight; do the same for bf16 parity.
-        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
+        norm = elementwise.rms_norm_fused if self.fused_backward else elementwise.rms_norm
+        return norm(x, self.weight[...], self.eps)
+
+
+def _norm(cfg: ModelConfig, dim: int, axis_name: str, rngs: nnx.Rngs) -> RMSNorm:
+    return RMSNorm(dim, axis_name, cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs, fused_backward=cfg.fuse_rmsnorm)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -96,15 +100,6 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
 def _rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
     return jnp.cos(angles), jnp.sin(angles)
-
-
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on x [B, T, heads, D]; cos/sin [B, T, D/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
 
 
 def _token_matmul(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
@@ -164,7 +159,7 @@ class Attention(nnx.Module):
         e, h, k, d, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = h, k, d, cfg.dtype
         self.impl = cfg.attention_impl
-        self.fuse = cfg.fuse_projections
+        self.fuse, self.fuse_rope = cfg.fuse_projections, cfg.fuse_rope
         self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pd, _scaled_normal(e))
         self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, _scaled_normal(e))
         self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, _scaled_normal(e))
@@ -176,8 +171,8 @@ class Attention(nnx.Module):
         else:
             self.q_bias = self.k_bias = self.v_bias = None
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, "head_dim", cfg.rms_norm_eps, pd, rngs=rngs)
-            self.k_norm = RMSNorm(d, "head_dim", cfg.rms_norm_eps, pd, rngs=rngs)
+            self.q_norm = _norm(cfg, d, "head_dim", rngs)
+            self.k_norm = _norm(cfg, d, "head_dim", rngs)
         else:
             self.q_norm = self.k_norm = None
 
@@ -208,7 +203,8 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        rope = elementwise.rope_fused if self.fuse_rope else elementwise.rope
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         new_cache = None
         if cache is not None:
             cache_k, cache_v = cache
@@ -229,6 +225,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, m, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
         self.dtype, self.fuse = cfg.dtype, cfg.fuse_projections
+        self.fuse_swiglu = cfg.fuse_swiglu
         self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), pd, _scaled_normal(e))
         self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), pd, _scaled_normal(e))
         self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), pd, _scaled_normal(m))
@@ -239,7 +236,8 @@ class MLP(nnx.Module):
         else:
             gate = _proj(x, self, "gate_proj", self.dtype, _key(rng, 4))
             up = _proj(x, self, "up_proj", self.dtype, _key(rng, 5))
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        swiglu = elementwise.swiglu_fused if self.fuse_swiglu else elementwise.swiglu
+        hidden = constrain(swiglu(gate, up), ("batch", "length", "mlp"))
         return _proj(hidden, self, "down_proj", self.dtype, _key(rng, 6))
 
 
@@ -247,9 +245,9 @@ class Block(nnx.Module):
     """Pre-norm transformer block."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
+        self.input_norm = _norm(cfg, cfg.d_model, "embed", rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.post_attention_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
+        self.post_attention_norm = _norm(cfg, cfg.d_model, "embed", rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, segment_ids=None, rng=None):
@@ -313,7 +311,7 @@ class CausalLM(nnx.Module):
             self.layers = make_blocks(rngs)
         else:
             self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, "embed", cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
+        self.final_norm = _norm(cfg, cfg.d_model, "embed", rngs)
         if cfg.tie_embeddings:
             self.lm_head = None
         else:

@@ -178,7 +178,7 @@ def _frame_class(frame: Frame, instr: HloInstruction, dot: bool, ops: set[str]) 
         if "gather" in ops or "scatter" in ops or "_take" in instr.op_name:
             return EMBED
         return ATTN if {"iota", "compare"} & ops else ELEMWISE  # the causal/segment mask
-    if func.split(".")[0] in ("RMSNorm", "Block", "_apply_rope", "_rope_tables"):
+    if path.endswith("models/elementwise.py") or func.split(".")[0] in ("RMSNorm", "Block", "_rope_tables"):
         return ELEMWISE
     return None
 
