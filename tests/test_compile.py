@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from models.config import get_preset
-from train import cli, compile_report, xla_analysis
+from train import cli, compile_report, step_costs, xla_analysis
 from train import compile as compile_lib
 from train import mesh as mesh_lib
 from train import program as program_lib
@@ -124,9 +124,9 @@ def test_counts_extrapolated_from_shorter_sequences_are_close_to_the_direct_coun
     splash = "model.attention_impl=splash"
     cfg = _cfg("data.seq_len=1024", "data.batch_size=4", "model.scan_layers=false", splash)  # 1 row per chip
     model_cfg = program_lib.model_config(cfg.model)
-    flops, hbm_bytes = compile_lib._xla_costs(compile_lib._build(cfg, devices, model_cfg, counting=True).compiled)
+    flops, hbm_bytes = step_costs.xla_costs(step_costs.build_step(cfg, devices, model_cfg, counting=True).compiled)
     notes = set()
-    extrapolated = compile_lib._extrapolated_costs(cfg, devices, model_cfg, 2, notes)
+    extrapolated = step_costs.extrapolated_costs(cfg, devices, model_cfg, 2, notes)
     print(
         f"extrapolated / direct: FLOPs {extrapolated['flops'] / flops:.3f}, HBM bytes {extrapolated['hbm'] / hbm_bytes:.3f}"
     )
@@ -284,7 +284,7 @@ def test_collective_bytes_of_a_tiny_fsdp_step_match_the_hand_count():
     moved = []
     for layers in (1, 2):
         model_cfg = dataclasses.replace(program_lib.model_config(cfg.model), num_layers=layers)
-        compiled = compile_lib._build(cfg, devices, model_cfg).compiled
+        compiled = step_costs.build_step(cfg, devices, model_cfg).compiled
         moved.append(xla_analysis.collectives(compiled)["by_kind"])
     one, two = moved
     layer = {k: two.get(k, 0.0) - one.get(k, 0.0) for k in two}
