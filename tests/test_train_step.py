@@ -124,14 +124,23 @@ def test_accumulation_value_is_the_global_mean_not_a_mean_of_micro_means():
     assert abs(np.mean(micro_means) - want_loss) > 1e-2  # so this batch tells the two apart
 
 
-def test_sharded_data_fsdp_tensor_step_matches_single_device(tiny):
+@pytest.mark.parametrize("fused", [False, True], ids=["autodiff", "fused-elementwise"])
+def test_sharded_data_fsdp_tensor_step_matches_single_device(tiny, fused):
+    """fused: the sharded step runs the model with the hand-written RMSNorm / RoPE / SwiGLU backwards
+    (models.elementwise), against the same single-device autodiff reference."""
     model, apply_fn, params = tiny
     batch = _batch(512, seed=1)
     opt_cfg = ADAMW
     ref, ref_m = _run(apply_fn, params, opt_cfg, batch, steps=2)
     mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     psh = mesh_lib.param_shardings(params, models.logical_axes(model), mesh, mesh_lib.parse_rules())
-    got, got_m = _run(apply_fn, params, opt_cfg, batch, grad_accum=2, mesh=mesh, params_shardings=psh, steps=2)
+    run_fn = apply_fn
+    if fused:
+        switches = {"fuse_rmsnorm": True, "fuse_rope": True, "fuse_swiglu": True}
+        fused_model = models.CausalLM(dataclasses.replace(model.config, **switches), rngs=nnx.Rngs(0))
+        run_fn, fused_params, _ = step_lib.split_model(fused_model)
+        assert jax.tree.structure(fused_params) == jax.tree.structure(params)
+    got, got_m = _run(run_fn, params, opt_cfg, batch, grad_accum=2, mesh=mesh, params_shardings=psh, steps=2)
     for a, b in zip(ref_m, got_m):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
         np.testing.assert_allclose(b["lr"], a["lr"], rtol=1e-5)
