@@ -198,7 +198,9 @@ def render(domain: str, results: dict, read: dict, length: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(out: Path) -> None:
+def report(out: Path, cache_dir: str = "") -> None:
+    from train.lab.report import plot_results
+
     for domain in DOMAINS:
         path = out / domain / "results.json"
         if not path.is_file():
@@ -207,6 +209,8 @@ def report(out: Path) -> None:
         results = json.loads(path.read_text())
         length = json.loads((out / domain / "length.json").read_text())
         read = readings(results)
+        # Drawn again from the records, so a report made on a new machine (records restored, no plots) has them too.
+        plot_results(config(domain, length["steps"], METHODS, SEEDS, cache_dir), results, out / domain)
         dest = ROOT / "docs" / "results"
         (dest / f"e2_{domain}.json").write_text(json.dumps({"length": length, "readings": read}, indent=1))
         (dest / f"e2_{domain}.md").write_text(render(domain, results, read, length))
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if restored:
         print(f"[e2] {restored} finished files restored from {ARCHIVE.relative_to(ROOT)}", flush=True)
     if args.report:
-        report(out)
+        report(out, args.cache_dir)
         return 0
     from train.malloc import reexec_with_chosen_malloc
 
@@ -311,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config(domain, lengths[domain]["steps"], METHODS, SEEDS, args.cache_dir)
         print(f"[e2] {domain}: {cfg.steps} steps, methods {list(cfg.methods)}, seeds {list(cfg.seeds)}", flush=True)
         run_compare(cfg, out / domain)
-    report(out)
+    report(out, args.cache_dir)
     return 0
 
 

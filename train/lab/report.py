@@ -147,10 +147,14 @@ def plot_results(cfg: CompareConfig, results: Mapping[str, Any], out: Path) -> l
         if not r["run"]["on_front"] and r["run"]["optimizer"]["name"] in ("adamw", "finch_adamw")
     ]
     if finals:
-        task_hi = max(t for t, _ in finals) * 1.5 + 0.05
-        near = [kl_b(c) for r in runs for c in r["checkpoints"] if c["metrics"]["task_loss"] <= task_hi]
+        # The box around the final points, padded: domains whose task loss stays near 3-4 nats (science, spanish)
+        # need a window there, not one that runs down to zero loss.
+        task_lo, task_hi = min(t for t, _ in finals), max(t for t, _ in finals)
+        pad = 0.15 * (task_hi - task_lo) + 0.02 * task_hi + 0.01
+        task_lo, task_hi = max(task_lo - pad, 0.0), task_hi + pad
+        near = [kl_b(c) for r in runs for c in r["checkpoints"] if task_lo <= c["metrics"]["task_loss"] <= task_hi]
         near += [k for _, k in finals]
-        axes[1].set_xlim(task_hi, 0)
+        axes[1].set_xlim(task_hi, task_lo)
         axes[1].set_ylim(min(near) / 1.2, max(near) * 1.2)
         axes[1].set_title("zoom: where the AdamW-direction methods end")
     else:
