@@ -14,6 +14,11 @@ pre-registered rule; its choice is stored in runs/e2/<domain>/length.json and ne
     scripts/lab_e2_grid.py --archive        # finished runs -> docs/results/e2_runs/ (committed: the next machine
                                             # resumes from them; a start copies back whatever runs/e2 lacks)
     touch runs/e2/STOP; kill -TERM <pid>    # stop after the current step
+
+Another model (the paper's sizes on an accelerator: scripts/lab_gpu_grid.sh e2): the same pre-registered grid, its
+own pilots and lengths, its records and reports under --out only (nothing archived, docs/results untouched):
+
+    scripts/lab_e2_grid.py --model hub:Qwen/Qwen3-4B --dtype bfloat16 --out runs/e2-qwen3-4b
 """
 
 from __future__ import annotations
@@ -50,16 +55,23 @@ PILOT_STEPS, PILOT_EVERY = 120, 12
 # Finished records, committed: a grid of several CPU hours outlives the machine it started on. Each record carries
 # the fingerprint of its config and data, so one that no longer matches is re-run, never reused.
 ARCHIVE = ROOT / "docs" / "results" / "e2_runs"
+REFERENCE_MODEL, REFERENCE_DTYPE = "gguf:smollm2", "float32"  # the grid docs/results.md reports
 SELECTION_TOLERANCE = 0.05
 
 
 def config(
-    domain: str, steps: int, methods: tuple[str, ...], seeds: tuple[int, ...], cache_dir: str = ""
+    domain: str,
+    steps: int,
+    methods: tuple[str, ...],
+    seeds: tuple[int, ...],
+    cache_dir: str = "",
+    model: str = REFERENCE_MODEL,
+    dtype: str = REFERENCE_DTYPE,
 ) -> CompareConfig:
     """A domain's comparison in the pre-registered design (docs/results.md, E2)."""
     return CompareConfig(
-        model="gguf:smollm2",
-        dtype="float32",
+        model=model,
+        dtype=dtype,
         scan_layers=True,
         task=domain,
         retain="builtin",
@@ -91,14 +103,15 @@ def run_length(pilot: dict) -> dict:
             "steps": max(30, int(math.ceil(first / 10) * 10))}  # fmt: skip
 
 
-def pilot(domain: str, out: Path, cache_dir: str) -> dict:
+def pilot(domain: str, out: Path, cache_dir: str, model: str = REFERENCE_MODEL, dtype: str = REFERENCE_DTYPE) -> dict:
     path = out / domain / "length.json"
     if path.is_file():
         return json.loads(path.read_text())
     from train.lab.runner import run_compare
 
     t0 = time.time()
-    results = run_compare(config(domain, PILOT_STEPS, ("sweep:lrs=1e-4",), (0,), cache_dir), out / f"pilot-{domain}")
+    cfg = config(domain, PILOT_STEPS, ("sweep:lrs=1e-4",), (0,), cache_dir, model, dtype)
+    results = run_compare(cfg, out / f"pilot-{domain}")
     choice = run_length(results) | {"pilot_wall_s": time.time() - t0}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(choice, indent=1))
@@ -174,8 +187,10 @@ def _sft_verdict(summary) -> str:
 
 def render(domain: str, results: dict, read: dict, length: dict) -> str:
     methods = results["summary"]["methods"]
+    model = results["config"]["model"]
+    on = "" if model == REFERENCE_MODEL else f" on `{model}` ({results['config']['dtype']})"
     lines = [
-        f"E2, `{domain}`: {results['config']['steps']} steps (pilot: 95% of the task-loss improvement at step "
+        f"E2, `{domain}`{on}: {results['config']['steps']} steps (pilot: 95% of the task-loss improvement at step "
         f"{length['first_95']}), seeds {', '.join(map(str, results['config']['seeds']))}. Ratios: geometric mean "
         "over seeds [union of the 95% t-interval and the window bootstrap]; vs SFT = F / F_SFT at matched task "
         "loss (reduction = 1 − ratio); vs front = E1's r.",
@@ -198,7 +213,7 @@ def render(domain: str, results: dict, read: dict, length: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(out: Path, cache_dir: str = "") -> None:
+def report(out: Path, cache_dir: str = "", dest: Path = ROOT / "docs" / "results") -> None:
     from train.lab.report import plot_results
 
     for domain in DOMAINS:
@@ -210,8 +225,10 @@ def report(out: Path, cache_dir: str = "") -> None:
         length = json.loads((out / domain / "length.json").read_text())
         read = readings(results)
         # Drawn again from the records, so a report made on a new machine (records restored, no plots) has them too.
-        plot_results(config(domain, length["steps"], METHODS, SEEDS, cache_dir), results, out / domain)
-        dest = ROOT / "docs" / "results"
+        cfg = config(domain, length["steps"], METHODS, SEEDS, cache_dir, results["config"]["model"],
+                     results["config"]["dtype"])  # fmt: skip
+        plot_results(cfg, results, out / domain)
+        dest.mkdir(parents=True, exist_ok=True)
         (dest / f"e2_{domain}.json").write_text(json.dumps({"length": length, "readings": read}, indent=1))
         (dest / f"e2_{domain}.md").write_text(render(domain, results, read, length))
         for name in ("forgetting_vs_task.png", "loss_curves.png", "lr_traces.png"):
@@ -266,17 +283,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--archive", action="store_true", help=f"copy the finished runs to {ARCHIVE.relative_to(ROOT)}")
+    parser.add_argument("--model", default=REFERENCE_MODEL, help="a models.load name (default %(default)s)")
+    parser.add_argument("--dtype", default=REFERENCE_DTYPE, choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
     out = Path(args.out)
     domains = [d for d in args.domains.split(",") if d]
+    unknown = sorted(set(domains) - set(DOMAINS))
+    if unknown:
+        parser.error(f"unknown domain(s) {', '.join(unknown)}; the grid has {', '.join(DOMAINS)}")  # exit 2
+    reference = (args.model, args.dtype) == (REFERENCE_MODEL, REFERENCE_DTYPE)
+    if not reference and out.resolve() == (ROOT / "runs" / "e2").resolve():
+        parser.error(f"--model {args.model} --dtype {args.dtype} needs its own --out (runs/e2 is the reference grid)")
+    try:
+        config("facts", PILOT_STEPS, METHODS, SEEDS, args.cache_dir, args.model, args.dtype)
+    except ValueError as err:  # a malformed model name, before any data or model loads
+        parser.error(str(err))
+    report_dir = ROOT / "docs" / "results" if reference else out / "report"
     if args.archive:
+        if not reference:
+            parser.error(
+                "--archive keeps the reference grid's records (docs/results/e2_runs); other models' stay in --out"
+            )
         print(f"[e2] {archive(out)} files copied to {ARCHIVE.relative_to(ROOT)}")
         return 0
-    restored = restore(out)
+    # Only the reference grid resumes from the archive: another model's pilots and runs must not be mixed with it.
+    restored = restore(out) if reference else 0
     if restored:
         print(f"[e2] {restored} finished files restored from {ARCHIVE.relative_to(ROOT)}", flush=True)
     if args.report:
-        report(out, args.cache_dir)
+        report(out, args.cache_dir, report_dir)
         return 0
     from train.malloc import reexec_with_chosen_malloc
 
@@ -300,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             if not length.is_file():
                 print(f"[e2] {domain}: pilot not run yet")
                 continue
-            cfg = config(domain, json.loads(length.read_text())["steps"], METHODS, SEEDS, args.cache_dir)
+            steps = json.loads(length.read_text())["steps"]
+            cfg = config(domain, steps, METHODS, SEEDS, args.cache_dir, args.model, args.dtype)
             done, left, per_run = progress(cfg, out / domain)
             print(
                 f"[e2] {domain}: {len(done)} of {len(done) + len(left)} runs; ~{len(left) * per_run / 3600:.1f} h left"
@@ -308,14 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for source in ("austen", "brown", "quiz", "spanish", "pydocs"):
         prepare(source, args.cache_dir or None, log=lambda msg: print(f"[e2] {msg}", flush=True))
-    lengths = {domain: pilot(domain, out, args.cache_dir) for domain in domains}
+    lengths = {domain: pilot(domain, out, args.cache_dir, args.model, args.dtype) for domain in domains}
     if args.pilot_only:
         return 0
     for domain in domains:
-        cfg = config(domain, lengths[domain]["steps"], METHODS, SEEDS, args.cache_dir)
+        cfg = config(domain, lengths[domain]["steps"], METHODS, SEEDS, args.cache_dir, args.model, args.dtype)
         print(f"[e2] {domain}: {cfg.steps} steps, methods {list(cfg.methods)}, seeds {list(cfg.seeds)}", flush=True)
         run_compare(cfg, out / domain)
-    report(out, args.cache_dir)
+    report(out, args.cache_dir, report_dir)
     return 0
 
 

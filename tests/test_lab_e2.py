@@ -102,3 +102,20 @@ def test_archive_keeps_finished_runs_only_and_restore_never_overwrites(tmp_path)
     assert json.loads((fresh / "science" / "length.json").read_text())["local"]  # what the machine has stays
     assert (fresh / "science" / "runs" / "done__seed0" / "metrics.jsonl").is_file()
     assert not (fresh / "science" / "runs" / "half__seed0").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--domains", "facts,math", "--status"], "unknown domain(s) math"),
+        (["--model", "preset:tiny", "--status"], "needs its own --out"),
+        (["--model", "nonsense", "--out", "{tmp}", "--status"], "model 'nonsense'"),
+        (["--model", "preset:tiny", "--out", "{tmp}", "--archive"], "--archive keeps the reference grid's records"),
+    ],
+)
+def test_cli_refuses_before_any_work(argv, message, tmp_path, capsys):
+    """Another model never writes into the reference grid's folders or archive; a typo costs no model load."""
+    with pytest.raises(SystemExit) as exit_:
+        E2["main"]([a.replace("{tmp}", str(tmp_path / "out")) for a in argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
