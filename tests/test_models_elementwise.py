@@ -41,7 +41,7 @@ def _rope_tables(b, t, half, seed):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)  # each new shape compiles both versions op by op
 @given(rows=st.integers(1, 5), dim=st.sampled_from([2, 8, 24]), scale=st.sampled_from([1e-3, 1.0, 30.0]))
 def test_rms_norm_fused_matches_autodiff(dtype, rows, dim, scale):
     x = _random(0, (2, rows, dim), dtype, scale)
