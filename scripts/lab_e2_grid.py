@@ -18,7 +18,7 @@ pre-registered rule; its choice is stored in runs/e2/<domain>/length.json and ne
 Another model (the paper's sizes on an accelerator: scripts/lab_gpu_grid.sh e2): the same pre-registered grid, its
 own pilots and lengths, its records and reports under --out only (nothing archived, docs/results untouched):
 
-    scripts/lab_e2_grid.py --model hub:Qwen/Qwen3-4B --dtype bfloat16 --out runs/e2-qwen3-4b
+    scripts/lab_e2_grid.py --model hub:Qwen/Qwen3-4B --out runs/e2-qwen3-4b     # float32, as the reference grid
 """
 
 from __future__ import annotations
