@@ -13,6 +13,7 @@ pre-registered rule; its choice is stored in runs/e2/<domain>/length.json and ne
     scripts/lab_e2_grid.py --report         # docs/results/e2_<domain>.{md,json} from the finished domains
     scripts/lab_e2_grid.py --archive        # finished runs -> docs/results/e2_runs/ (committed: the next machine
                                             # resumes from them; a start copies back whatever runs/e2 lacks)
+    scripts/lab_e2_grid.py --check spanish  # the runs finished so far, read again, against the committed report
     touch runs/e2/STOP; kill -TERM <pid>    # stop after the current step
 
 Another model (the paper's sizes on an accelerator: scripts/lab_gpu_grid.sh e2): the same pre-registered grid, its
@@ -24,6 +25,7 @@ own pilots and lengths, its records and reports under --out only (nothing archiv
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -237,6 +239,32 @@ def report(out: Path, cache_dir: str = "", dest: Path = ROOT / "docs" / "results
         print((dest / f"e2_{domain}.md").read_text())
 
 
+def check(domain: str, out: Path, cache_dir: str = "") -> int:
+    """Re-reads the finished runs of ``domain`` (a partial grid too) and compares every per-seed ratio with the
+    committed report's; 0 when all agree exactly, 1 otherwise. For runs re-made on another machine or session."""
+    from train.lab.runner import report_finished
+
+    length = json.loads((out / domain / "length.json").read_text())
+    cfg = config(domain, length["steps"], METHODS, SEEDS, cache_dir)
+    fresh = readings(report_finished(cfg, out / domain, name="check"))
+    committed = json.loads((ROOT / "docs" / "results" / f"e2_{domain}.json").read_text())["readings"]
+    compared, differ = 0, []
+    for arm, entry in fresh.items():
+        for when, key in itertools.product(("final", "least_forgetting"), ("vs_sft", "vs_front")):
+            ours, theirs = entry[when][key], committed[arm][when][key]
+            if ours is None or theirs is None:
+                continue
+            for seed, value in zip(ours["seeds"], ours["per_seed"], strict=True):
+                if seed in theirs["seeds"]:
+                    compared += 1
+                    if value != theirs["per_seed"][theirs["seeds"].index(seed)]:
+                        differ.append(f"{arm} {when} {key} seed {seed}")
+    print(f"[e2] {domain}: {compared} per-seed ratios of {len(fresh)} arms compared, {len(differ)} differ")
+    for line in differ:
+        print(f"[e2]   differs: {line}")
+    return 1 if differ or not compared else 0
+
+
 def _records(root: Path) -> list[Path]:
     """Every finished record under ``root``: lengths, base evaluations, run records and their run folders' files."""
     names = ("length.json", "base.json", "results.json")
@@ -283,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--archive", action="store_true", help=f"copy the finished runs to {ARCHIVE.relative_to(ROOT)}")
+    parser.add_argument("--check", metavar="DOMAIN", help="compare the finished runs with the committed report")
     parser.add_argument("--model", default=REFERENCE_MODEL, help="a models.load name (default %(default)s)")
     parser.add_argument("--dtype", default=REFERENCE_DTYPE, choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
@@ -313,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         report(out, args.cache_dir, report_dir)
         return 0
+    if args.check:
+        if not reference or args.check not in DOMAINS:
+            parser.error(f"--check reads the reference grid's reports: one of {', '.join(DOMAINS)}")
+        return check(args.check, out, args.cache_dir)
     from train.malloc import reexec_with_chosen_malloc
 
     reexec_with_chosen_malloc()  # as finch-train does: tcmalloc halves XLA:CPU's step time (train/malloc.py)

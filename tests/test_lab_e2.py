@@ -3,6 +3,7 @@ reports recomputed from the committed run records, and the archive a new machine
 
 import json
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,23 @@ def test_cli_refuses_before_any_work(argv, message, tmp_path, capsys):
         E2["main"]([a.replace("{tmp}", str(tmp_path / "out")) for a in argv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_check_compares_fresh_runs_with_the_committed_report(tmp_path, capsys):
+    """`--check`: runs re-made elsewhere agree with the committed report to the last bit, and one changed number in
+    one run's record is named."""
+    out = tmp_path / "runs"
+    shutil.copytree(ARCHIVE / "facts", out / "facts")
+    empty_cache = str(tmp_path / "no-prepared-data")  # facts and the retain fingerprints need none
+    assert E2["check"]("facts", out, empty_cache) == 0
+    assert "84 per-seed ratios of 8 arms compared, 0 differ" in capsys.readouterr().out
+
+    record_path = out / "facts" / "runs" / "finch__seed1.json"
+    record = json.loads(record_path.read_text())
+    final = record["checkpoints"][-1]
+    final["retain_kl_sums"] = [v * 1.001 for v in final["retain_kl_sums"]]
+    record_path.write_text(json.dumps(record))
+    assert E2["check"]("facts", out, empty_cache) == 1
+    printed = capsys.readouterr().out
+    assert "differs: finch final vs_sft seed 1" in printed and "finch final vs_front seed 1" in printed
+    assert "seed 0" not in printed.split("differ\n", 1)[1]
