@@ -66,7 +66,7 @@ def test_paper_reading_without_an_interval_says_why():
     assert E2["_sft_verdict"]({"r": 0.72, "verdict": "incomplete (1 seed)"}) == "incomplete (1 seed)"
 
 
-@pytest.mark.parametrize("domain", ["facts", "science"])
+@pytest.mark.parametrize("domain", ["facts", "science", "spanish"])
 def test_committed_report_is_what_its_committed_records_give(domain):
     """docs/results/e2_<domain>.{json,md} recomputed from docs/results/e2_runs/<domain>: the readings, the verdicts
     and the table, with no model loaded."""
