@@ -93,11 +93,11 @@ def _run_probe(tmp_path: Path, library: str, **env: str) -> subprocess.Completed
 
 def _mapped_library(name: str) -> str:
     """The path of a shared library this process has mapped (every Linux Python maps the C math library)."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        path = line.split()[-1]
-        if Path(path).name.startswith(name):
-            return path
-    pytest.skip(reason=f"no {name} mapped in this process")  # not Linux, or a static Python
+    paths = (line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines())
+    found = next((path for path in paths if Path(path).name.startswith(name)), None)
+    if found is None:  # not Linux, or a static Python
+        pytest.skip(reason=f"no {name} mapped in this process")
+    return found
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
